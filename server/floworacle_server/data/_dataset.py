@@ -1,0 +1,236 @@
+"""The resident data set: the training samples as one (N, D) tensor on the compute device.
+
+Rows are kept sorted by label (when there are labels) so that a class-conditional query scans
+one contiguous row range; ``original_index`` maps rows back to the caller's sample order, and
+every index the service returns is in that original order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "fingerprint_arrays", "STORAGE_DTYPES"]
+
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _as_numpy(a: Any) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        t = a.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy()  # bytes are what the fingerprint needs
+        return t.numpy()
+    return np.asarray(a)
+
+
+def fingerprint_arrays(
+    x: Any,
+    labels: Any | None = None,
+    weights: Any | None = None,
+    dtype_name: str = "float32",
+    chunk_rows: int = 65536,
+) -> str:
+    """``sha256:<hex>`` over dtype name, shape, the values' bytes (row-major), labels and weights.
+
+    ``x`` is the data exactly as stored (shape (N, *sample_shape)); labels are hashed as int64
+    and weights as float64 little-endian, so the same data set always gives the same digest.
+    """
+    h = hashlib.sha256()
+    shape = tuple(int(s) for s in x.shape)
+    h.update(f"floworacle-v1|{dtype_name}|{shape}|".encode())
+    n = shape[0] if shape else 0
+    for start in range(0, n, chunk_rows):
+        block = _as_numpy(x[start : start + chunk_rows])
+        h.update(np.ascontiguousarray(block).tobytes())
+    h.update(b"|labels|")
+    if labels is not None:
+        h.update(np.ascontiguousarray(_as_numpy(labels), dtype="<i8").tobytes())
+    h.update(b"|weights|")
+    if weights is not None:
+        h.update(np.ascontiguousarray(_as_numpy(weights), dtype="<f8").tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class Dataset:
+    """A data set resident on one device.
+
+    Attributes:
+        name: data set name used in requests.
+        x: (N, D) stored samples (float32, float16 or bfloat16), rows sorted by label.
+        sq_norms: (N,) float64, ``||x_i||^2`` of the stored values.
+        labels: (N,) int64 labels in row order, or None.
+        log_weights: (N,) float64 ``log p_i`` normalised to sum(p) = 1, or None (uniform).
+        original_index: (N,) int64, the caller's index of each row.
+        class_offsets: (num_classes + 1,) int64 on the CPU; rows of class y are
+            ``class_offsets[y]:class_offsets[y + 1]``.
+        sample_shape: shape of one sample, e.g. (4, 32, 32); prod = D.
+        fingerprint: ``sha256:...`` of the data set as given (see :func:`fingerprint_arrays`).
+        scale_factor: factor already applied to the stored values (latent scaling).
+    """
+
+    name: str
+    x: torch.Tensor
+    sq_norms: torch.Tensor
+    labels: torch.Tensor | None
+    log_weights: torch.Tensor | None
+    original_index: torch.Tensor
+    class_offsets: torch.Tensor | None
+    sample_shape: tuple[int, ...]
+    fingerprint: str
+    scale_factor: float = 1.0
+
+    @classmethod
+    def from_arrays(
+        cls,
+        name: str,
+        x: Any,
+        labels: Any | None = None,
+        weights: Any | None = None,
+        *,
+        sample_shape: tuple[int, ...] | None = None,
+        scale_factor: float = 1.0,
+        dtype: str = "float32",
+        device: str | torch.device = "cpu",
+        fingerprint: str | None = None,
+    ) -> Dataset:
+        """Validate and place a data set on ``device``.
+
+        Args:
+            x: (N, *sample_shape) samples, numpy or torch (memory-mapped arrays are read once).
+            labels: optional (N,) non-negative integer labels.
+            weights: optional (N,) non-negative sample weights (not all zero).
+            scale_factor: multiplies the samples before storage (latent scaling).
+            dtype: storage dtype, "float32" (default), "float16" or "bfloat16"; exactness is
+                relative to the stored values.
+            fingerprint: a known fingerprint (from an index directory); computed when None.
+
+        Raises:
+            ValueError: with what is wrong and how to fix it.
+        """
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
+        xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        if xt.ndim < 2 or xt.shape[0] == 0:
+            raise ValueError(f"data must have shape (N, ...) with N >= 1, got {tuple(xt.shape)}")
+        shape = tuple(int(s) for s in xt.shape[1:])
+        if sample_shape is not None and int(np.prod(sample_shape)) != int(np.prod(shape)):
+            raise ValueError(f"sample_shape {sample_shape} does not match samples of {shape}")
+        sample_shape = tuple(sample_shape) if sample_shape is not None else shape
+        n = int(xt.shape[0])
+        flat = xt.reshape(n, -1)
+        if not flat.is_floating_point():
+            flat = flat.to(torch.float64)
+        if scale_factor != 1.0:
+            flat = flat.to(torch.float64) * float(scale_factor)
+        stored = flat.to(STORAGE_DTYPES[dtype]).contiguous()
+        if not torch.isfinite(stored).all():
+            bad = int((~torch.isfinite(stored)).any(dim=1).nonzero()[0, 0])
+            raise ValueError(
+                f"sample {bad} has a NaN or Inf (after scaling and conversion to {dtype}); clean the data "
+                "or choose a storage dtype with enough range"
+            )
+        lab: torch.Tensor | None = None
+        if labels is not None:
+            lab = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+            if lab.shape != (n,):
+                raise ValueError(f"labels must have shape ({n},), got {tuple(lab.shape)}")
+            if lab.is_floating_point():
+                if not torch.equal(lab, lab.round()):
+                    raise ValueError("labels must be integers")
+            lab = lab.to(torch.int64)
+            if (lab < 0).any():
+                raise ValueError("labels must be >= 0 (class indices 0..C-1)")
+        w: torch.Tensor | None = None
+        if weights is not None:
+            w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+            if w.shape != (n,):
+                raise ValueError(f"weights must have shape ({n},), got {tuple(w.shape)}")
+            if not torch.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+                raise ValueError("weights must be finite, >= 0 and not all zero")
+        if fingerprint is None:
+            fingerprint = fingerprint_arrays(stored.reshape(n, *sample_shape), lab, w, dtype)
+
+        order = torch.arange(n)
+        offsets: torch.Tensor | None = None
+        if lab is not None:
+            order = torch.argsort(lab, stable=True)
+            num_classes = int(lab.max()) + 1
+            counts = torch.bincount(lab, minlength=num_classes)
+            offsets = torch.zeros(num_classes + 1, dtype=torch.int64)
+            offsets[1:] = torch.cumsum(counts, 0)
+            if not torch.equal(order, torch.arange(n)):
+                stored = stored[order]
+            lab = lab[order]
+        log_w: torch.Tensor | None = None
+        if w is not None:
+            w = w[order]
+            log_w = torch.log(w) - torch.log(w.sum())
+        dev = torch.device(device)
+        stored = stored.to(dev)
+        sq = stored.to(torch.float64).pow(2).sum(dim=1) if stored.numel() < 2**27 else _chunked_sq_norms(stored)
+        return cls(
+            name=name,
+            x=stored,
+            sq_norms=sq,
+            labels=lab.to(dev) if lab is not None else None,
+            log_weights=log_w.to(dev) if log_w is not None else None,
+            original_index=order.to(dev),
+            class_offsets=offsets,
+            sample_shape=sample_shape,
+            fingerprint=fingerprint,
+            scale_factor=float(scale_factor),
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def storage_dtype(self) -> str:
+        return next(k for k, v in STORAGE_DTYPES.items() if v == self.x.dtype)
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.class_offsets is None else int(self.class_offsets.numel() - 1)
+
+    @property
+    def resident_bytes(self) -> int:
+        total = self.x.numel() * self.x.element_size() + self.sq_norms.numel() * 8 + self.original_index.numel() * 8
+        if self.labels is not None:
+            total += self.labels.numel() * 8
+        if self.log_weights is not None:
+            total += self.log_weights.numel() * 8
+        return int(total)
+
+    def class_rows(self, label: int) -> tuple[int, int]:
+        """Row range [start, stop) of class ``label``; raises ValueError if unknown."""
+        if self.class_offsets is None:
+            raise ValueError(f"data set {self.name!r} has no labels; send no labels or load it with labels")
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"label {label} is outside the data set's classes 0..{self.num_classes - 1}")
+        return int(self.class_offsets[label]), int(self.class_offsets[label + 1])
+
+
+def _chunked_sq_norms(x: torch.Tensor, rows: int = 65536) -> torch.Tensor:
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[0], rows):
+        out[s : s + rows] = x[s : s + rows].to(torch.float64).pow(2).sum(dim=1)
+    return out
