@@ -1,0 +1,41 @@
+"""gRPC message limits and channel options: the one place both the SDK and the server take them from."""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "channel_options", "server_options"]
+
+#: Large enough for a B = 1,024 x D = 8,192 float32 request (32 MiB) and a response carrying
+#: four outputs of that size plus diagnostics. The SDK splits bigger batches automatically.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def _common(max_message_bytes: int) -> list[tuple[str, int]]:
+    if max_message_bytes <= 0 or max_message_bytes > 2**31 - 1:
+        raise ValueError(f"max_message_bytes must be in 1..2**31-1, got {max_message_bytes}")
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
+    """Options for client channels: message limits and keepalive that survives idle trainers."""
+    return [
+        *_common(max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),  # the SDK retries itself, with backoff and deadlines
+    ]
+
+
+def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
+    """Options for the server: the same limits, and permission for the clients' keepalive pings."""
+    return [
+        *_common(max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]

@@ -1,0 +1,163 @@
+"""Wire tensors: numpy arrays and torch tensors to ``floworacle.v1.Tensor`` (dtype, shape, raw
+little-endian row-major bytes) and back. The one dtype table of the project lives here.
+
+numpy has no bfloat16: a bfloat16 wire tensor decodes to float32 in numpy (exactly) and to
+bfloat16 in torch; numpy input sent as bfloat16 is rounded to nearest-even here.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from floworacle.v1 import oracle_pb2 as pb
+
+__all__ = ["CodecError", "WireDType", "DTYPES", "dtype_by_name", "encode", "decode", "decode_torch", "to_like"]
+
+
+class CodecError(ValueError):
+    """A wire tensor or an array that cannot be encoded / decoded; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class WireDType:
+    name: str
+    enum: int
+    itemsize: int
+    numpy: str  # little-endian numpy dtype of the raw bytes (bfloat16: its uint16 bits)
+    torch: str  # attribute name in torch
+
+
+DTYPES: tuple[WireDType, ...] = (
+    WireDType("float32", pb.DTYPE_FLOAT32, 4, "<f4", "float32"),
+    WireDType("float16", pb.DTYPE_FLOAT16, 2, "<f2", "float16"),
+    WireDType("bfloat16", pb.DTYPE_BFLOAT16, 2, "<u2", "bfloat16"),
+    WireDType("float64", pb.DTYPE_FLOAT64, 8, "<f8", "float64"),
+    WireDType("int64", pb.DTYPE_INT64, 8, "<i8", "int64"),
+)
+_BY_ENUM = {d.enum: d for d in DTYPES}
+_BY_NAME = {d.name: d for d in DTYPES}
+
+
+def dtype_by_name(name: str) -> WireDType:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise CodecError(f"unsupported dtype {name!r}; use one of {sorted(_BY_NAME)}") from None
+
+
+def _is_torch(x: Any) -> bool:
+    mod = sys.modules.get("torch")
+    return mod is not None and isinstance(x, mod.Tensor)
+
+
+def _bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(a, dtype="<f4").view("<u4")
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype("<u2")
+    nan = np.isnan(a)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x40)).astype("<u2")
+    return rounded
+
+
+def _source_name(x: Any) -> str:
+    if _is_torch(x):
+        return str(x.dtype).removeprefix("torch.")
+    return str(np.asarray(x).dtype) if not isinstance(x, np.ndarray) else str(x.dtype)
+
+
+def encode(x: Any, dtype: str | None = None) -> pb.Tensor:
+    """Encode an array as a wire tensor.
+
+    Args:
+        x: numpy array, torch tensor (any device; bfloat16 included) or nested sequence.
+        dtype: wire dtype name ("float32", "float16", "bfloat16", "float64", "int64");
+            None keeps the array's own dtype (which must be one of those).
+    """
+    name = dtype or _source_name(x)
+    if name in ("int32", "int16", "int8", "uint8") and dtype is None:
+        name = "int64"
+    wd = dtype_by_name(name)
+    if _is_torch(x):
+        import torch
+
+        t = x.detach()
+        if t.is_complex():
+            raise CodecError("complex tensors are not supported")
+        t = t.to(getattr(torch, wd.torch)).cpu().contiguous()
+        if wd.name == "bfloat16":
+            raw = t.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+        else:
+            raw = t.numpy().astype(wd.numpy, copy=False).tobytes()
+        shape = tuple(t.shape)
+    else:
+        a = np.asarray(x)
+        if a.dtype.kind not in "fiub":
+            raise CodecError(f"cannot encode an array of dtype {a.dtype}; send floats or integers")
+        if wd.name == "bfloat16":
+            raw = _bf16_bits(a.astype(np.float32, copy=False)).tobytes()
+        else:
+            raw = np.ascontiguousarray(a, dtype=wd.numpy).tobytes()
+        shape = a.shape
+    return pb.Tensor(dtype=wd.enum, shape=list(shape), data=raw)
+
+
+def _check(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...]]:
+    wd = _BY_ENUM.get(t.dtype)
+    if wd is None:
+        names = ", ".join(f"{d.name} ({d.enum})" for d in DTYPES)
+        raise CodecError(f"{field}: dtype {t.dtype} is not supported; use one of {names}")
+    shape = tuple(int(s) for s in t.shape)
+    if any(s < 0 for s in shape):
+        raise CodecError(f"{field}: shape {list(shape)} has a negative dimension")
+    count = 1
+    for s in shape:
+        count *= s
+    if count * wd.itemsize != len(t.data):
+        raise CodecError(
+            f"{field}: {len(t.data)} bytes do not match shape {list(shape)} of {wd.name} "
+            f"({count} elements x {wd.itemsize} bytes = {count * wd.itemsize}); send row-major raw bytes"
+        )
+    return wd, shape
+
+
+def decode(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
+    """Wire tensor -> numpy array (native byte order). bfloat16 decodes exactly to float32."""
+    wd, shape = _check(t, field)
+    a = np.frombuffer(t.data, dtype=wd.numpy).reshape(shape)
+    if wd.name == "bfloat16":
+        return (a.astype("<u4") << np.uint32(16)).view("<f4").astype(np.float32)
+    return a.astype(np.dtype(wd.numpy).newbyteorder("="), copy=False)
+
+
+def decode_torch(t: pb.Tensor, field: str = "tensor", device: Any = None) -> Any:
+    """Wire tensor -> torch tensor of the wire dtype (bfloat16 kept), optionally on ``device``."""
+    import torch
+
+    wd, shape = _check(t, field)
+    raw = np.frombuffer(t.data, dtype=wd.numpy)
+    if wd.name == "bfloat16":
+        out = torch.from_numpy(raw.astype(np.int16, copy=True)).view(torch.bfloat16)
+    else:
+        out = torch.from_numpy(raw.astype(np.dtype(wd.numpy).newbyteorder("="), copy=True))
+    out = out.reshape(shape)
+    return out.to(device) if device is not None else out
+
+
+def to_like(t: pb.Tensor, like: Any, field: str = "tensor", keep_wire_dtype: bool = False) -> Any:
+    """Decode ``t`` into the caller's array type: torch tensors keep dtype and device of ``like``
+    (unless ``keep_wire_dtype``), numpy arrays keep their float dtype where numpy has it."""
+    if _is_torch(like):
+        out = decode_torch(t, field, device=like.device)
+        if not keep_wire_dtype and out.is_floating_point() and like.is_floating_point():
+            out = out.to(like.dtype)
+        return out
+    out = decode(t, field)
+    like_dtype = getattr(like, "dtype", None)
+    if not keep_wire_dtype and like_dtype is not None and np.dtype(like_dtype).kind == "f" and out.dtype.kind == "f":
+        out = out.astype(like_dtype, copy=False)
+    return out
