@@ -1,0 +1,235 @@
+"""Server settings: one pydantic model read from command-line flags, ``FLOWORACLE_*`` environment
+variables and an optional YAML file, in that order of precedence, in one place (:func:`load_settings`).
+
+Library code takes a :class:`Settings` object and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+from pydantic_settings.sources.providers.env import parse_env_vars
+
+from floworacle._channel import DEFAULT_MAX_MESSAGE_BYTES
+
+__all__ = ["Settings", "load_settings", "ENV_PREFIX", "CONFIG_ENV"]
+
+ENV_PREFIX = "FLOWORACLE_"
+#: Environment variable naming the YAML settings file (same as ``--config``).
+CONFIG_ENV = "FLOWORACLE_CONFIG"
+
+_DEVICE_HELP = '"cpu", "cuda", "cuda:N" or "auto" (CUDA when available, else CPU)'
+
+
+def _split_list(value: Any) -> Any:
+    # Environment variables carry lists as "a,b" (a JSON list is accepted too); YAML and flags
+    # already give lists.
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything a Flow Oracle server is configured with.
+
+    Construct it with :func:`load_settings` (flags > environment > YAML file > defaults) or
+    directly with keyword arguments in tests; direct construction reads nothing from the
+    environment.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_assignment=True)
+
+    data: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='Data sets to serve, each "NAME=PATH" or "PATH" (name from --name or the file stem). '
+        "Empty: the embedded digits data set.",
+    )
+    labels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='Label files, each "NAME=PATH", or "PATH" when exactly one data set is given.',
+    )
+    name: str | None = Field(default=None, description="Name of the data set given as a bare PATH.")
+    host: str = Field(default="0.0.0.0", description="Address the gRPC server binds.")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        default=9090, ge=-1, le=65535, description="Prometheus /metrics port; 0 picks a free one, -1 turns it off."
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address the metrics HTTP server binds.")
+    device: str = Field(default="auto", description=_DEVICE_HELP)
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="Storage dtype of the resident data (exactness is relative to it)."
+    )
+    chunk_rows: int | None = Field(default=None, ge=1, description="Engine chunk size in data rows; None = default.")
+    max_message_bytes: int = Field(
+        default=DEFAULT_MAX_MESSAGE_BYTES, ge=1, le=2**31 - 1, description="gRPC message size limit (both ways)."
+    )
+    max_batch_rows: int = Field(default=4096, ge=1, description="Most query rows merged into one engine call.")
+    max_queue_delay_ms: float = Field(
+        default=2.0, ge=0.0, description="Longest a request waits for others to merge with before it runs."
+    )
+    max_queue_requests: int = Field(
+        default=1024, ge=1, description="Requests that may wait in the batcher queue; beyond: RESOURCE_EXHAUSTED."
+    )
+    max_request_rows: int = Field(
+        default=16384, ge=1, description="Most rows one request may carry; beyond: RESOURCE_EXHAUSTED (split it)."
+    )
+    max_stream_inflight: int = Field(
+        default=64, ge=1, description="Requests of one OracleStream in flight at once (back-pressure beyond)."
+    )
+    reflection: bool = Field(default=True, description="Serve gRPC server reflection.")
+    grace_period_s: float = Field(
+        default=30.0, ge=0.0, description="On SIGTERM: how long in-flight requests may take to finish."
+    )
+    shutdown_delay_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="On SIGTERM: how long health reports NOT_SERVING while still accepting RPCs, so load "
+        "balancers stop routing before the port closes.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Logging level.")
+
+    @field_validator("data", "labels", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v in ("cpu", "cuda", "auto") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device {value!r} is not understood; use {_DEVICE_HELP}")
+
+    @field_validator("data")
+    @classmethod
+    def _data_specs(cls, value: list[str]) -> list[str]:
+        names: set[str] = set()
+        for spec in value:
+            name, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+            if "=" in spec and (not name.strip() or not path.strip()):
+                raise ValueError(f'data spec {spec!r} must be "NAME=PATH" or "PATH"')
+            if name:
+                if name in names:
+                    raise ValueError(f"data set name {name!r} is given twice; names must be unique")
+                names.add(name)
+        return value
+
+    @model_validator(mode="after")
+    def _labels_match(self) -> Settings:
+        bare = [s for s in self.labels if "=" not in s]
+        if bare and (len(bare) > 1 or len(self.data) != 1):
+            raise ValueError(
+                'a bare labels PATH needs exactly one data set; otherwise give labels as "NAME=PATH" '
+                f"(got labels {self.labels} for data {self.data})"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only keyword arguments: the environment and the file are merged by load_settings, so
+        # constructing Settings in library code or tests never picks up stray variables.
+        return (init_settings,)
+
+    def resolved_device(self) -> str:
+        """The concrete torch device: "auto" becomes "cuda" when CUDA is available, else "cpu"."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def labels_for(self, name: str) -> str | None:
+        """The labels file given for data set ``name`` (a bare PATH applies to the only data set)."""
+        for spec in self.labels:
+            if "=" in spec:
+                key, _, path = spec.partition("=")
+                if key == name:
+                    return path
+            else:
+                return spec
+        return None
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """``FLOWORACLE_*`` variables read from an explicit mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = dict(environ)
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def _flag_values(args: argparse.Namespace | Mapping[str, Any] | None) -> dict[str, Any]:
+    if args is None:
+        return {}
+    raw = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+    # argparse leaves flags that were not given at None; those must not hide env / file values.
+    return {k: v for k, v in raw.items() if v is not None and (k in Settings.model_fields or k == "config")}
+
+
+def load_settings(
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings: flags (``args``) over ``FLOWORACLE_*`` variables in ``env`` over the YAML
+    file named by ``config`` (flag) or ``FLOWORACLE_CONFIG`` over the defaults.
+
+    Args:
+        args: parsed flags (an argparse namespace whose unset flags are None) or a dict of
+            field values; keys that are not settings (e.g. ``func``) are ignored.
+        env: the environment to read; ``os.environ`` when None (the only place it is read).
+
+    Raises:
+        ValueError: a missing config file, or invalid values (pydantic's ValidationError is a
+            ValueError and names each bad field).
+    """
+    flags = _flag_values(args)
+    environ = os.environ if env is None else env
+    config = flags.pop("config", None) or environ.get(CONFIG_ENV) or None
+    merged: dict[str, Any] = {}
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise ValueError(f"settings file {config!r} does not exist; fix --config / {CONFIG_ENV}")
+        file_values = YamlConfigSettingsSource(Settings, yaml_file=path)()
+        unknown = sorted(set(file_values) - set(Settings.model_fields))
+        if unknown:
+            raise ValueError(f"settings file {config!r} has unknown keys {unknown}; known: {sorted(Settings.model_fields)}")
+        merged.update(file_values)
+    env_values = {k: v for k, v in _MappingEnvSource(Settings, environ)().items() if k != "config"}
+    merged.update(env_values)
+    merged.update(flags)
+    return Settings(**merged)
