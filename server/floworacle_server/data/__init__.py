@@ -1,5 +1,26 @@
-"""Data sets: formats, fingerprint, the embedded digits set, index directories."""
+"""Data sets: formats, fingerprint, the embedded digits set, index directories, the store."""
 
 from floworacle_server.data._dataset import STORAGE_DTYPES, Dataset, fingerprint_arrays
+from floworacle_server.data._digits import DIGITS_NAME, load_digits
+from floworacle_server.data._formats import SUPPORTED_SUFFIXES, LoadedArrays, load_arrays, validate_arrays
+from floworacle_server.data._index import build_index, is_index_dir, load_index, read_manifest
+from floworacle_server.data._load import load_dataset
+from floworacle_server.data._store import DatasetStore
 
-__all__ = ["Dataset", "fingerprint_arrays", "STORAGE_DTYPES"]
+__all__ = [
+    "DIGITS_NAME",
+    "STORAGE_DTYPES",
+    "SUPPORTED_SUFFIXES",
+    "Dataset",
+    "DatasetStore",
+    "LoadedArrays",
+    "build_index",
+    "fingerprint_arrays",
+    "is_index_dir",
+    "load_arrays",
+    "load_dataset",
+    "load_digits",
+    "load_index",
+    "read_manifest",
+    "validate_arrays",
+]

@@ -1,0 +1,306 @@
+"""Index directories: a data set converted once to its storage dtype, with a manifest that
+describes it and a fingerprint that proves the bytes on disk are the ones that were written.
+
+Layout of a directory::
+
+    manifest.json   format, version, name, N, sample_shape, dtype, scale_factor, labels, fingerprint
+    data.npy        (N, *sample_shape) stored values (bfloat16 kept as its raw int16 bits)
+    labels.npy      (N,) int64, only with labels
+    weights.npy     (N,) float64, only with weights
+
+``data.npy`` is a plain .npy file, so loading memory-maps it instead of parsing it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from floworacle_server.data._dataset import STORAGE_DTYPES, Dataset, fingerprint_arrays
+from floworacle_server.data._formats import LoadedArrays, load_arrays, load_side_array, validate_arrays
+
+__all__ = ["INDEX_FORMAT", "INDEX_VERSION", "MANIFEST", "build_index", "load_index", "read_manifest", "is_index_dir"]
+
+INDEX_FORMAT = "floworacle-index"
+INDEX_VERSION = 1
+MANIFEST = "manifest.json"
+_DATA_FILE = "data.npy"
+_LABELS_FILE = "labels.npy"
+_WEIGHTS_FILE = "weights.npy"
+_CHUNK_BYTES = 64 << 20  # per block when converting and hashing, whatever the row size
+
+# numpy has no bfloat16: its bytes are stored as int16 and reinterpreted on load
+_NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+
+
+class _ProgressRows:
+    """Row-sliceable view that advances a progress bar as blocks are read (for hashing)."""
+
+    def __init__(self, arr: np.ndarray, bar: Any) -> None:
+        self._arr = arr
+        self._bar = bar
+        self.shape = arr.shape
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        block = self._arr[item]
+        self._bar.update(int(block.shape[0]))
+        return block
+
+
+def is_index_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory with a manifest."""
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST).is_file()
+
+
+def _to_storage(block: Any, scale_factor: float, dtype: str) -> np.ndarray:
+    """Convert a block of samples exactly as :meth:`Dataset.from_arrays` does (via float64, then scale)."""
+    if isinstance(block, torch.Tensor):
+        t = block.detach().cpu().to(torch.float64)
+    else:
+        t = torch.from_numpy(np.array(block, dtype=np.float64))
+    if scale_factor != 1.0:
+        t = t * float(scale_factor)
+    stored = t.to(STORAGE_DTYPES[dtype])
+    if dtype == "bfloat16":
+        return stored.view(torch.int16).numpy()
+    return stored.numpy()
+
+
+def _chunk_rows(sample_shape: tuple[int, ...]) -> int:
+    return max(1, _CHUNK_BYTES // (8 * max(1, int(np.prod(sample_shape)))))
+
+
+def _iter_blocks(n: int, rows: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
+def build_index(
+    src: str | Path | LoadedArrays | Any,
+    out_dir: str | Path,
+    *,
+    labels: Any | None = None,
+    weights: Any | None = None,
+    scale_factor: float = 1.0,
+    dtype: str = "float32",
+    name: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write ``src`` as an index directory at ``out_dir`` and return its manifest.
+
+    Args:
+        src: a data file (any format of :func:`load_arrays`), loaded arrays, or an (N, ...) array.
+        labels, weights: arrays or paths overriding what ``src`` holds.
+        scale_factor: multiplies the samples before storage (e.g. a VAE latent scale).
+        dtype: storage dtype, "float32", "float16" or "bfloat16".
+        name: data set name (default: the output directory's name).
+        progress: show a tqdm bar while converting and hashing.
+        overwrite: replace an existing index in ``out_dir``.
+
+    The fingerprint is :func:`fingerprint_arrays` over the stored values (after scaling, in the
+    storage dtype, in the caller's order), the labels and the weights; it equals the fingerprint
+    :meth:`Dataset.from_arrays` computes for the same input.
+
+    Raises:
+        ValueError: bad input (see :func:`validate_arrays`), bad dtype, or an existing index.
+    """
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
+    if not np.isfinite(scale_factor) or scale_factor == 0.0:
+        raise ValueError(f"scale_factor must be finite and non-zero, got {scale_factor}")
+    if isinstance(src, (str, Path)):
+        loaded = load_arrays(src, labels=labels, weights=weights)
+    elif isinstance(src, LoadedArrays):
+        loaded = src
+        if labels is not None or weights is not None:
+            lab = load_side_array(labels, "labels") if isinstance(labels, (str, Path)) else labels
+            w = load_side_array(weights, "weights") if isinstance(weights, (str, Path)) else weights
+            loaded = LoadedArrays(
+                src.x, lab if lab is not None else src.labels, w if w is not None else src.weights,
+                src.sample_shape, src.source,
+            )  # fmt: skip
+        validate_arrays(loaded.x, loaded.labels, loaded.weights, source=loaded.source)
+    else:
+        lab = load_side_array(labels, "labels") if isinstance(labels, (str, Path)) else labels
+        w = load_side_array(weights, "weights") if isinstance(weights, (str, Path)) else weights
+        x = src if isinstance(src, torch.Tensor) else np.asarray(src)
+        loaded = LoadedArrays(x, lab, w, tuple(int(s) for s in x.shape[1:]), "data")
+        validate_arrays(loaded.x, loaded.labels, loaded.weights, source="data")
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; choose another output path")
+    if out.is_dir() and any(out.iterdir()):
+        if not (overwrite and is_index_dir(out)):
+            raise ValueError(
+                f"{out} is not empty; choose a new directory"
+                + (" or pass overwrite=True (--force) to replace this index" if is_index_dir(out) else "")
+            )
+        (out / MANIFEST).unlink()  # a half-replaced index must not look valid
+    out.mkdir(parents=True, exist_ok=True)
+
+    n = loaded.num_samples
+    shape = (n, *loaded.sample_shape)
+    data = np.lib.format.open_memmap(out / _DATA_FILE, mode="w+", dtype=_NUMPY_STORAGE[dtype], shape=shape)
+    rows = _chunk_rows(loaded.sample_shape)
+    with tqdm(total=n, desc="write", unit="rows", disable=not progress) as bar:
+        for start, stop in _iter_blocks(n, rows):
+            block = _to_storage(loaded.x[start:stop], scale_factor, dtype)
+            if dtype != "bfloat16" and not np.isfinite(block).all():
+                bad = start + int(np.argmax(~np.isfinite(block.reshape(stop - start, -1)).all(axis=1)))
+                raise ValueError(f"sample {bad} overflows {dtype} after scaling; use float32 or a smaller scale_factor")
+            if dtype == "bfloat16":
+                check = torch.from_numpy(block).view(torch.bfloat16)
+                if not torch.isfinite(check).all():
+                    raise ValueError("a sample overflows bfloat16 after scaling; use a smaller scale_factor")
+            data[start:stop] = block
+            bar.update(stop - start)
+    data.flush()
+
+    lab64: np.ndarray | None = None
+    num_classes = 0
+    if loaded.labels is not None:
+        lab64 = np.asarray(_as_cpu_numpy(loaded.labels)).astype(np.int64)
+        np.save(out / _LABELS_FILE, lab64)
+        num_classes = int(lab64.max()) + 1
+    w64: np.ndarray | None = None
+    if loaded.weights is not None:
+        w64 = np.asarray(_as_cpu_numpy(loaded.weights)).astype(np.float64)
+        np.save(out / _WEIGHTS_FILE, w64)
+
+    with tqdm(total=n, desc="hash", unit="rows", disable=not progress) as bar:
+        fingerprint = fingerprint_arrays(_ProgressRows(data, bar), lab64, w64, dtype, chunk_rows=rows)
+    del data
+
+    manifest: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "format_version": INDEX_VERSION,
+        "name": name or out.resolve().name,
+        "num_samples": n,
+        "sample_shape": list(loaded.sample_shape),
+        "dim": int(np.prod(loaded.sample_shape)),
+        "dtype": dtype,
+        "scale_factor": float(scale_factor),
+        "has_labels": lab64 is not None,
+        "num_classes": num_classes,
+        "has_weights": w64 is not None,
+        "fingerprint": fingerprint,
+        "files": {
+            "data": _DATA_FILE,
+            "labels": _LABELS_FILE if lab64 is not None else None,
+            "weights": _WEIGHTS_FILE if w64 is not None else None,
+        },
+        "source": Path(loaded.source).name,
+    }
+    # the manifest is written last: a directory without one is an unfinished build
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(out / MANIFEST)
+    return manifest
+
+
+def _as_cpu_numpy(a: Any) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def read_manifest(index_dir: str | Path) -> dict[str, Any]:
+    """The parsed manifest of an index directory; ValueError if missing, unreadable or of another format."""
+    p = Path(index_dir)
+    mpath = p / MANIFEST
+    if not mpath.is_file():
+        raise ValueError(f"{p} is not an index directory (no {MANIFEST}); build one with `floworacle index build`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{mpath} is not valid JSON ({exc}); rebuild the index") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{mpath} is not a Flow Oracle index manifest; rebuild the index")
+    version = manifest.get("format_version")
+    if version != INDEX_VERSION:
+        raise ValueError(
+            f"{p}: index format version {version} is not supported by this server (reads {INDEX_VERSION}); "
+            "rebuild the index with this version of `floworacle index build`"
+        )
+    return manifest
+
+
+def load_index(
+    index_dir: str | Path,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    *,
+    name: str | None = None,
+    progress: bool = False,
+) -> Dataset:
+    """Load an index directory as a :class:`Dataset` on ``device``.
+
+    Args:
+        index_dir: directory written by :func:`build_index`.
+        device: where the data set lives.
+        verify: recompute the sha256 fingerprint (in chunks) and refuse to load when it
+            differs from the manifest's; ``False`` trusts the files (faster for large sets).
+        name: overrides the manifest's name.
+
+    Raises:
+        ValueError: not an index, shapes that disagree with the manifest, or a fingerprint
+            mismatch (the files changed after the build).
+    """
+    p = Path(index_dir)
+    manifest = read_manifest(p)
+    dtype = manifest["dtype"]
+    if dtype not in _NUMPY_STORAGE:
+        raise ValueError(f"{p}: unknown storage dtype {dtype!r} in the manifest; rebuild the index")
+    files = manifest.get("files", {})
+    shape = (int(manifest["num_samples"]), *(int(s) for s in manifest["sample_shape"]))
+    try:
+        data = np.load(p / files.get("data", _DATA_FILE), mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{p}: cannot read the data file ({exc}); rebuild the index") from exc
+    if tuple(data.shape) != shape or data.dtype != np.dtype(_NUMPY_STORAGE[dtype]):
+        raise ValueError(
+            f"{p}: data file holds {data.dtype} {tuple(data.shape)} but the manifest says {dtype} {shape}; "
+            "the directory was modified, rebuild the index"
+        )
+    labels = np.load(p / files["labels"], allow_pickle=False) if files.get("labels") else None
+    weights = np.load(p / files["weights"], allow_pickle=False) if files.get("weights") else None
+    if bool(manifest.get("has_labels")) != (labels is not None):
+        raise ValueError(f"{p}: manifest and label file disagree; rebuild the index")
+    if verify:
+        with tqdm(total=shape[0], desc="verify", unit="rows", disable=not progress) as bar:
+            rows = _chunk_rows(tuple(shape[1:]))
+            found = fingerprint_arrays(_ProgressRows(data, bar), labels, weights, dtype, chunk_rows=rows)
+        if found != manifest["fingerprint"]:
+            raise ValueError(
+                f"{p}: contents do not match the manifest fingerprint (expected {manifest['fingerprint']}, "
+                f"found {found}); the files were changed or corrupted, rebuild the index"
+            )
+    # torch warns on read-only memory maps; the rows are copied when sorted or moved, never written
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = torch.from_numpy(data)
+    if dtype == "bfloat16":
+        x = x.view(torch.bfloat16)
+    ds = Dataset.from_arrays(
+        name or str(manifest["name"]),
+        x,
+        labels,
+        weights,
+        sample_shape=tuple(shape[1:]),
+        dtype=dtype,
+        device=device,
+        fingerprint=str(manifest["fingerprint"]),
+    )
+    # the stored values are already scaled; record the factor that was applied
+    ds.scale_factor = float(manifest["scale_factor"])
+    return ds

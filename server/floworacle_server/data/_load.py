@@ -1,0 +1,82 @@
+"""One entry point that turns a user's data argument into a resident :class:`Dataset`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from floworacle_server.data._dataset import Dataset
+from floworacle_server.data._digits import DIGITS_NAME, load_digits
+from floworacle_server.data._formats import SUPPORTED_SUFFIXES, load_arrays
+from floworacle_server.data._index import is_index_dir, load_index
+
+__all__ = ["load_dataset"]
+
+
+def load_dataset(
+    spec: str | Path,
+    *,
+    name: str | None = None,
+    labels: Any | None = None,
+    weights: Any | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    scale_factor: float = 1.0,
+    verify: bool = True,
+) -> Dataset:
+    """Load ``spec``: ``"digits"``, an index directory, or a data file.
+
+    Args:
+        spec: ``"digits"`` (the embedded set), a directory built by ``floworacle index build``,
+            or a .npy / .npz / .safetensors / .pt file of shape (N, *sample_shape).
+        name: data set name; default ``digits``, the manifest's name, or the file's stem.
+        labels, weights: arrays or paths (files only; an index carries its own).
+        device: where the data lives ("cpu", "cuda", "cuda:1", ...).
+        dtype: storage dtype for files and digits ("float32", "float16", "bfloat16"); an
+            index keeps the dtype it was built with.
+        scale_factor: multiplies file samples before storage; an index was scaled at build time.
+        verify: for an index, recompute its fingerprint before trusting it.
+
+    Raises:
+        ValueError: an unknown spec, a missing file, or invalid contents.
+    """
+    s = str(spec)
+    if s == DIGITS_NAME and not Path(s).exists():
+        if labels is not None or weights is not None or scale_factor != 1.0:
+            raise ValueError("the embedded digits data set takes no labels, weights or scale_factor")
+        ds = load_digits(device=device, dtype=dtype)
+        if name:
+            ds.name = name
+        return ds
+    p = Path(s)
+    if p.is_dir():
+        if not is_index_dir(p):
+            raise ValueError(
+                f"{p} is a directory without a manifest.json; build an index with `floworacle index build`"
+            )
+        if labels is not None or weights is not None or scale_factor != 1.0:
+            raise ValueError(
+                f"{p} is an index: its labels, weights and scale are fixed at build time; rebuild to change them"
+            )
+        return load_index(p, device=device, verify=verify, name=name)
+    if not p.exists():
+        raise ValueError(
+            f"data {s!r} not found; give 'digits', an index directory, or a file ({', '.join(SUPPORTED_SUFFIXES)})"
+        )
+    loaded = load_arrays(p, labels=labels, weights=weights)
+    with warnings.catch_warnings():
+        # .npy files are memory-mapped read-only; the data set copies rows, it never writes them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return Dataset.from_arrays(
+            name or p.stem,
+            loaded.x,
+            loaded.labels,
+            loaded.weights,
+            sample_shape=loaded.sample_shape,
+            scale_factor=scale_factor,
+            dtype=dtype,
+            device=device,
+        )
