@@ -8,7 +8,7 @@ every index the service returns is in that original order.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,7 @@ class Dataset:
     sample_shape: tuple[int, ...]
     fingerprint: str
     scale_factor: float = 1.0
+    _abs_max: float | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_arrays(
@@ -190,6 +191,13 @@ class Dataset:
             fingerprint=fingerprint,
             scale_factor=float(scale_factor),
         )
+
+    def abs_max(self) -> float:
+        """max_i,j |x_ij| of the stored values (computed once; used by error bounds)."""
+        if self._abs_max is None:
+            rows = 65536
+            self._abs_max = max(float(self.x[s : s + rows].abs().max()) for s in range(0, self.num_samples, rows))
+        return self._abs_max
 
     @property
     def num_samples(self) -> int:

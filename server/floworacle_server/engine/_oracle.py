@@ -1,0 +1,538 @@
+"""The oracle: exact posterior means over a resident data set, streamed in chunks.
+
+For queries (x_t, t) and data x_i with log weights log p_i the exact logits are
+
+    l_i = log p_i - ||x_t - alpha x_i||^2 / (2 sigma^2)
+
+and x1_hat = sum_i softmax(l)_i x_i. The logits scale with 1 / sigma^2, so near the data end a
+float32 GEMM loses every digit of the gaps between competing samples. The engine therefore uses
+the fast GEMM only to *screen*:
+
+1. Screening logits ``lt_i = log p_i + c x_t . x_i - h ||x_i||^2`` (c = alpha / sigma^2,
+   h = alpha^2 / (2 sigma^2); the per-query ``||x_t||^2`` term is dropped) come from a GEMM in
+   the screening precision, whose error is bounded by the standard dot-product bound
+   ``|fl(x . y) - x . y| <= gamma ||x|| ||y||`` with ``gamma = (D + 2) u_acc + 2 u_in``.
+2. Every sample whose screened logit, plus its bound, can come within ``ln(N) + 37`` nats of a
+   proven lower bound of the maximum is a candidate; all the others together weigh less than
+   ``N e^(-ln N - 37) = e^-37`` (below float64's epsilon) relative to the maximum.
+3. Candidates get exact logits from differences in float64 and are merged into float64
+   partials (:class:`Partials`). Queries with many candidates in a chunk (the navigation stage,
+   where sigma is large and the logits are benign) instead take a dense float64 pass whose
+   logit error bound is checked; if that bound is too loose they are recomputed from differences.
+
+Only torch is imported; the same code runs on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from floworacle.paths import PathCoefficients
+
+from floworacle_server.data._dataset import Dataset
+from floworacle_server.engine._partials import Partials
+from floworacle_server.engine._types import OUTPUTS, OracleQuery, OracleResult, Precision
+
+__all__ = ["oracle", "compute_partials", "default_chunk_rows", "SCREEN_DTYPES", "REACH_MARGIN"]
+
+#: Nats beyond ln(N) below the maximum past which samples are dropped: N e^-(ln N + 37) < 2^-53.
+REACH_MARGIN = 37.0
+U64 = 2.0**-53
+#: Dense float64 logits are used only when their error bound is below this many nats.
+DENSE_LOGIT_TOL = 1e-9
+#: Unit roundoff of the inputs for each screening precision (the accumulation is float32).
+SCREEN_DTYPES: dict[str, tuple[torch.dtype, float]] = {
+    "float32": (torch.float32, 2.0**-24),
+    "bfloat16": (torch.bfloat16, 2.0**-8),
+    "float16": (torch.float16, 2.0**-11),
+}
+_U_ACC = 2.0**-24
+#: Element budget of one gathered block of candidate rows (float64): bounds the extra memory.
+_GATHER_ELEMENTS = 1 << 19
+
+
+def default_chunk_rows(dim: int, device: torch.device) -> int:
+    """Rows per chunk: large enough for an efficient GEMM, small enough that the (B, chunk)
+    float64 work tensors and a float64 copy of a chunk stay a few MB on the CPU."""
+    if device.type == "cuda":
+        return max(4096, min(65536, (1 << 28) // max(dim, 1)))
+    return 1024
+
+
+@dataclass
+class _Coef:
+    """Per-query float64 tensors derived from the path coefficients (shape (B,))."""
+
+    alpha: torch.Tensor
+    sigma: torch.Tensor
+    c: torch.Tensor  # alpha / sigma^2
+    half: torch.Tensor  # alpha^2 / (2 sigma^2)
+    inv2s2: torch.Tensor  # 1 / (2 sigma^2)
+
+    @classmethod
+    def build(cls, alpha: torch.Tensor, sigma: torch.Tensor) -> _Coef:
+        s2 = sigma * sigma
+        return cls(alpha, sigma, alpha / s2, alpha * alpha / (2 * s2), 1.0 / (2 * s2))
+
+    def take(self, rows: torch.Tensor) -> _Coef:
+        return _Coef(self.alpha[rows], self.sigma[rows], self.c[rows], self.half[rows], self.inv2s2[rows])
+
+
+@dataclass
+class _PassResult:
+    partials: Partials
+    logit_error: torch.Tensor  # (B,) bound on the abs error of the logits that were used
+    refined: torch.Tensor  # () int64, (query, sample) pairs whose logit was computed in float64
+    overflow: torch.Tensor  # (B,) bool, queries with too many candidates for the sparse path
+
+
+def _screen_gamma(ds: Dataset, screen: str) -> tuple[torch.dtype, float]:
+    """Screening dtype actually used on this device and the relative dot-product error bound."""
+    if screen not in SCREEN_DTYPES:
+        raise ValueError(f"unknown screening precision {screen!r}; use one of {sorted(SCREEN_DTYPES)}")
+    dtype, u_in = SCREEN_DTYPES[screen]
+    if ds.device.type != "cuda" and dtype != torch.float32:
+        dtype, u_in = torch.float32, 2.0**-24  # half-precision GEMMs are slow on CPUs
+    data_u = 0.0 if ds.x.dtype == dtype or (dtype == torch.float32) else u_in
+    gamma = (ds.dim + 2) * _U_ACC + u_in + data_u
+    return dtype, gamma * 1.01 + 4 * U64
+
+
+def _screen_logits(
+    xs: torch.Tensor, chunk: torch.Tensor, sq: torch.Tensor, logw: torch.Tensor | None, co: _Coef
+) -> torch.Tensor:
+    g = (xs @ chunk.T).to(torch.float64)
+    lt = co.c[:, None] * g - co.half[:, None] * sq[None, :]
+    if logw is not None:
+        lt = lt + logw[None, :]
+    return lt
+
+
+def _screened_pass(
+    ds: Dataset,
+    xq: torch.Tensor,
+    co: _Coef,
+    start: int,
+    stop: int,
+    top_k: int,
+    chunk_rows: int,
+    screen: str,
+    cap: int | None,
+) -> _PassResult:
+    """Screen with the fast GEMM, recompute candidates from differences in float64.
+
+    ``cap``: most candidates per query per chunk for the sparse path; queries above it are
+    flagged in ``overflow`` and dropped from this pass (None: no cap).
+    """
+    b, d = xq.shape
+    dev = xq.device
+    reach = math.log(stop - start) + REACH_MARGIN
+    sdtype, gamma = _screen_gamma(ds, screen)
+    xs = xq.to(sdtype)
+    qnorm = xq.norm(dim=1)
+    ebase = co.c * gamma * qnorm
+    lower = torch.full((b,), -math.inf, dtype=torch.float64, device=dev)
+    state = Partials.empty(b, d, top_k, dev)
+    overflow = torch.zeros(b, dtype=torch.bool, device=dev)
+    logit_err = torch.zeros(b, dtype=torch.float64, device=dev)
+    refined = torch.zeros((), dtype=torch.int64, device=dev)
+    for s0 in range(start, stop, chunk_rows):
+        s1 = min(s0 + chunk_rows, stop)
+        chunk = ds.x[s0:s1]
+        sq = ds.sq_norms[s0:s1]
+        logw = ds.log_weights[s0:s1] if ds.log_weights is not None else None
+        lt = _screen_logits(xs, chunk if chunk.dtype == sdtype else chunk.to(sdtype), sq, logw, co)
+        err = ebase[:, None] * sq.sqrt()[None, :]
+        lower = torch.maximum(lower, (lt - err).max(dim=1).values)
+        cand = (lt + err) >= (lower - reach)[:, None]
+        del lt, err
+        if cap is not None:
+            overflow |= cand.sum(dim=1) > cap
+            cand &= ~overflow[:, None]
+        pairs = cand.nonzero()
+        if pairs.shape[0] == 0:
+            continue
+        qi, cj = pairs[:, 0], pairs[:, 1]
+        refined += pairs.shape[0]
+        logits = torch.full((b, s1 - s0), -math.inf, dtype=torch.float64, device=dev)
+        pair_err = torch.empty(pairs.shape[0], dtype=torch.float64, device=dev)
+        block = max(1, _GATHER_ELEMENTS // d)
+        for p0 in range(0, pairs.shape[0], block):
+            q_b, c_b = qi[p0 : p0 + block], cj[p0 : p0 + block]
+            diff = xq[q_b] - co.alpha[q_b, None] * chunk[c_b].to(torch.float64)
+            d2 = (diff * diff).sum(dim=1)
+            val = -d2 * co.inv2s2[q_b]
+            if logw is not None:
+                val = val + logw[c_b]
+            logits[q_b, c_b] = val
+            # relative error of a float64 sum of D squares, plus the product with 1 / (2 sigma^2)
+            pair_err[p0 : p0 + block] = (d + 4) * U64 * d2 * co.inv2s2[q_b]
+        logit_err.scatter_reduce_(0, qi, pair_err, reduce="amax", include_self=True)
+        m, p, z = Partials.probabilities(logits)
+        v = torch.zeros(b, d, dtype=torch.float64, device=dev)
+        for p0 in range(0, pairs.shape[0], block):
+            q_b, c_b = qi[p0 : p0 + block], cj[p0 : p0 + block]
+            v.index_add_(0, q_b, p[q_b, c_b][:, None] * chunk[c_b].to(torch.float64))
+        index = torch.arange(s0, s1, device=dev)
+        state = state.merge(Partials.assemble(m, p, z, v, logits, index, top_k))
+    return _PassResult(state, logit_err, refined, overflow)
+
+
+def _dense_pass(
+    ds: Dataset, xq: torch.Tensor, co: _Coef, start: int, stop: int, top_k: int, chunk_rows: int
+) -> _PassResult:
+    """Plain streamed softmax with float64 GEMMs; returns its logit error bound per query.
+
+    Logits in the same (full) form as the difference path:
+    ``log p_i - (||x_t||^2 - 2 alpha x_t . x_i + alpha^2 ||x_i||^2) / (2 sigma^2)``; the float64
+    GEMM error bound is ``(D + 3) u (||x_t|| + alpha ||x_i||)^2 / (2 sigma^2)``.
+    """
+    b, d = xq.shape
+    dev = xq.device
+    qn2 = (xq * xq).sum(dim=1)
+    qnorm = qn2.sqrt()
+    state = Partials.empty(b, d, top_k, dev)
+    logit_err = torch.zeros(b, dtype=torch.float64, device=dev)
+    for s0 in range(start, stop, chunk_rows):
+        s1 = min(s0 + chunk_rows, stop)
+        x64 = ds.x[s0:s1].to(torch.float64)
+        sq = ds.sq_norms[s0:s1]
+        g = xq @ x64.T
+        logits = -(qn2[:, None] - 2 * co.alpha[:, None] * g + (co.alpha * co.alpha)[:, None] * sq[None, :])
+        logits = logits * co.inv2s2[:, None]
+        if ds.log_weights is not None:
+            logits = logits + ds.log_weights[s0:s1][None, :]
+        rmax = sq.max().sqrt()
+        logit_err = torch.maximum(logit_err, (d + 3) * U64 * (qnorm + co.alpha * rmax) ** 2 * co.inv2s2)
+        index = torch.arange(s0, s1, device=dev)
+        state = state.merge(Partials.from_logits(logits, index, top_k, x64))
+    refined = torch.tensor(b * (stop - start), dtype=torch.int64, device=dev)
+    return _PassResult(state, logit_err, refined, torch.zeros(b, dtype=torch.bool, device=dev))
+
+
+def _fast_pass(
+    ds: Dataset, xq: torch.Tensor, co: _Coef, start: int, stop: int, top_k: int, chunk_rows: int, screen: str
+) -> _PassResult:
+    """Screening logits used directly; weighted sums in the screening precision.
+
+    The reported logit error is the screening bound of the samples within reach; the
+    accumulation error is added by the caller from ``_acc_error``.
+    """
+    b, d = xq.shape
+    dev = xq.device
+    sdtype, gamma = _screen_gamma(ds, screen)
+    acc_dtype = sdtype if dev.type == "cuda" else torch.float32
+    xs = xq.to(sdtype)
+    ebase = co.c * gamma * xq.norm(dim=1)
+    reach = math.log(stop - start) + REACH_MARGIN
+    state = Partials.empty(b, d, top_k, dev)
+    logit_err = torch.zeros(b, dtype=torch.float64, device=dev)
+    for s0 in range(start, stop, chunk_rows):
+        s1 = min(s0 + chunk_rows, stop)
+        chunk = ds.x[s0:s1]
+        cs = chunk if chunk.dtype == sdtype else chunk.to(sdtype)
+        logw = ds.log_weights[s0:s1] if ds.log_weights is not None else None
+        lt = _screen_logits(xs, cs, ds.sq_norms[s0:s1], logw, co)
+        err = ebase[:, None] * ds.sq_norms[s0:s1].sqrt()[None, :]
+        index = torch.arange(s0, s1, device=dev)
+        state = state.merge(Partials.from_logits(lt, index, top_k, chunk.to(acc_dtype)))
+        within = lt >= (state.m - reach)[:, None]
+        logit_err = torch.maximum(logit_err, torch.where(within, err, torch.zeros_like(err)).max(dim=1).values)
+    refined = torch.zeros((), dtype=torch.int64, device=dev)
+    return _PassResult(state, logit_err, refined, torch.zeros(b, dtype=torch.bool, device=dev))
+
+
+def compute_partials(
+    ds: Dataset,
+    xq: torch.Tensor,
+    alpha: torch.Tensor,
+    sigma: torch.Tensor,
+    *,
+    rows: tuple[int, int] | None = None,
+    top_k: int = 0,
+    precision: Precision = Precision.EXACT,
+    chunk_rows: int | None = None,
+    screen: str = "float32",
+) -> tuple[Partials, torch.Tensor, int]:
+    """Partials of B queries over the data rows ``rows`` (default: all).
+
+    Args:
+        xq: (B, D) float64 queries on the data's device.
+        alpha, sigma: (B,) float64 path coefficients.
+    Returns:
+        (partials, logit_error (B,), refined): the partials use the full logits
+        ``log p_i - ||x_t - alpha x_i||^2 / (2 sigma^2)`` in EXACT mode, so partials of disjoint
+        row ranges (chunks, devices, shards) merge exactly; logit_error bounds the absolute
+        error of every logit that carries weight.
+    """
+    start, stop = rows if rows is not None else (0, ds.num_samples)
+    if not 0 <= start < stop <= ds.num_samples:
+        raise ValueError(f"row range [{start}, {stop}) is empty or outside the data set's {ds.num_samples} rows")
+    n = chunk_rows or default_chunk_rows(ds.dim, ds.device)
+    co = _Coef.build(alpha, sigma)
+    if precision == Precision.FAST:
+        res = _fast_pass(ds, xq, co, start, stop, top_k, n, screen)
+        return res.partials, res.logit_error, 0
+    cap = max(32, n // 8)
+    res = _screened_pass(ds, xq, co, start, stop, top_k, n, screen, cap)
+    partials, logit_err, refined = res.partials, res.logit_error, int(res.refined)
+    over = res.overflow.nonzero().flatten()
+    if over.numel():
+        sub = co.take(over)
+        dense = _dense_pass(ds, xq[over], sub, start, stop, top_k, n)
+        refined += int(dense.refined)
+        loose = (dense.logit_error > DENSE_LOGIT_TOL).nonzero().flatten()
+        if loose.numel():
+            exact = _screened_pass(ds, xq[over][loose], sub.take(loose), start, stop, top_k, n, screen, None)
+            dense.partials.put(loose, exact.partials)
+            dense.logit_error[loose] = exact.logit_error
+            refined += int(exact.refined)
+        partials.put(over, dense.partials)
+        logit_err[over] = dense.logit_error
+    return partials, logit_err, refined
+
+
+@dataclass
+class _Posterior:
+    x1_hat: torch.Tensor
+    x1_err: torch.Tensor
+    entropy: torch.Tensor
+    ess: torch.Tensor
+    topk_indices: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+def _posterior(
+    ds: Dataset,
+    xq: torch.Tensor,
+    co_alpha: torch.Tensor,
+    co_sigma: torch.Tensor,
+    groups: list[tuple[torch.Tensor, tuple[int, int]]],
+    top_k: int,
+    precision: Precision,
+    chunk_rows: int | None,
+    screen: str,
+) -> tuple[_Posterior, int]:
+    """Posterior summaries of the queries in ``groups`` (query rows, data row range)."""
+    b, d = xq.shape
+    dev = xq.device
+    out = _Posterior(
+        x1_hat=torch.zeros(b, d, dtype=torch.float64, device=dev),
+        x1_err=torch.zeros(b, dtype=torch.float64, device=dev),
+        entropy=torch.zeros(b, dtype=torch.float64, device=dev),
+        ess=torch.zeros(b, dtype=torch.float64, device=dev),
+        topk_indices=torch.full((b, top_k), -1, dtype=torch.int64, device=dev),
+        topk_weights=torch.zeros(b, top_k, dtype=torch.float64, device=dev),
+    )
+    refined = 0
+    for qrows, rng in groups:
+        part, lerr, r = compute_partials(
+            ds,
+            xq[qrows],
+            co_alpha[qrows],
+            co_sigma[qrows],
+            rows=rng,
+            top_k=top_k,
+            precision=precision,
+            chunk_rows=chunk_rows,
+            screen=screen,
+        )
+        refined += r
+        post = part.finalize()
+        out.x1_hat[qrows] = post.x1_hat
+        out.entropy[qrows] = post.entropy
+        out.ess[qrows] = post.ess
+        idx = post.topk_indices
+        out.topk_indices[qrows] = torch.where(idx >= 0, ds.original_index[idx.clamp(min=0)], idx)
+        out.topk_weights[qrows] = post.topk_weights
+        out.x1_err[qrows] = _x1_error_bound(ds, rng, lerr, precision, chunk_rows)
+    return out, refined
+
+
+def _x1_error_bound(
+    ds: Dataset,
+    rng: tuple[int, int],
+    logit_err: torch.Tensor,
+    precision: Precision,
+    chunk_rows: int | None,
+) -> torch.Tensor:
+    """Bound on max_j |x1_hat_j - exact_j| per query.
+
+    Logit errors of at most e change every weight by a factor in [e^-2e, e^2e], so the mean moves
+    by at most (e^{2e} - 1) * max_i |x_i - x1_hat|_inf <= (e^{2e} - 1) * 2 max|x|. The dropped
+    tail weighs below e^-37 relative. Rounding of the sums adds n u max|x| (float64 in EXACT mode;
+    the screening precision's accumulation, per chunk, in FAST mode).
+    """
+    xmax = ds.abs_max()
+    spread = 2 * xmax
+    bound = torch.expm1(2 * logit_err) * spread + math.exp(-REACH_MARGIN) * spread
+    n = rng[1] - rng[0]
+    if precision == Precision.FAST:
+        rows = min(n, chunk_rows or default_chunk_rows(ds.dim, ds.device))
+        bound = bound + (rows + 2) * _U_ACC * xmax * 2
+    bound = bound + (n + ds.dim + 4) * U64 * xmax
+    return bound
+
+
+def _validate(ds: Dataset, q: OracleQuery) -> tuple[int, int]:
+    if q.x_t.ndim < 2:
+        raise ValueError(f"x_t must have shape (B, D) or (B, *sample_shape), got {tuple(q.x_t.shape)}")
+    b = int(q.x_t.shape[0])
+    d = int(math.prod(q.x_t.shape[1:]))
+    if b == 0:
+        raise ValueError("empty batch: send at least one query")
+    if d != ds.dim:
+        raise ValueError(
+            f"queries have {d} values each but data set {ds.name!r} has samples of shape "
+            f"{ds.sample_shape} (D = {ds.dim}); send x_t of shape (B, {ds.dim}) or (B, *{ds.sample_shape})"
+        )
+    if len(q.coeffs) != b:
+        raise ValueError(f"{len(q.coeffs)} path coefficients for {b} queries; send one per query")
+    q.coeffs.validate()
+    unknown = set(q.outputs) - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {list(OUTPUTS)}")
+    if not 0 <= q.top_k <= ds.num_samples:
+        raise ValueError(f"top_k = {q.top_k} must lie in 0..{ds.num_samples} (the data set size)")
+    if "topk" in q.outputs and q.top_k == 0:
+        raise ValueError("the topk output needs top_k >= 1")
+    if q.labels is not None and tuple(q.labels.shape) != (b,):
+        raise ValueError(f"labels must have shape ({b},), got {tuple(q.labels.shape)}")
+    if q.guidance is not None:
+        if q.labels is None:
+            raise ValueError("guidance needs class labels: send one label per query")
+        g = q.guidance
+        if not (math.isfinite(g.scale) and math.isfinite(g.t_lo) and math.isfinite(g.t_hi)) or g.t_lo > g.t_hi:
+            raise ValueError(f"guidance scale and interval must be finite with t_lo <= t_hi, got {g}")
+        if q.t is None:
+            raise ValueError("a guidance interval needs t for every query")
+    return b, d
+
+
+def _groups_by_label(
+    ds: Dataset, labels: torch.Tensor, rows: torch.Tensor
+) -> list[tuple[torch.Tensor, tuple[int, int]]]:
+    """Conditional query groups: for each label, (query rows, that class's data rows)."""
+    out = []
+    lab = labels[rows]
+    for y in torch.unique(lab).tolist():
+        start, stop = ds.class_rows(int(y))
+        if stop == start:
+            raise ValueError(f"class {y} has no samples in data set {ds.name!r}")
+        out.append((rows[lab == y], (start, stop)))
+    return out
+
+
+def oracle(
+    ds: Dataset,
+    query: OracleQuery,
+    *,
+    chunk_rows: int | None = None,
+    screen: str = "float32",
+) -> OracleResult:
+    """Evaluate the oracle for a batch of queries (see module docstring for the method).
+
+    Labels < 0 mean an unconditional query; labels >= 0 a class-conditional one, or a guided one
+    when ``query.guidance`` is set (guided inside [t_lo, t_hi], conditional outside).
+    Returns float64 tensors on the data's device; shapes (B, D), (B,), (B, k).
+    """
+    b, d = _validate(ds, query)
+    dev = ds.device
+    xq = query.x_t.reshape(b, d).to(device=dev, dtype=torch.float64)
+    if not torch.isfinite(xq).all():
+        bad = int((~torch.isfinite(xq)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"x_t[{bad}] has a NaN or Inf; send finite queries")
+    coeffs = query.coeffs
+    alpha = torch.as_tensor(coeffs.alpha, dtype=torch.float64, device=dev)
+    sigma = torch.as_tensor(coeffs.sigma, dtype=torch.float64, device=dev)
+    labels = query.labels.to(device=dev, dtype=torch.int64) if query.labels is not None else None
+    allq = torch.arange(b, device=dev)
+    if labels is None:
+        labels = torch.full((b,), -1, dtype=torch.int64, device=dev)
+    if (labels >= 0).any() and ds.num_classes == 0:
+        raise ValueError(f"data set {ds.name!r} has no labels: send no labels (or -1) for unconditional queries")
+    if (labels >= ds.num_classes).any() and ds.num_classes:
+        bad = int(labels[labels >= ds.num_classes][0])
+        raise ValueError(f"label {bad} is outside the data set's classes 0..{ds.num_classes - 1}")
+    cond = allq[labels >= 0]
+    guided = torch.zeros(b, dtype=torch.bool, device=dev)
+    if query.guidance is not None and cond.numel():
+        t = query.t.to(device=dev, dtype=torch.float64) if query.t is not None else None
+        if t is None or tuple(t.shape) != (b,):
+            raise ValueError(f"t must have shape ({b},) for a guidance interval")
+        g = query.guidance
+        guided = (labels >= 0) & (t >= g.t_lo) & (t <= g.t_hi) & (g.scale != 1.0)
+    uncond = allq[(labels < 0) | guided]
+    groups: list[tuple[torch.Tensor, tuple[int, int]]] = []
+    if uncond.numel():
+        groups.append((uncond, (0, ds.num_samples)))
+    top_k = query.top_k
+    if cond.numel():
+        cond_groups = _groups_by_label(ds, labels, cond)
+    else:
+        cond_groups = []
+    # Conditional posteriors are computed into their own buffers so that guided queries keep both.
+    post_c, refined_c = (
+        _posterior(ds, xq, alpha, sigma, cond_groups, top_k, query.precision, chunk_rows, screen)
+        if cond_groups
+        else (None, 0)
+    )
+    post_u, refined_u = _posterior(ds, xq, alpha, sigma, groups, top_k, query.precision, chunk_rows, screen)
+    x1 = post_u.x1_hat
+    x1_err = post_u.x1_err
+    entropy, ess, tk_i, tk_w = post_u.entropy, post_u.ess, post_u.topk_indices, post_u.topk_weights
+    if post_c is not None:
+        only_c = (labels >= 0) & ~guided
+        x1 = torch.where(only_c[:, None], post_c.x1_hat, x1)
+        x1_err = torch.where(only_c, post_c.x1_err, x1_err)
+        if guided.any():
+            w = float(query.guidance.scale)  # type: ignore[union-attr]
+            mix = post_u.x1_hat + w * (post_c.x1_hat - post_u.x1_hat)
+            x1 = torch.where(guided[:, None], mix, x1)
+            x1_err = torch.where(guided, abs(1 - w) * post_u.x1_err + abs(w) * post_c.x1_err, x1_err)
+        has_c = labels >= 0
+        entropy = torch.where(has_c, post_c.entropy, entropy)
+        ess = torch.where(has_c, post_c.ess, ess)
+        tk_i = torch.where(has_c[:, None], post_c.topk_indices, tk_i)
+        tk_w = torch.where(has_c[:, None], post_c.topk_weights, tk_w)
+    return _assemble_result(query, coeffs, xq, x1, x1_err, entropy, ess, tk_i, tk_w, refined_u + refined_c)
+
+
+def _assemble_result(
+    query: OracleQuery,
+    coeffs: PathCoefficients,
+    xq: torch.Tensor,
+    x1: torch.Tensor,
+    x1_err: torch.Tensor,
+    entropy: torch.Tensor,
+    ess: torch.Tensor,
+    tk_i: torch.Tensor,
+    tk_w: torch.Tensor,
+    refined: int,
+) -> OracleResult:
+    from floworacle.paths import eps_from_x1, score_from_x1, velocity_from_x1
+
+    dev = xq.device
+    a_t = torch.as_tensor(coeffs.velocity_x1, dtype=torch.float64, device=dev)
+    b_t = torch.as_tensor(coeffs.velocity_xt, dtype=torch.float64, device=dev)
+    outputs = set(query.outputs)
+    velocity = velocity_from_x1(x1, xq, coeffs) if "velocity" in outputs else None
+    # rounding of A x1 + B x_t in float64 on top of the propagated x1_hat bound
+    scale = a_t.abs() * x1.abs().amax(dim=1) + b_t.abs() * xq.abs().amax(dim=1)
+    v_err = a_t.abs() * x1_err + 4 * U64 * scale
+    res = OracleResult(
+        x1_hat=x1,
+        velocity=velocity,
+        eps_hat=eps_from_x1(x1, xq, coeffs) if "eps_hat" in outputs else None,
+        score=score_from_x1(x1, xq, coeffs) if "score" in outputs else None,
+        entropy=entropy if "entropy" in outputs else None,
+        ess=ess if "ess" in outputs else None,
+        topk_indices=tk_i if "topk" in outputs else None,
+        topk_weights=tk_w if "topk" in outputs else None,
+        x1_hat_error_bound=x1_err,
+        velocity_error_bound=v_err,
+        refined=refined,
+    )
+    return res

@@ -1,0 +1,168 @@
+"""Mergeable partial sums of a streamed softmax: the unit that chunks, devices and shards combine.
+
+For B queries and a subset S of the data, with exact logits l_i (i in S):
+
+    m = max_i l_i                          running maximum, -inf when S is empty
+    s = sum_i exp(l_i - m)                 normaliser
+    v = sum_i exp(l_i - m) x_i             (B, D) weighted sum
+    h = sum_i exp(l_i - m) (l_i - m)       for the entropy
+    q = sum_i exp(2 (l_i - m))             for the effective sample size
+
+Two partials over disjoint subsets merge exactly (up to float64 rounding) into the partial of
+the union; ``finalize`` gives x1_hat = v / s, entropy = log s - h / s and ESS = s^2 / q.
+Top-k logits and indices are carried along and merged by a top-k of the union.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Partials", "Posterior"]
+
+
+@dataclass
+class Posterior:
+    """Finalised posterior summaries: x1_hat (B, D), entropy (B,), ess (B,), top-k (B, k)."""
+
+    x1_hat: torch.Tensor
+    entropy: torch.Tensor
+    ess: torch.Tensor
+    topk_indices: torch.Tensor
+    topk_weights: torch.Tensor
+
+
+@dataclass
+class Partials:
+    """Streamed softmax state of B queries; all float64 on one device (see module docstring).
+
+    ``topk_logits`` / ``topk_index`` have shape (B, k) (k may be 0); ``topk_index`` holds data
+    set indices (-1 for empty slots, whose logit is -inf).
+    """
+
+    m: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    h: torch.Tensor
+    q: torch.Tensor
+    topk_logits: torch.Tensor
+    topk_index: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, dim: int, top_k: int = 0, device: torch.device | str = "cpu") -> Partials:
+        f = dict(dtype=torch.float64, device=device)
+        return cls(
+            m=torch.full((batch,), -math.inf, **f),  # type: ignore[arg-type]
+            s=torch.zeros(batch, **f),  # type: ignore[arg-type]
+            v=torch.zeros(batch, dim, **f),  # type: ignore[arg-type]
+            h=torch.zeros(batch, **f),  # type: ignore[arg-type]
+            q=torch.zeros(batch, **f),  # type: ignore[arg-type]
+            topk_logits=torch.full((batch, top_k), -math.inf, **f),  # type: ignore[arg-type]
+            topk_index=torch.full((batch, top_k), -1, dtype=torch.int64, device=device),
+        )
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, index: torch.Tensor, top_k: int, x: torch.Tensor) -> Partials:
+        """Partials of one dense block: ``logits`` (B, n) float64 with -inf for excluded samples,
+        ``index`` (n,) data set rows of the columns, ``x`` (n, D) the samples (v = P @ x is
+        computed in x's dtype and promoted to float64)."""
+        m, p, z = cls.probabilities(logits)
+        v = (p.to(x.dtype) @ x).to(torch.float64)
+        return cls.assemble(m, p, z, v, logits, index, top_k)
+
+    @staticmethod
+    def probabilities(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row maxima m (B,), p = exp(l - m) and z = l - m (0 weight for -inf entries)."""
+        m = logits.max(dim=1).values
+        shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        z = logits - shift[:, None]
+        return m, torch.exp(z), z
+
+    @classmethod
+    def assemble(
+        cls,
+        m: torch.Tensor,
+        p: torch.Tensor,
+        z: torch.Tensor,
+        v: torch.Tensor,
+        logits: torch.Tensor,
+        index: torch.Tensor,
+        top_k: int,
+    ) -> Partials:
+        s = p.sum(dim=1)
+        h = torch.where(p > 0, p * z, torch.zeros_like(p)).sum(dim=1)
+        q = (p * p).sum(dim=1)
+        k = min(top_k, logits.shape[1])
+        if k > 0:
+            tl, ti = torch.topk(logits, k, dim=1)
+            idx = index.expand_as(logits) if index.ndim == 1 else index
+            tidx = torch.gather(idx, 1, ti)
+            tidx = torch.where(torch.isfinite(tl), tidx, torch.full_like(tidx, -1))
+            if k < top_k:
+                pad = top_k - k
+                tl = torch.cat([tl, tl.new_full((tl.shape[0], pad), -math.inf)], dim=1)
+                tidx = torch.cat([tidx, tidx.new_full((tidx.shape[0], pad), -1)], dim=1)
+        else:
+            tl = logits.new_full((logits.shape[0], top_k), -math.inf)
+            tidx = torch.full((logits.shape[0], top_k), -1, dtype=torch.int64, device=logits.device)
+        return cls(m=m, s=s, v=v, h=h, q=q, topk_logits=tl, topk_index=tidx)
+
+    def merge(self, other: Partials) -> Partials:
+        """Exact merge of two partials over disjoint subsets of the data (same queries)."""
+        m = torch.maximum(self.m, other.m)
+        finite = torch.isfinite(m)
+        safe_m = torch.where(finite, m, torch.zeros_like(m))
+
+        def scale(part: Partials) -> tuple[torch.Tensor, torch.Tensor]:
+            alive = torch.isfinite(part.m)
+            d = torch.where(alive, part.m - safe_m, torch.zeros_like(m))
+            c = torch.where(alive, torch.exp(d), torch.zeros_like(m))
+            return c, d
+
+        ca, da = scale(self)
+        cb, db = scale(other)
+        s = self.s * ca + other.s * cb
+        v = self.v * ca[:, None] + other.v * cb[:, None]
+        h = ca * (self.h + da * self.s) + cb * (other.h + db * other.s)
+        q = self.q * ca * ca + other.q * cb * cb
+        k = self.topk_logits.shape[1]
+        if k > 0:
+            cat_l = torch.cat([self.topk_logits, other.topk_logits], dim=1)
+            cat_i = torch.cat([self.topk_index, other.topk_index], dim=1)
+            tl, ti = torch.topk(cat_l, k, dim=1)
+            tidx = torch.gather(cat_i, 1, ti)
+        else:
+            tl, tidx = self.topk_logits, self.topk_index
+        return Partials(m=m, s=s, v=v, h=h, q=q, topk_logits=tl, topk_index=tidx)
+
+    def finalize(self) -> Posterior:
+        """x1_hat = v / s, entropy = log s - h / s, ESS = s^2 / q, top-k weights exp(l - m) / s."""
+        x1 = self.v / self.s[:, None]
+        entropy = torch.log(self.s) - self.h / self.s
+        ess = self.s * self.s / self.q
+        w = torch.exp(self.topk_logits - self.m[:, None]) / self.s[:, None]
+        return Posterior(x1_hat=x1, entropy=entropy, ess=ess, topk_indices=self.topk_index, topk_weights=w)
+
+    def take(self, rows: torch.Tensor) -> Partials:
+        """The partials of a subset of the queries."""
+        return Partials(
+            m=self.m[rows],
+            s=self.s[rows],
+            v=self.v[rows],
+            h=self.h[rows],
+            q=self.q[rows],
+            topk_logits=self.topk_logits[rows],
+            topk_index=self.topk_index[rows],
+        )
+
+    def put(self, rows: torch.Tensor, part: Partials) -> None:
+        """Overwrite the state of the queries ``rows`` with ``part`` (in place)."""
+        self.m[rows] = part.m
+        self.s[rows] = part.s
+        self.v[rows] = part.v
+        self.h[rows] = part.h
+        self.q[rows] = part.q
+        self.topk_logits[rows] = part.topk_logits
+        self.topk_index[rows] = part.topk_index
