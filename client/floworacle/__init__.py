@@ -1,4 +1,27 @@
-"""Flow Oracle client SDK."""
+"""Flow Oracle client SDK: exact flow-matching oracle targets and nearest training samples from a
+Flow Oracle server, for numpy arrays and torch tensors.
 
-__all__: list[str] = []
+Convention: t = 0 is noise, t = 1 is data, ``x_t = alpha_t x1 + sigma_t x0`` (see :mod:`floworacle.paths`);
+pass ``convention="reversed"`` for code where s = 1 is noise (SD3, Flux, diffusers).
+"""
+
+from floworacle import paths
+from floworacle._client import OracleClient
+from floworacle._codec import CodecError
+from floworacle._errors import OracleError
+from floworacle._protocol import RetryPolicy
+from floworacle._results import DatasetInfo, Neighbors, Prediction
+from floworacle.aio import AsyncOracleClient
+
+__all__ = [
+    "OracleClient",
+    "AsyncOracleClient",
+    "OracleError",
+    "CodecError",
+    "RetryPolicy",
+    "Prediction",
+    "Neighbors",
+    "DatasetInfo",
+    "paths",
+]
 __version__ = "0.1.0"

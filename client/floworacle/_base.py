@@ -1,0 +1,116 @@
+"""What the sync and asyncio clients have in common apart from transport: construction of the
+configuration and the planning of each call (see ``_protocol``)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from floworacle._config import DEFAULT_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT, ClientConfig, make_config
+from floworacle._protocol import Plan, RetryPolicy, build_nearest, build_oracle
+from floworacle._results import Neighbors, Prediction
+
+__all__ = ["ClientBase", "stream_item", "ALL_OUTPUTS"]
+
+ALL_OUTPUTS = ("velocity", "x1_hat", "eps_hat", "score", "topk", "entropy", "ess")
+
+
+class ClientBase:
+    """Holds the configuration; plans calls. Subclasses send the plans."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        dataset: str | None = None,
+        fingerprint: str | None = None,
+        wire_dtype: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
+        max_request_rows: int = 16384,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        secure: bool = False,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        seed: int | None = None,
+    ) -> None:
+        self._config: ClientConfig = make_config(
+            target,
+            dataset=dataset,
+            fingerprint=fingerprint,
+            wire_dtype=wire_dtype,
+            timeout=timeout,
+            retry=retry,
+            max_message_bytes=max_message_bytes,
+            max_request_rows=max_request_rows,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            secure=secure,
+            token=token,
+            options=options,
+        )
+        self._rng = random.Random(seed)
+        self._closed = False
+
+    @property
+    def config(self) -> ClientConfig:
+        """The resolved configuration (targets, defaults, retry policy, limits)."""
+        return self._config
+
+    def _plan_oracle(
+        self,
+        x_t: Any,
+        t: Any,
+        *,
+        dataset: str | None,
+        fingerprint: str | None,
+        wire_dtype: str | None,
+        **kwargs: Any,
+    ) -> Plan[Prediction]:
+        name, pin = self._config.resolve(dataset, fingerprint)
+        return build_oracle(
+            x_t,
+            t,
+            dataset=name,
+            fingerprint=pin,
+            wire_dtype=wire_dtype if wire_dtype is not None else self._config.wire_dtype,
+            max_message_bytes=self._config.max_message_bytes,
+            max_request_rows=self._config.max_request_rows,
+            **kwargs,
+        )
+
+    def _plan_nearest(
+        self, x: Any, k: int, *, dataset: str | None, fingerprint: str | None, **kwargs: Any
+    ) -> Plan[Neighbors]:
+        name, pin = self._config.resolve(dataset, fingerprint)
+        return build_nearest(
+            x, k, dataset=name, fingerprint=pin, max_message_bytes=self._config.max_message_bytes, **kwargs
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("this client is closed; create a new one")
+
+
+def stream_item(item: Any) -> dict[str, Any]:
+    """One element of a stream's input: ``(x_t, t)``, ``(x_t, t, labels)`` or a mapping with
+    ``x_t``, ``t`` and optionally ``labels`` / ``coefficients``."""
+    if isinstance(item, Mapping):
+        allowed = {"x_t", "t", "labels", "coefficients"}
+        extra = set(item) - allowed
+        if extra or "x_t" not in item:
+            raise ValueError(
+                f"a stream item mapping takes x_t and optionally t, labels, coefficients; got {sorted(item)}"
+            )
+        return {"t": None, **item}
+    if isinstance(item, tuple) and len(item) in (2, 3):
+        out = {"x_t": item[0], "t": item[1]}
+        if len(item) == 3:
+            out["labels"] = item[2]
+        return out
+    raise ValueError("a stream item is (x_t, t), (x_t, t, labels) or a mapping with x_t, t, labels, coefficients")

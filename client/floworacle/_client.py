@@ -1,0 +1,353 @@
+"""The synchronous client: blocking calls over grpc channels, with retries within a deadline,
+round-robin over several addresses, and the pipelined bidirectional stream."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
+from floworacle._errors import OracleError, error_from_code, translate_rpc_error
+from floworacle._protocol import Plan, deadline_error, parse_dataset_info
+from floworacle._results import DatasetInfo, Neighbors, Prediction
+from floworacle.v1 import oracle_pb2 as pb
+from floworacle.v1 import oracle_pb2_grpc as pb_grpc
+
+__all__ = ["OracleClient"]
+
+
+class OracleClient(ClientBase):
+    """Blocking Flow Oracle client.
+
+    Args:
+        target: ``"host:port"``, ``"dns:///host:port"`` (every address the name resolves to is
+            used, round robin) or a list of addresses (one channel each, calls rotate over them).
+        dataset: default data set of calls that name none ("" or None: the server's default).
+        fingerprint: pin for the default data set: calls fail with FAILED_PRECONDITION if the
+            server holds different data under that name.
+        wire_dtype: float dtype of x_t and of the answers on the wire ("float16" / "bfloat16"
+            halve the bytes); None sends the array's own dtype. Answers are converted back.
+        timeout: default per-call deadline in seconds (retries and split parts included); None: none.
+        retry: :class:`~floworacle.RetryPolicy` for UNAVAILABLE / RESOURCE_EXHAUSTED with a hint.
+        max_message_bytes: message limit; bigger batches are split by rows and rejoined.
+        max_request_rows: most query rows per message (the server's ``max_request_rows``).
+        root_certificates, private_key, certificate_chain, secure: TLS (``secure=True`` with no
+            roots uses the system's), mTLS with key and chain.
+        token: sent as ``authorization: Bearer <token>`` on every call.
+        options: extra grpc channel options.
+        interceptors: grpc client interceptors (e.g. tracing).
+
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "localhost:50051",
+        *,
+        interceptors: Sequence[Any] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(target, **kwargs)
+        cfg = self._config
+        self._channels: list[grpc.Channel] = []
+        for addr in cfg.targets:
+            if cfg.credentials is not None:
+                ch = grpc.secure_channel(addr, cfg.credentials, options=list(cfg.options))
+            else:
+                ch = grpc.insecure_channel(addr, options=list(cfg.options))
+            self._channels.append(ch)
+        self._stubs = [
+            pb_grpc.FlowOracleStub(grpc.intercept_channel(ch, *interceptors) if interceptors else ch)
+            for ch in self._channels
+        ]
+        self._turn = itertools.count()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channels; pending calls fail with CANCELLED. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            for ch in self._channels:
+                ch.close()
+
+    def __enter__(self) -> OracleClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _stub(self) -> Any:
+        return self._stubs[next(self._turn) % len(self._stubs)]
+
+    def _unary(self, method: str, request: Any, deadline: float | None, timeout: float | None) -> Any:
+        self._check_open()
+        policy = self._config.retry
+        metadata = self._config.metadata or None
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise deadline_error(timeout)
+            try:
+                return getattr(self._stub(), method)(request, timeout=remaining, metadata=metadata)
+            except grpc.RpcError as exc:
+                error = translate_rpc_error(exc)
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            wait = policy.delay(error, attempt, left, self._rng)
+            if wait is None:
+                raise error
+            time.sleep(wait)
+            attempt += 1
+
+    def _run(self, plan: Plan[Any], timeout: float | None) -> Any:
+        used, deadline = self._config.deadline(timeout)
+        responses: list[Any] = []
+        for i, request in enumerate(plan.requests):
+            if i:
+                plan.pin(request, responses[0])
+            responses.append(self._unary(plan.method, request, deadline, used))
+        return plan.finish(responses)
+
+    # -- oracle ------------------------------------------------------------------------------
+
+    def velocity(
+        self,
+        x_t: Any,
+        t: Any,
+        *,
+        dataset: str | None = None,
+        path: str = "linear",
+        sigma_min: float = 0.0,
+        coefficients: Any = None,
+        labels: Any = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        precision: str = "exact",
+        convention: str = "standard",
+        fingerprint: str | None = None,
+        wire_dtype: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Oracle velocity ``u = d_alpha_t x1_hat + d_sigma_t eps_hat`` of each query.
+
+        Args:
+            x_t: (B, D) or (B, *sample_shape) numpy array or torch tensor (any device, float32,
+                float16, bfloat16 or float64).
+            t: (B,) or scalar times (t = 0 noise, t = 1 data); with ``convention="reversed"`` this
+                is s (s = 1 noise) and the answer is the reversed target ``noise - data``.
+            dataset, fingerprint: data set name and optional fingerprint pin (client defaults if None).
+            path, sigma_min, coefficients: named path, or per-query custom coefficients (a
+                PathCoefficients or a mapping alpha, sigma, d_alpha, d_sigma of (B,) arrays).
+            labels: (B,) int class labels: class-conditional oracle; with ``guidance`` (CFG
+                scale w) the guided ``u + w (u(x | y) - u)`` inside ``guidance_interval``.
+            precision: "exact" (float64-accurate) or "fast" (with an error bound).
+            wire_dtype: overrides the client's wire dtype for this call.
+            timeout: seconds for the whole call (client default if None).
+
+        Returns:
+            (B, *sample_shape) in the caller's array type, dtype and device.
+        """
+        plan = self._plan_oracle(
+            x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
+            coefficients=coefficients, labels=labels, guidance=guidance, guidance_interval=guidance_interval,
+            precision=precision, convention=convention, outputs=("velocity",),
+        )  # fmt: skip
+        return self._run(plan, timeout).velocity
+
+    def predict(
+        self,
+        x_t: Any,
+        t: Any,
+        *,
+        outputs: Sequence[str] = ALL_OUTPUTS,
+        top_k: int = 8,
+        dataset: str | None = None,
+        path: str = "linear",
+        sigma_min: float = 0.0,
+        coefficients: Any = None,
+        labels: Any = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        precision: str = "exact",
+        convention: str = "standard",
+        fingerprint: str | None = None,
+        wire_dtype: str | None = None,
+        timeout: float | None = None,
+    ) -> Prediction:
+        """Several oracle outputs at once (see :class:`~floworacle.Prediction`); arguments as in
+        :meth:`velocity`, plus ``outputs`` (names from velocity, x1_hat, eps_hat, score, topk,
+        entropy, ess) and ``top_k`` (used by "topk")."""
+        top = top_k if "topk" in outputs else 0
+        plan = self._plan_oracle(
+            x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
+            coefficients=coefficients, labels=labels, guidance=guidance, guidance_interval=guidance_interval,
+            precision=precision, convention=convention, outputs=tuple(outputs), top_k=top,
+        )  # fmt: skip
+        return self._run(plan, timeout)  # type: ignore[no-any-return]
+
+    def nearest(
+        self,
+        x: Any,
+        k: int = 1,
+        *,
+        dataset: str | None = None,
+        t: Any = None,
+        path: str = "linear",
+        sigma_min: float = 0.0,
+        coefficients: Any = None,
+        convention: str = "standard",
+        fingerprint: str | None = None,
+        timeout: float | None = None,
+    ) -> Neighbors:
+        """The ``k`` nearest training samples (exact L2) of each row of ``x`` (B, *sample_shape).
+
+        With ``t`` (or coefficients) the rows are x_t and the search is for ``x_t / alpha_t``:
+        the first neighbour is then the sample of largest posterior weight.
+        """
+        plan = self._plan_nearest(
+            x, k, dataset=dataset, fingerprint=fingerprint, t=t, path=path, sigma_min=sigma_min,
+            coefficients=coefficients, convention=convention,
+        )  # fmt: skip
+        return self._run(plan, timeout)  # type: ignore[no-any-return]
+
+    # -- data sets ---------------------------------------------------------------------------
+
+    def datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
+        """Every data set the server holds."""
+        used, deadline = self._config.deadline(timeout)
+        resp = self._unary("ListDatasets", pb.ListDatasetsRequest(), deadline, used)
+        return [parse_dataset_info(d) for d in resp.datasets]
+
+    def describe(self, name: str | None = None, *, timeout: float | None = None) -> DatasetInfo:
+        """One data set (the client's default when ``name`` is None)."""
+        used, deadline = self._config.deadline(timeout)
+        req = pb.DescribeDatasetRequest(name=self._config.dataset if name is None else name)
+        return parse_dataset_info(self._unary("DescribeDataset", req, deadline, used))
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    def predict_stream(
+        self,
+        items: Iterable[Any],
+        *,
+        outputs: Sequence[str] = ("velocity",),
+        top_k: int = 0,
+        max_in_flight: int = 4,
+        return_errors: bool = False,
+        timeout: float | None = None,
+        dataset: str | None = None,
+        fingerprint: str | None = None,
+        wire_dtype: str | None = None,
+        **options: Any,
+    ) -> Iterator[Prediction | OracleError]:
+        """Pipelined oracle over one bidirectional stream.
+
+        ``items`` yields ``(x_t, t)``, ``(x_t, t, labels)`` or mappings (x_t, t, labels,
+        coefficients); ``options`` are the shared keyword arguments of :meth:`predict` (path,
+        sigma_min, guidance, guidance_interval, precision, convention). Up to ``max_in_flight``
+        messages are outstanding while answers come back; answers are matched to items by
+        request id and yielded in item order. An item the server rejects raises its
+        :class:`OracleError` (or yields it with ``return_errors=True``; the stream goes on).
+        ``timeout`` bounds the whole stream (None: no deadline). Not retried.
+        """
+        self._check_open()
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        top = top_k if "topk" in outputs else 0
+
+        def plan_of(item: Any) -> Plan[Prediction]:
+            fields = stream_item(item)
+            return self._plan_oracle(
+                fields.pop("x_t"), fields.pop("t"), dataset=dataset, fingerprint=fingerprint,
+                wire_dtype=wire_dtype, outputs=tuple(outputs), top_k=top, **fields, **options,
+            )  # fmt: skip
+
+        yield from self._stream(items, plan_of, max_in_flight, return_errors, timeout)
+
+    def velocity_stream(self, items: Iterable[Any], **kwargs: Any) -> Iterator[Any]:
+        """Like :meth:`predict_stream` with the velocity only: yields arrays (or OracleError
+        with ``return_errors=True``) in item order."""
+        for out in self.predict_stream(items, outputs=("velocity",), **kwargs):
+            yield out if isinstance(out, OracleError) else out.velocity
+
+    def _stream(
+        self,
+        items: Iterable[Any],
+        plan_of: Any,
+        max_in_flight: int,
+        return_errors: bool,
+        timeout: float | None,
+    ) -> Iterator[Any]:
+        slots = threading.Semaphore(max_in_flight)
+        stop = threading.Event()
+        lock = threading.Lock()
+        plans: dict[int, Plan[Any]] = {}
+        order: list[int] = []  # items in the order sent
+        failed: list[BaseException] = []  # an input the SDK itself rejected (ends the stream)
+
+        def requests() -> Iterator[Any]:
+            try:
+                for n, item in enumerate(items):
+                    plan = plan_of(item)
+                    with lock:
+                        plans[n] = plan
+                        order.append(n)
+                    for j, req in enumerate(plan.requests):
+                        while not slots.acquire(timeout=0.05):
+                            if stop.is_set():
+                                return
+                        req.request_id = f"{n}.{j}"
+                        yield req
+            except Exception as exc:  # reported to the caller after the answers already due
+                failed.append(exc)
+
+        call = self._stub().OracleStream(requests(), timeout=timeout, metadata=self._config.metadata or None)
+        parts: dict[int, dict[int, Any]] = {}
+        head = 0
+        try:
+            try:
+                for msg in call:
+                    slots.release()
+                    n_str, _, j_str = msg.request_id.partition(".")
+                    n, j = int(n_str), int(j_str or 0)
+                    parts.setdefault(n, {})[j] = (
+                        msg.response if msg.error_code == 0 else error_from_code(msg.error_code, msg.error_message)
+                    )
+                    while True:
+                        with lock:
+                            if head >= len(order):
+                                break
+                            nxt = order[head]
+                            plan = plans[nxt]
+                        got = parts.get(nxt, {})
+                        if len(got) < len(plan.requests):
+                            break
+                        head += 1
+                        del parts[nxt], plans[nxt]
+                        errors = [r for r in got.values() if isinstance(r, OracleError)]
+                        if errors:
+                            result: Any = errors[0]
+                        else:
+                            try:
+                                result = plan.finish([got[i] for i in range(len(got))])
+                            except OracleError as exc:
+                                result = exc
+                        if isinstance(result, OracleError) and not return_errors:
+                            raise result
+                        yield result
+            except grpc.RpcError as exc:
+                raise translate_rpc_error(exc) from None
+            if failed:
+                raise failed[0]
+        finally:
+            stop.set()
+            call.cancel()

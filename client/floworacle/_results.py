@@ -1,0 +1,81 @@
+"""Result types of the SDK: frozen dataclasses whose array fields are the caller's array type
+(numpy in -> numpy out, torch in -> torch out on the caller's device)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Prediction", "Neighbors", "DatasetInfo"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Oracle outputs for B queries; a field is None unless it was requested.
+
+    Attributes:
+        velocity: (B, *sample_shape) ``u = A_t x1_hat + B_t x_t`` (negated in the reversed convention).
+        x1_hat: (B, *sample_shape) posterior mean ``sum_i gamma_i x_i``.
+        eps_hat: (B, *sample_shape) noise prediction ``(x_t - alpha_t x1_hat) / sigma_t``.
+        score: (B, *sample_shape) ``(alpha_t x1_hat - x_t) / sigma_t^2``.
+        topk_indices: (B, k) int64 data set indices of the largest posterior weights.
+        topk_weights: (B, k) float64 those weights, by decreasing weight.
+        entropy: (B,) float64 ``-sum_i gamma_i log gamma_i``.
+        ess: (B,) float64 effective sample size ``1 / sum_i gamma_i^2``.
+        dataset: name of the data set that answered.
+        fingerprint: its fingerprint (pin it with ``fingerprint=`` to detect a changed data set).
+        precision: "exact" or "fast".
+        x1_hat_error_bound: (B,) float64 bound on ``max_j |x1_hat_j - exact_j|`` (before wire rounding).
+        velocity_error_bound: (B,) float64 bound on ``max_j |velocity_j - exact_j|``.
+    """
+
+    velocity: Any = None
+    x1_hat: Any = None
+    eps_hat: Any = None
+    score: Any = None
+    topk_indices: Any = None
+    topk_weights: Any = None
+    entropy: Any = None
+    ess: Any = None
+    dataset: str = ""
+    fingerprint: str = ""
+    precision: str = "exact"
+    x1_hat_error_bound: Any = None
+    velocity_error_bound: Any = None
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """k nearest training samples of B points.
+
+    Attributes:
+        indices: (B, k) int64 data set indices, nearest first.
+        distances: (B, k) float64 Euclidean distances (to ``x / alpha_t`` when t was given).
+        labels: (B, k) int64 labels of the neighbours, or None when the data set has no labels.
+        dataset: name of the data set that answered.
+        fingerprint: its fingerprint.
+    """
+
+    indices: Any
+    distances: Any
+    labels: Any = None
+    dataset: str = ""
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the server holds under one name (mirrors ``floworacle.v1.DatasetInfo``)."""
+
+    name: str
+    num_samples: int
+    sample_shape: tuple[int, ...]
+    fingerprint: str
+    dim: int
+    storage_dtype: str
+    num_classes: int
+    has_weights: bool
+    scale_factor: float
+    device: str
+    resident_bytes: int
+    is_default: bool

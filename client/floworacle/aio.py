@@ -1,0 +1,282 @@
+"""The asyncio client: the same calls as :class:`floworacle.OracleClient` over ``grpc.aio``
+channels. Create it inside the running event loop; ``async with`` or ``await client.close()``."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
+from floworacle._errors import OracleError, error_from_code, translate_rpc_error
+from floworacle._protocol import Plan, deadline_error, parse_dataset_info
+from floworacle._results import DatasetInfo, Neighbors, Prediction
+from floworacle.v1 import oracle_pb2 as pb
+from floworacle.v1 import oracle_pb2_grpc as pb_grpc
+
+__all__ = ["AsyncOracleClient"]
+
+
+class AsyncOracleClient(ClientBase):
+    """asyncio Flow Oracle client; constructor arguments as :class:`floworacle.OracleClient`
+    (``interceptors`` are ``grpc.aio`` client interceptors). Split parts of a large batch after
+    the first are sent concurrently."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "localhost:50051",
+        *,
+        interceptors: Sequence[Any] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(target, **kwargs)
+        cfg = self._config
+        inter = list(interceptors) or None
+        self._channels: list[grpc.aio.Channel] = []
+        for addr in cfg.targets:
+            if cfg.credentials is not None:
+                ch = grpc.aio.secure_channel(addr, cfg.credentials, options=list(cfg.options), interceptors=inter)
+            else:
+                ch = grpc.aio.insecure_channel(addr, options=list(cfg.options), interceptors=inter)
+            self._channels.append(ch)
+        self._stubs = [pb_grpc.FlowOracleStub(ch) for ch in self._channels]
+        self._turn = itertools.count()
+
+    async def close(self) -> None:
+        """Close the channels. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            await asyncio.gather(*(ch.close() for ch in self._channels))
+
+    async def __aenter__(self) -> AsyncOracleClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _stub(self) -> Any:
+        return self._stubs[next(self._turn) % len(self._stubs)]
+
+    async def _unary(self, method: str, request: Any, deadline: float | None, timeout: float | None) -> Any:
+        self._check_open()
+        policy = self._config.retry
+        metadata = self._config.metadata or None
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise deadline_error(timeout)
+            try:
+                return await getattr(self._stub(), method)(request, timeout=remaining, metadata=metadata)
+            except grpc.RpcError as exc:
+                error = translate_rpc_error(exc)
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            wait = policy.delay(error, attempt, left, self._rng)
+            if wait is None:
+                raise error
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def _run(self, plan: Plan[Any], timeout: float | None) -> Any:
+        used, deadline = self._config.deadline(timeout)
+        first = await self._unary(plan.method, plan.requests[0], deadline, used)
+        rest = plan.requests[1:]
+        for request in rest:
+            plan.pin(request, first)
+        others = await asyncio.gather(*(self._unary(plan.method, r, deadline, used) for r in rest))
+        return plan.finish([first, *others])
+
+    # -- oracle ------------------------------------------------------------------------------
+
+    async def velocity(
+        self,
+        x_t: Any,
+        t: Any,
+        *,
+        dataset: str | None = None,
+        path: str = "linear",
+        sigma_min: float = 0.0,
+        coefficients: Any = None,
+        labels: Any = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        precision: str = "exact",
+        convention: str = "standard",
+        fingerprint: str | None = None,
+        wire_dtype: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """See :meth:`floworacle.OracleClient.velocity`."""
+        plan = self._plan_oracle(
+            x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
+            coefficients=coefficients, labels=labels, guidance=guidance, guidance_interval=guidance_interval,
+            precision=precision, convention=convention, outputs=("velocity",),
+        )  # fmt: skip
+        return (await self._run(plan, timeout)).velocity
+
+    async def predict(
+        self,
+        x_t: Any,
+        t: Any,
+        *,
+        outputs: Sequence[str] = ALL_OUTPUTS,
+        top_k: int = 8,
+        dataset: str | None = None,
+        path: str = "linear",
+        sigma_min: float = 0.0,
+        coefficients: Any = None,
+        labels: Any = None,
+        guidance: float | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        precision: str = "exact",
+        convention: str = "standard",
+        fingerprint: str | None = None,
+        wire_dtype: str | None = None,
+        timeout: float | None = None,
+    ) -> Prediction:
+        """See :meth:`floworacle.OracleClient.predict`."""
+        top = top_k if "topk" in outputs else 0
+        plan = self._plan_oracle(
+            x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
+            coefficients=coefficients, labels=labels, guidance=guidance, guidance_interval=guidance_interval,
+            precision=precision, convention=convention, outputs=tuple(outputs), top_k=top,
+        )  # fmt: skip
+        return await self._run(plan, timeout)  # type: ignore[no-any-return]
+
+    async def nearest(
+        self,
+        x: Any,
+        k: int = 1,
+        *,
+        dataset: str | None = None,
+        t: Any = None,
+        path: str = "linear",
+        sigma_min: float = 0.0,
+        coefficients: Any = None,
+        convention: str = "standard",
+        fingerprint: str | None = None,
+        timeout: float | None = None,
+    ) -> Neighbors:
+        """See :meth:`floworacle.OracleClient.nearest`."""
+        plan = self._plan_nearest(
+            x, k, dataset=dataset, fingerprint=fingerprint, t=t, path=path, sigma_min=sigma_min,
+            coefficients=coefficients, convention=convention,
+        )  # fmt: skip
+        return await self._run(plan, timeout)  # type: ignore[no-any-return]
+
+    async def datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
+        """Every data set the server holds."""
+        used, deadline = self._config.deadline(timeout)
+        resp = await self._unary("ListDatasets", pb.ListDatasetsRequest(), deadline, used)
+        return [parse_dataset_info(d) for d in resp.datasets]
+
+    async def describe(self, name: str | None = None, *, timeout: float | None = None) -> DatasetInfo:
+        """One data set (the client's default when ``name`` is None)."""
+        used, deadline = self._config.deadline(timeout)
+        req = pb.DescribeDatasetRequest(name=self._config.dataset if name is None else name)
+        return parse_dataset_info(await self._unary("DescribeDataset", req, deadline, used))
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    async def predict_stream(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        outputs: Sequence[str] = ("velocity",),
+        top_k: int = 0,
+        max_in_flight: int = 4,
+        return_errors: bool = False,
+        timeout: float | None = None,
+        dataset: str | None = None,
+        fingerprint: str | None = None,
+        wire_dtype: str | None = None,
+        **options: Any,
+    ) -> AsyncIterator[Prediction | OracleError]:
+        """See :meth:`floworacle.OracleClient.predict_stream`; ``items`` may be an async iterable."""
+        self._check_open()
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        top = top_k if "topk" in outputs else 0
+        slots = asyncio.Semaphore(max_in_flight)
+        plans: dict[int, Plan[Any]] = {}
+        order: list[int] = []
+        failed: list[BaseException] = []
+
+        async def source() -> AsyncIterator[Any]:
+            if isinstance(items, AsyncIterable):
+                async for item in items:
+                    yield item
+            else:
+                for item in items:
+                    yield item
+
+        async def requests() -> AsyncIterator[Any]:
+            try:
+                n = 0
+                async for item in source():
+                    fields = stream_item(item)
+                    plan = self._plan_oracle(
+                        fields.pop("x_t"), fields.pop("t"), dataset=dataset, fingerprint=fingerprint,
+                        wire_dtype=wire_dtype, outputs=tuple(outputs), top_k=top, **fields, **options,
+                    )  # fmt: skip
+                    plans[n] = plan
+                    order.append(n)
+                    for j, req in enumerate(plan.requests):
+                        await slots.acquire()
+                        req.request_id = f"{n}.{j}"
+                        yield req
+                    n += 1
+            except Exception as exc:  # reported to the caller after the answers already due
+                failed.append(exc)
+
+        call = self._stub().OracleStream(requests(), timeout=timeout, metadata=self._config.metadata or None)
+        parts: dict[int, dict[int, Any]] = {}
+        head = 0
+        try:
+            try:
+                async for msg in call:
+                    slots.release()
+                    n_str, _, j_str = msg.request_id.partition(".")
+                    n, j = int(n_str), int(j_str or 0)
+                    parts.setdefault(n, {})[j] = (
+                        msg.response if msg.error_code == 0 else error_from_code(msg.error_code, msg.error_message)
+                    )
+                    while head < len(order):
+                        nxt = order[head]
+                        plan = plans[nxt]
+                        got = parts.get(nxt, {})
+                        if len(got) < len(plan.requests):
+                            break
+                        head += 1
+                        del parts[nxt], plans[nxt]
+                        errors = [r for r in got.values() if isinstance(r, OracleError)]
+                        result: Any
+                        if errors:
+                            result = errors[0]
+                        else:
+                            try:
+                                result = plan.finish([got[i] for i in range(len(got))])
+                            except OracleError as exc:
+                                result = exc
+                        if isinstance(result, OracleError) and not return_errors:
+                            raise result
+                        yield result
+            except grpc.RpcError as exc:
+                raise translate_rpc_error(exc) from None
+            if failed:
+                raise failed[0]
+        finally:
+            call.cancel()
+
+    async def velocity_stream(self, items: Iterable[Any] | AsyncIterable[Any], **kwargs: Any) -> AsyncIterator[Any]:
+        """Like :meth:`predict_stream` with the velocity only."""
+        async for out in self.predict_stream(items, outputs=("velocity",), **kwargs):
+            yield out if isinstance(out, OracleError) else out.velocity
