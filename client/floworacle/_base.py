@@ -89,7 +89,13 @@ class ClientBase:
     ) -> Plan[Neighbors]:
         name, pin = self._config.resolve(dataset, fingerprint)
         return build_nearest(
-            x, k, dataset=name, fingerprint=pin, max_message_bytes=self._config.max_message_bytes, **kwargs
+            x,
+            k,
+            dataset=name,
+            fingerprint=pin,
+            max_message_bytes=self._config.max_message_bytes,
+            max_request_rows=self._config.max_request_rows,
+            **kwargs,
         )
 
     def _check_open(self) -> None:

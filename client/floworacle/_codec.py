@@ -67,7 +67,8 @@ def _bf16_bits(a: np.ndarray) -> np.ndarray:
 def _source_name(x: Any) -> str:
     if _is_torch(x):
         return str(x.dtype).removeprefix("torch.")
-    return str(np.asarray(x).dtype) if not isinstance(x, np.ndarray) else str(x.dtype)
+    # .name, not str(): a big-endian float32 array is "float32" too (str() gives ">f4")
+    return np.asarray(x).dtype.name
 
 
 def encode(x: Any, dtype: str | None = None) -> pb.Tensor:

@@ -146,7 +146,7 @@ def _wire_name(arr: Any, wire_dtype: str | None) -> str:
         if wire_dtype not in _WIRE_FLOATS:
             raise ValueError(f"wire_dtype must be one of {_WIRE_FLOATS} or None, got {wire_dtype!r}")
         return wire_dtype
-    name = str(arr.dtype).removeprefix("torch.")
+    name = str(arr.dtype).removeprefix("torch.") if _is_torch(arr) else arr.dtype.name
     return name if name in _WIRE_FLOATS else "float32"
 
 
