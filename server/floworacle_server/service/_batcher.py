@@ -1,0 +1,313 @@
+"""Dynamic batcher: merges concurrent compatible requests into one engine call and runs engine calls
+one at a time on a dedicated worker thread, off the event loop.
+
+A request is an item with a *key* (what must be equal for two requests to share an engine call,
+e.g. data set, precision and guidance) and a number of rows. The oldest waiting item decides the
+next batch: the batcher waits up to ``max_queue_delay`` from that item's arrival for more items of
+the same key, then takes items of that key in arrival order up to ``max_batch_rows`` rows (an item
+larger than that runs alone). Items whose caller went away or whose deadline passed while waiting
+are dropped before compute. The queue is bounded: a full queue refuses new items at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["BatchRunner", "DynamicBatcher", "QueueFullError", "DeadlineExpiredError", "BatcherClosedError"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The batcher queue holds ``max_queue_requests`` items; the caller should back off and retry."""
+
+
+class DeadlineExpiredError(Exception):
+    """The item's deadline passed while it waited; it was not computed."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher is shutting down and computes nothing more."""
+
+
+#: Computes one merged batch on the worker thread. Receives the payloads of the merged items (same
+#: key) in order and returns one result per payload (a result that is an ``Exception`` instance is
+#: raised to that item's caller only) and the number of (query, sample) pairs the engine refined in
+#: float64 (for the metrics). Payloads expose ``rows``.
+BatchRunner = Callable[[Sequence[Any]], tuple[list[Any], int]]
+
+
+class _Metrics(Protocol):
+    def observe_queue(self, seconds: float) -> None: ...
+    def observe_batch(self, rows: int, seconds: float, refined: int) -> None: ...
+    def set_queue_depth(self, depth: int) -> None: ...
+    def rejected(self, reason: str) -> None: ...
+
+
+@dataclass
+class _Item:
+    key: Hashable
+    rows: int
+    payload: Any
+    runner: BatchRunner
+    future: asyncio.Future[Any]
+    enqueued: float
+    deadline: float | None
+
+
+@dataclass
+class BatchRecord:
+    """One engine call: its key, the rows merged and how many requests they came from."""
+
+    key: Hashable
+    rows: int
+    requests: int
+    seconds: float
+
+
+@dataclass
+class _Stats:
+    engine_calls: int = 0
+    requests: int = 0
+    history: collections.deque[BatchRecord] = field(default_factory=lambda: collections.deque(maxlen=1000))
+
+
+class DynamicBatcher:
+    """Merges concurrent items of equal key into engine calls on one worker thread.
+
+    Args:
+        max_batch_rows: most rows merged into one call.
+        max_queue_delay_s: longest the oldest item waits for company before its batch runs.
+        max_queue_requests: most items waiting (not counting the batch being computed).
+        metrics: optional :class:`~floworacle_server.metrics.ServiceMetrics`-like sink.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_batch_rows: int,
+        max_queue_delay_s: float,
+        max_queue_requests: int,
+        metrics: _Metrics | None = None,
+    ) -> None:
+        if max_batch_rows < 1 or max_queue_requests < 1 or max_queue_delay_s < 0:
+            raise ValueError("max_batch_rows and max_queue_requests must be >= 1 and max_queue_delay_s >= 0")
+        self.max_batch_rows = max_batch_rows
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_requests = max_queue_requests
+        self._metrics = metrics
+        self._pending: collections.deque[_Item] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        # One thread: engine calls on a device never overlap, and the event loop never computes.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="floworacle-engine")
+        self._closed = False
+        self._stats = _Stats()
+
+    # -- counters (tests and metrics read these) ---------------------------------------------
+    @property
+    def engine_calls(self) -> int:
+        """Number of runner calls made so far (merged batches, plus single retries after an error)."""
+        return self._stats.engine_calls
+
+    @property
+    def requests_computed(self) -> int:
+        """Number of items that reached an engine call."""
+        return self._stats.requests
+
+    @property
+    def history(self) -> list[BatchRecord]:
+        """The last (up to 1,000) engine calls."""
+        return list(self._stats.history)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the collector task on the running event loop."""
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._collect(), name="floworacle-batcher")
+
+    async def close(self) -> None:
+        """Fail waiting items with :class:`BatcherClosedError`, stop the collector, wait for the
+        running engine call to end and release the worker thread."""
+        self._closed = True
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(BatcherClosedError("the server is shutting down; retry on another replica"))
+        self._set_depth()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await asyncio.get_running_loop().run_in_executor(None, lambda: self._executor.shutdown(wait=True))
+
+    # -- submission ---------------------------------------------------------------------------
+    async def submit(
+        self,
+        key: Hashable,
+        rows: int,
+        payload: Any,
+        runner: BatchRunner,
+        deadline: float | None = None,
+    ) -> Any:
+        """Queue one item and wait for its result.
+
+        Args:
+            key: items with equal keys may share an engine call (and must share ``runner``).
+            rows: query rows of this item.
+            payload: what ``runner`` receives for this item.
+            deadline: ``time.monotonic()`` value after which the item is dropped uncomputed.
+
+        Raises:
+            QueueFullError, DeadlineExpiredError, BatcherClosedError, or what the runner returned
+            as this item's exception. Cancelling the awaiting task removes the item from compute.
+        """
+        if self._closed or self._task is None:
+            raise BatcherClosedError("the server is shutting down; retry on another replica")
+        if len(self._pending) >= self.max_queue_requests:
+            if self._metrics is not None:
+                self._metrics.rejected("queue_full")
+            raise QueueFullError(
+                f"the server's queue is full ({self.max_queue_requests} requests waiting); retry after a short "
+                "backoff (tens of milliseconds), send fewer concurrent requests, or raise max_queue_requests"
+            )
+        loop = asyncio.get_running_loop()
+        item = _Item(key, rows, payload, runner, loop.create_future(), time.monotonic(), deadline)
+        self._pending.append(item)
+        self._set_depth()
+        assert self._wakeup is not None  # set by start(); submit checked _task above
+        self._wakeup.set()
+        # A cancelled caller cancels item.future too (Task.cancel cancels what it awaits), which
+        # is how the collector knows to skip it.
+        return await item.future
+
+    # -- internals ----------------------------------------------------------------------------
+    def _set_depth(self) -> None:
+        if self._metrics is not None:
+            self._metrics.set_queue_depth(len(self._pending))
+
+    async def _wait(self, timeout: float | None) -> None:
+        assert self._wakeup is not None
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _rows_for(self, key: Hashable) -> int:
+        return sum(i.rows for i in self._pending if i.key == key and not i.future.done())
+
+    def _take(self, key: Hashable) -> list[_Item]:
+        batch: list[_Item] = []
+        rows = 0
+        keep: collections.deque[_Item] = collections.deque()
+        for item in self._pending:
+            if item.key == key and (not batch or rows + item.rows <= self.max_batch_rows):
+                batch.append(item)
+                rows += item.rows
+            else:
+                keep.append(item)
+        self._pending = keep
+        self._set_depth()
+        return batch
+
+    async def _collect(self) -> None:
+        while True:
+            while not self._pending:
+                await self._wait(None)
+            # Drop cancelled items at the head so they do not hold the others back.
+            while self._pending and self._pending[0].future.done():
+                self._pending.popleft()
+            if not self._pending:
+                self._set_depth()
+                continue
+            first = self._pending[0]
+            while self._rows_for(first.key) < self.max_batch_rows and not first.future.done():
+                remaining = first.enqueued + self.max_queue_delay_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                await self._wait(remaining)
+            batch = self._take(first.key)
+            now = time.monotonic()
+            live: list[_Item] = []
+            for item in batch:
+                if item.future.done():
+                    continue
+                if item.deadline is not None and item.deadline <= now:
+                    item.future.set_exception(DeadlineExpiredError("the deadline passed while the request was queued"))
+                    if self._metrics is not None:
+                        self._metrics.rejected("deadline")
+                    continue
+                if self._metrics is not None:
+                    self._metrics.observe_queue(now - item.enqueued)
+                live.append(item)
+            if live:
+                try:
+                    await self._execute(live)
+                except asyncio.CancelledError:
+                    for item in live:
+                        if not item.future.done():
+                            item.future.set_exception(BatcherClosedError("the server is shutting down"))
+                    raise
+                except Exception as exc:  # never let one batch kill the collector
+                    log.exception("batch failed")
+                    for item in live:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+
+    async def _execute(self, items: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        runner = items[0].runner
+        payloads = [i.payload for i in items]
+        results = await loop.run_in_executor(self._executor, self._call, items[0].key, runner, payloads)
+        if isinstance(results, Exception) and len(items) > 1:
+            # The merged call failed: rerun each item alone so only the culprit sees the error.
+            results = []
+            for item in items:
+                if item.future.done():
+                    results.append(None)
+                    continue
+                one = await loop.run_in_executor(self._executor, self._call, item.key, runner, [item.payload])
+                results.append(one if isinstance(one, Exception) else one[0])
+        elif isinstance(results, Exception):
+            results = [results]
+        for item, result in zip(items, results, strict=True):
+            if item.future.done():
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+    def _call(self, key: Hashable, runner: BatchRunner, payloads: list[Any]) -> list[Any] | Exception:
+        # Runs on the worker thread.
+        rows = sum(int(getattr(p, "rows", 0)) for p in payloads)
+        start = time.perf_counter()
+        self._stats.engine_calls += 1
+        self._stats.requests += len(payloads)
+        try:
+            results, refined = runner(payloads)
+        except Exception as exc:
+            return exc
+        seconds = time.perf_counter() - start
+        if len(results) != len(payloads):
+            return RuntimeError(f"batch runner returned {len(results)} results for {len(payloads)} requests")
+        self._stats.history.append(BatchRecord(key=key, rows=rows, requests=len(payloads), seconds=seconds))
+        if self._metrics is not None:
+            self._metrics.observe_batch(rows, seconds, refined)
+        return results

@@ -1,0 +1,214 @@
+"""Assembles a Flow Oracle server from settings: data store, batcher, servicer, the standard
+health service, server reflection and the metrics HTTP endpoint; and drains it on shutdown.
+
+The entry point (``floworacle serve``) only parses flags and calls :func:`create_server`; tests
+call it directly with port 0 and talk to the server over a real channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from floworacle._channel import server_options
+from floworacle.v1 import oracle_pb2 as pb
+from floworacle.v1 import oracle_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset, load_digits
+from floworacle_server.metrics import ServiceMetrics
+from floworacle_server.service._batcher import DynamicBatcher
+from floworacle_server.service._requests import Limits
+from floworacle_server.service._servicer import FlowOracleServicer
+from floworacle_server.settings import Settings
+
+__all__ = ["OracleServer", "create_server", "build_store", "SERVICE_NAME", "dataset_health_name"]
+
+log = logging.getLogger(__name__)
+
+#: Full name of the gRPC service, also its health-check name.
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["FlowOracle"].full_name
+
+
+def dataset_health_name(dataset: str) -> str:
+    """Health-check service name of one data set: ``floworacle.v1.FlowOracle/<dataset>``."""
+    return f"{SERVICE_NAME}/{dataset}"
+
+
+def build_store(settings: Settings) -> DatasetStore:
+    """Load the data sets the settings name (the embedded ``digits`` on the CPU when none).
+
+    Raises:
+        ValueError: a data argument that cannot be loaded (the message says why).
+    """
+    store = DatasetStore()
+    if not settings.data:
+        # The first-run experience: digits on the CPU unless a device was asked for explicitly.
+        device = "cpu" if settings.device == "auto" else settings.resolved_device()
+        ds = load_digits(device=device, dtype=settings.dtype)
+        if settings.name:
+            ds.name = settings.name
+        store.add(ds)
+        return store
+    device = settings.resolved_device()
+    for spec in settings.data:
+        if "=" in spec:
+            name, _, path = spec.partition("=")
+        else:
+            path = spec
+            name = settings.name or (DIGITS_NAME if path == DIGITS_NAME else Path(path).stem)
+        store.add(load_dataset(path, name=name, labels=settings.labels_for(name), device=device, dtype=settings.dtype))
+    return store
+
+
+class OracleServer:
+    """A running (or ready-to-run) Flow Oracle gRPC server.
+
+    Attributes:
+        settings: the settings it was built from.
+        store: the data sets it serves.
+        metrics: its Prometheus metrics (own registry).
+        batcher: the dynamic batcher (``engine_calls`` counts merged engine calls).
+        port: the bound gRPC port (after :meth:`start`).
+        metrics_port: the bound metrics port, or None when metrics HTTP is off.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: DatasetStore,
+        *,
+        metrics: ServiceMetrics | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        server_credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        if len(store) == 0:
+            raise ValueError("the server needs at least one data set")
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics if metrics is not None else ServiceMetrics()
+        self.batcher = DynamicBatcher(
+            max_batch_rows=settings.max_batch_rows,
+            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+            max_queue_requests=settings.max_queue_requests,
+            metrics=self.metrics,
+        )
+        self.health = health.aio.HealthServicer()
+        self._interceptors = tuple(interceptors)
+        self._credentials = server_credentials
+        self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as bound (the wildcard host stays as configured)."""
+        return f"{self.settings.host}:{self.port}"
+
+    def health_names(self) -> list[str]:
+        """Every name the health service answers: "" (overall), the service, one per data set."""
+        return ["", SERVICE_NAME, *(dataset_health_name(n) for n in self.store.names())]
+
+    async def start(self) -> None:
+        """Bind the port, start serving and mark every health name SERVING.
+
+        Raises:
+            RuntimeError: the address cannot be bound.
+        """
+        s = self.settings
+        self.batcher.start()
+        server = grpc.aio.server(interceptors=self._interceptors, options=server_options(s.max_message_bytes))
+        servicer = FlowOracleServicer(
+            self.store,
+            self.batcher,
+            self.metrics,
+            limits=Limits(max_request_rows=s.max_request_rows),
+            chunk_rows=s.chunk_rows,
+            max_stream_inflight=s.max_stream_inflight,
+        )
+        pb_grpc.add_FlowOracleServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if s.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                server,
+            )
+        bind = f"{s.host}:{s.port}"
+        try:
+            if self._credentials is not None:
+                port = server.add_secure_port(bind, self._credentials)
+            else:
+                port = server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            await self.batcher.close()
+            raise RuntimeError(
+                f"cannot bind {bind}: {exc}; is the port in use? (use --port 0 for any free port)"
+            ) from exc
+        if not port:
+            await self.batcher.close()
+            raise RuntimeError(f"cannot bind {bind}; is the port in use? (use --port 0 for any free port)")
+        await server.start()
+        self._server = server
+        self.port = int(port)
+        for name in self.health_names():
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.set_datasets(self.store)
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.start_http_server(s.metrics_port, s.metrics_host)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: every health name goes NOT_SERVING, new RPCs are refused (after
+        ``shutdown_delay_s``), in-flight ones get ``grace`` seconds (default ``grace_period_s``) to
+        finish and are cancelled after that; then the batcher and the metrics endpoint stop.
+        Safe to call more than once (later calls wait for the first)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(
+                self._drain(self.settings.grace_period_s if grace is None else grace)
+            )
+        await asyncio.shield(self._stopping)
+
+    async def _drain(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self.settings.shutdown_delay_s > 0 and self._server is not None:
+            await asyncio.sleep(self.settings.shutdown_delay_s)
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.batcher.close()
+        self.metrics.stop_http_server()
+
+    async def wait_for_termination(self) -> None:
+        """Return when the server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+
+
+def create_server(
+    settings: Settings,
+    store: DatasetStore | None = None,
+    *,
+    metrics: ServiceMetrics | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    server_credentials: grpc.ServerCredentials | None = None,
+) -> OracleServer:
+    """Build (not start) a server: the given store, or the data sets the settings name.
+
+    Args:
+        interceptors: extra ``grpc.aio`` server interceptors (e.g. token authentication), run
+            in order before the servicer.
+        server_credentials: TLS credentials; None serves plaintext.
+    """
+    return OracleServer(
+        settings,
+        store if store is not None else build_store(settings),
+        metrics=metrics,
+        interceptors=interceptors,
+        server_credentials=server_credentials,
+    )

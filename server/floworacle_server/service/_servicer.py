@@ -1,0 +1,230 @@
+"""The ``floworacle.v1.FlowOracle`` servicer: thin glue between the wire, request validation and the
+dynamic batcher. Every failure leaves here as one precise gRPC status with an actionable message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from floworacle import _codec
+from floworacle.v1 import oracle_pb2 as pb
+from floworacle.v1 import oracle_pb2_grpc as pb_grpc
+
+from floworacle_server.data import Dataset, DatasetStore
+from floworacle_server.metrics import ServiceMetrics
+from floworacle_server.service._batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
+from floworacle_server.service._compute import NearestRunner, OracleRunner
+from floworacle_server.service._requests import Limits, RpcFailure, parse_nearest, parse_oracle, resolve_dataset
+
+__all__ = ["FlowOracleServicer", "dataset_info"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Suggested wait before retrying a request refused because the queue was full.
+RETRY_PUSHBACK_MS = 50
+
+
+def dataset_info(ds: Dataset, default_name: str | None) -> pb.DatasetInfo:
+    """The wire description of a resident data set."""
+    return pb.DatasetInfo(
+        name=ds.name,
+        fingerprint=ds.fingerprint,
+        num_samples=ds.num_samples,
+        sample_shape=list(ds.sample_shape),
+        dim=ds.dim,
+        storage_dtype=_codec.dtype_by_name(ds.storage_dtype).enum,
+        num_classes=ds.num_classes,
+        has_weights=ds.log_weights is not None,
+        scale_factor=ds.scale_factor,
+        device=str(ds.device),
+        resident_bytes=ds.resident_bytes,
+        is_default=ds.name == default_name,
+    )
+
+
+def _as_failure(exc: BaseException) -> RpcFailure:
+    """Translate anything raised below the servicer into the status the caller sees."""
+    if isinstance(exc, RpcFailure):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return RpcFailure(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            str(exc),
+            reason="queue_full",
+            trailing=(("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
+        )
+    if isinstance(exc, DeadlineExpiredError):
+        return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), reason="deadline")
+    if isinstance(exc, BatcherClosedError):
+        return RpcFailure(grpc.StatusCode.UNAVAILABLE, str(exc), reason="draining")
+    if isinstance(exc, ValueError):  # the engine's (and codec's) contract for bad query contents
+        return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc), reason="invalid")
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing CUDA
+        return RpcFailure(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "the device ran out of memory for this batch; send smaller batches or lower max_batch_rows / chunk_rows",
+            reason="other",
+        )
+    log.error("internal error", exc_info=exc)
+    return RpcFailure(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}: {exc})", reason="other")
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the ``time.monotonic`` clock (None: no deadline)."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    if remaining <= 0:
+        raise RpcFailure(
+            grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request arrived", reason="deadline"
+        )
+    return time.monotonic() + remaining
+
+
+class FlowOracleServicer(pb_grpc.FlowOracleServicer):
+    """Validates requests, sends them through the batcher, and maps every error to a status."""
+
+    def __init__(
+        self,
+        store: DatasetStore,
+        batcher: DynamicBatcher,
+        metrics: ServiceMetrics,
+        *,
+        limits: Limits,
+        chunk_rows: int | None = None,
+        max_stream_inflight: int = 64,
+    ) -> None:
+        self.store = store
+        self.batcher = batcher
+        self.metrics = metrics
+        self.limits = limits
+        self.max_stream_inflight = max_stream_inflight
+        self._oracle_runner = OracleRunner(chunk_rows)
+        self._nearest_runner = NearestRunner()
+
+    # -- shared plumbing ------------------------------------------------------------------------
+    async def _unary(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        with self.metrics.inflight(method):
+            try:
+                return await fn()
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:  # every failure becomes one status, here
+                failure = _as_failure(exc)
+                code = failure.code
+                if failure.reason != "other":
+                    self.metrics.rejected(failure.reason)
+                if failure.trailing:
+                    context.set_trailing_metadata(failure.trailing)
+                await context.abort(failure.code, failure.message)
+                raise  # unreachable: abort raises
+            finally:
+                self.metrics.observe_request(method, code.name, time.perf_counter() - start)
+
+    async def _oracle(self, method: str, request: pb.OracleRequest, deadline: float | None) -> pb.OracleResponse:
+        job = parse_oracle(request, self.store, self.limits)
+        resp: pb.OracleResponse = await self.batcher.submit(job.key, job.rows, job, self._oracle_runner, deadline)
+        self.metrics.add_rows(method, job.rows)
+        return resp
+
+    # -- RPCs -----------------------------------------------------------------------------------
+    async def Oracle(self, request: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleResponse:
+        async def run() -> pb.OracleResponse:
+            return await self._oracle("Oracle", request, _deadline(context))
+
+        return await self._unary("Oracle", context, run)
+
+    async def Nearest(self, request: pb.NearestRequest, context: grpc.aio.ServicerContext) -> pb.NearestResponse:
+        async def run() -> pb.NearestResponse:
+            deadline = _deadline(context)
+            job = parse_nearest(request, self.store, self.limits)
+            resp: pb.NearestResponse = await self.batcher.submit(job.key, job.rows, job, self._nearest_runner, deadline)
+            self.metrics.add_rows("Nearest", job.rows)
+            return resp
+
+        return await self._unary("Nearest", context, run)
+
+    async def ListDatasets(
+        self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDatasetsResponse:
+        async def run() -> pb.ListDatasetsResponse:
+            default = self.store.default_name
+            return pb.ListDatasetsResponse(datasets=[dataset_info(ds, default) for ds in self.store])
+
+        return await self._unary("ListDatasets", context, run)
+
+    async def DescribeDataset(
+        self, request: pb.DescribeDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DatasetInfo:
+        async def run() -> pb.DatasetInfo:
+            return dataset_info(resolve_dataset(self.store, request.name), self.store.default_name)
+
+        return await self._unary("DescribeDataset", context, run)
+
+    async def OracleStream(
+        self, request_iterator: AsyncIterator[pb.OracleRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.OracleStreamResponse]:
+        """Pipelined oracle: each message is validated and queued as soon as it arrives (up to
+        ``max_stream_inflight`` at once); answers go back in request order; a failed message is
+        answered with its status inside the stream, which stays open."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        slots = asyncio.Semaphore(self.max_stream_inflight)
+        answers: asyncio.Queue[asyncio.Task[pb.OracleStreamResponse] | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await slots.acquire()
+                    answers.put_nowait(loop.create_task(self._stream_one(req, context)))
+            finally:
+                answers.put_nowait(None)
+
+        reader = loop.create_task(read())
+        with self.metrics.inflight("OracleStream"):
+            try:
+                while True:
+                    task = await answers.get()
+                    if task is None:
+                        break
+                    answer = await task
+                    slots.release()
+                    yield answer
+                await reader  # a broken request stream surfaces here
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code = grpc.StatusCode.UNKNOWN if not isinstance(exc, grpc.RpcError) else grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                reader.cancel()
+                while not answers.empty():
+                    leftover = answers.get_nowait()
+                    if leftover is not None:
+                        leftover.cancel()
+                self.metrics.observe_request("OracleStream", code.name, time.perf_counter() - start)
+
+    async def _stream_one(self, req: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleStreamResponse:
+        try:
+            resp = await self._oracle("OracleStream", req, _deadline(context))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failure = _as_failure(exc)
+            if failure.reason != "other":
+                self.metrics.rejected(failure.reason)
+            return pb.OracleStreamResponse(
+                request_id=req.request_id, error_code=failure.code.value[0], error_message=failure.message
+            )
+        return pb.OracleStreamResponse(request_id=req.request_id, response=resp)
