@@ -85,7 +85,7 @@ class PathCoefficients:
         if (self.alpha < 0).any():
             i = int(np.flatnonzero(self.alpha < 0)[0])
             raise ValueError(f"alpha[{i}] = {self.alpha[i]} is negative; alpha_t must be >= 0")
-        low = self.sigma < SIGMA_FLOOR
+        low = self.sigma < SIGMA_FLOOR * (1 - 1e-9)  # t_max itself is allowed despite rounding
         if low.any():
             i = int(np.flatnonzero(low)[0])
             raise ValueError(
