@@ -14,7 +14,7 @@ import yaml
 # Makes deploy_support importable from the test modules of this folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deploy_support import kustomize_command  # noqa: E402
+from deploy_support import kustomize_command
 
 
 @pytest.fixture(scope="session")

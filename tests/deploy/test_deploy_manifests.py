@@ -4,6 +4,7 @@ unknown fields are errors), and the objects agree with each other and with the s
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,10 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from deploy_support import ADAPTER_VALUES, OVERLAYS, RULES_FILE
+from deploy_support import ADAPTER_VALUES, DEPLOY, OVERLAYS, RULES_FILE
+
+from floworacle_server.cli import build_parser
+from floworacle_server.settings import Settings, load_settings
 
 Build = Callable[[Path], list[dict[str, Any]]]
 
@@ -21,8 +25,6 @@ K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version() + ".0")
 # Prometheus Operator custom resources have no schema in kubernetes-validate; test_monitoring_objects
 # checks their structure and their references instead.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
-# Seconds the server needs after SIGTERM: the preStop sleep plus the server's drain of queued work.
-SERVER_DRAIN_SECONDS = 30
 
 
 def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -123,16 +125,58 @@ def test_data_is_read_only_and_the_pod_runs_unprivileged(overlay: Path, build_ov
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=overlay_id)
 def test_rollout_keeps_capacity_and_grace_period_covers_the_drain(overlay: Path, build_overlay: Build) -> None:
-    dep = one(build_overlay(overlay), "Deployment")
+    objs = build_overlay(overlay)
+    dep = one(objs, "Deployment")
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] >= 1
-    pod = dep["spec"]["template"]["spec"]
-    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-    assert pre_stop[0] == "sleep"
-    needed = int(pre_stop[1]) + SERVER_DRAIN_SECONDS
-    # Kubernetes kills the container at the grace period: it must exceed sleep + drain, but not by
+    settings = pod_settings(objs)
+    needed = settings.shutdown_delay_s + settings.grace_period_s
+    assert settings.shutdown_delay_s > 0, "without a shutdown delay the port closes before endpoints update"
+    # Kubernetes kills the container at the grace period: it must exceed delay + drain, but not by
     # minutes (a stuck pod would hold a GPU that long).
-    assert needed < pod["terminationGracePeriodSeconds"] <= needed + 30
+    grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert needed < grace <= needed + 30
+
+
+def pod_settings(objs: list[dict[str, Any]]) -> Settings:
+    """The server settings the pod would run with: its args through the real `floworacle` parser and
+    its ConfigMap environment through the real settings loader."""
+    c = container(objs)
+    args = build_parser().parse_args([*c.get("command", [])[1:], *c["args"]])
+    assert args.command == "serve"
+    return load_settings(args, env=configmap_env(objs))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=overlay_id)
+def test_pod_args_and_environment_are_valid_server_settings(overlay: Path, build_overlay: Build) -> None:
+    objs = build_overlay(overlay)
+    settings = pod_settings(objs)
+    ports = {p["name"]: p["containerPort"] for p in container(objs)["ports"]}
+    assert settings.port == ports["grpc"]
+    assert settings.metrics_port == ports["metrics"]
+    assert settings.host == settings.metrics_host == "0.0.0.0"
+    for spec in settings.data:
+        path = spec.partition("=")[2] if "=" in spec else spec
+        assert path.startswith("/data/"), f"data set {spec!r} is not on the read-only data volume"
+    if overlay.name == "cpu-dev":
+        assert settings.data == [] and settings.device == "cpu"  # the embedded digits set
+    else:
+        assert settings.data and settings.device == "cuda"
+
+
+def test_dockerfiles_run_unprivileged_and_their_default_command_parses() -> None:
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        text = (DEPLOY / "docker" / name).read_text()
+        user = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+        assert user and user[-1].split(":")[0] not in ("0", "root"), name
+        assert re.search(r'^VOLUME \["/data"\]', text, flags=re.M), name
+        assert re.search(r'^ENTRYPOINT \["floworacle"\]', text, flags=re.M), name
+        cmd = json.loads(re.findall(r"^CMD (\[.*\])$", text, flags=re.M)[-1])
+        env = dict(re.findall(r"(FLOWORACLE_[A-Z_]+)=(\S+)", text))
+        settings = load_settings(build_parser().parse_args(cmd), env=env)
+        assert (settings.port, settings.metrics_port, settings.host) == (50051, 9090, "0.0.0.0")
+        assert settings.device == ("cuda" if name.endswith("cuda") else "auto")
+        assert (DEPLOY / "docker" / f"{name}.dockerignore").is_file()
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=overlay_id)
