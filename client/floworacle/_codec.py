@@ -104,7 +104,7 @@ def encode(x: Any, dtype: str | None = None) -> pb.Tensor:
         else:
             raw = np.ascontiguousarray(a, dtype=wd.numpy).tobytes()
         shape = a.shape
-    return pb.Tensor(dtype=wd.enum, shape=list(shape), data=raw)
+    return pb.Tensor(dtype=wd.enum, shape=list(shape), data=raw)  # type: ignore[arg-type]
 
 
 def _check(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...]]:
