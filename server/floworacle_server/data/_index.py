@@ -276,6 +276,13 @@ def load_index(
     weights = np.load(p / files["weights"], allow_pickle=False) if files.get("weights") else None
     if bool(manifest.get("has_labels")) != (labels is not None):
         raise ValueError(f"{p}: manifest and label file disagree; rebuild the index")
+    # cheap checks that hold even with verify=False: a wrong label file must not allocate 2^60 classes
+    if labels is not None and (
+        labels.shape != shape[:1] or int(labels.min()) < 0 or int(labels.max()) + 1 != int(manifest["num_classes"])
+    ):
+        raise ValueError(f"{p}: the label file does not match the manifest (count or class range); rebuild the index")
+    if weights is not None and weights.shape != shape[:1]:
+        raise ValueError(f"{p}: the weights file does not match the manifest's sample count; rebuild the index")
     if verify:
         with tqdm(total=shape[0], desc="verify", unit="rows", disable=not progress) as bar:
             rows = _chunk_rows(tuple(shape[1:]))
