@@ -21,6 +21,7 @@ __all__ = ["ClientConfig", "make_config"]
 _ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 # A server that comes back should be reachable within our retry budget, not after gRPC's
 # default reconnect backoff (which grows to two minutes).
+_URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:", "google-c2p:")
 _RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -78,7 +79,9 @@ def make_config(
     options: Sequence[tuple[str, Any]],
 ) -> ClientConfig:
     if isinstance(target, str):
-        targets = tuple(p.strip() for p in target.split(",")) if "," in target and "://" not in target else (target,)
+        # "a:1,b:2" is a list of addresses; a URI ("ipv4:a:1,b:2", "dns:///h:p") is grpc's to resolve.
+        uri = target.startswith(_URI_SCHEMES)
+        targets = tuple(p.strip() for p in target.split(",")) if "," in target and not uri else (target,)
     else:
         targets = tuple(target)
     if not targets or any(not t for t in targets):
