@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
 from floworacle_server.metrics import (
     BATCH_ROWS_BUCKETS,
     LATENCY_BUCKETS,
@@ -16,8 +19,6 @@ from floworacle_server.metrics import (
     REJECT_REASONS,
     ServiceMetrics,
 )
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def samples(m: ServiceMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
