@@ -1,0 +1,202 @@
+"""Exact nearest-sample search against a float64 brute-force reference written here in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from floworacle_server.data import Dataset
+from floworacle_server.engine._nearest import nearest, posterior_nearest, screening_error_bound
+
+
+def _ref_knn(data: np.ndarray, q: np.ndarray, k: int, extra: np.ndarray | None = None):
+    """(B, k) indices and squared distances by (key, index); key = ||q - x_i||^2 (+ extra[b, i])."""
+    d2 = ((q[:, None, :].astype(np.float64) - data[None, :, :].astype(np.float64)) ** 2).sum(-1)
+    key = d2 if extra is None else d2 + extra
+    n = data.shape[0]
+    idx = np.stack([np.lexsort((np.arange(n), key[b]))[:k] for b in range(q.shape[0])])
+    return idx, np.take_along_axis(d2, idx, 1)
+
+
+def _stored(ds: Dataset) -> np.ndarray:
+    """The stored values in the caller's order, float64."""
+    out = np.empty((ds.num_samples, ds.dim))
+    out[ds.original_index.numpy()] = ds.x.double().numpy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def labelled() -> tuple[Dataset, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3000, 40)).astype(np.float32)
+    y = rng.integers(0, 7, 3000)
+    return Dataset.from_arrays("rand", x, y), x, y
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss", "auto"])
+@pytest.mark.parametrize("k", [1, 10, 1024, 3000])
+def test_matches_float64_brute_force(labelled, backend: str, k: int) -> None:
+    ds, x, y = labelled
+    rng = np.random.default_rng(k)
+    q = rng.standard_normal((9, 40))
+    q[0] = x[17]  # a point that is a sample: distance 0
+    res = nearest(ds, torch.from_numpy(q), k, chunk_rows=257, backend=backend)  # N >> chunk
+    idx, d2 = _ref_knn(x, q, k)
+    np.testing.assert_array_equal(res.indices.numpy(), idx)
+    np.testing.assert_allclose(res.distances.numpy(), np.sqrt(d2), rtol=1e-12, atol=1e-12)
+    assert res.distances.dtype == torch.float64 and res.indices.dtype == torch.int64
+    assert res.labels is not None
+    np.testing.assert_array_equal(res.labels.numpy(), y[idx])
+    assert res.indices[0, 0] == 17 and res.distances[0, 0] == 0.0
+
+
+def _near_tie_data() -> tuple[np.ndarray, np.ndarray]:
+    """Samples far from the origin that differ by one float32 ulp, exact duplicates, and queries on top."""
+    rng = np.random.default_rng(5)
+    base = (100.0 + rng.standard_normal((40, 64))).astype(np.float32)
+    x = np.repeat(base, 25, axis=0)  # 1000 rows: groups of 25
+    for j in range(x.shape[0]):
+        if j % 25 < 20:  # 5 exact duplicates per group stay; the rest move by a few ulps
+            col = j % 64
+            x[j, col] = np.nextafter(x[j, col], np.float32(np.inf) if j % 2 else np.float32(-np.inf))
+            for _ in range(j % 3):
+                x[j, col] = np.nextafter(x[j, col], np.float32(np.inf))
+    perm = rng.permutation(x.shape[0])
+    x = x[perm]
+    q = base[:6].astype(np.float64) + 1e-4 * rng.standard_normal((6, 64))
+    return x, q
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("k", [1, 3, 30, 1000])
+def test_near_ties_and_exact_ties(backend: str, k: int) -> None:
+    x, q = _near_tie_data()
+    ds = Dataset.from_arrays("ties", x)
+    res = nearest(ds, q, k, chunk_rows=64, backend=backend)
+    idx, d2 = _ref_knn(x, q, k)
+    np.testing.assert_array_equal(res.indices.numpy(), idx)
+    np.testing.assert_allclose(res.distances.numpy() ** 2, d2, rtol=1e-12)
+    # the case is meaningful: float32 screening alone orders these samples wrongly
+    s32 = (x.astype(np.float32) ** 2).sum(1)[None] - 2 * (q.astype(np.float32) @ x.T.astype(np.float32))
+    screen_idx = np.argsort(s32, axis=1, kind="stable")[:, :k]
+    assert not np.array_equal(screen_idx, idx[:, :k]) or k == 1000
+
+
+def test_float16_storage_and_query_dtypes() -> None:
+    rng = np.random.default_rng(6)
+    ds = Dataset.from_arrays("h", rng.standard_normal((500, 4, 2, 2)), dtype="float16")
+    data = _stored(ds)
+    q = torch.randn(5, 4, 2, 2, dtype=torch.bfloat16)  # (B, *sample_shape), bfloat16
+    res = nearest(ds, q, 7, chunk_rows=100)
+    idx, d2 = _ref_knn(data, q.double().reshape(5, -1).numpy(), 7)
+    np.testing.assert_array_equal(res.indices.numpy(), idx)
+    np.testing.assert_allclose(res.distances.numpy() ** 2, d2, rtol=1e-12)
+    assert res.labels is None
+
+
+def test_low_precision_matmul_falls_back_to_an_exact_screen(labelled) -> None:
+    ds, x, _ = labelled
+    q = np.random.default_rng(7).standard_normal((4, 40))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        res = nearest(ds, q, 5, backend="torch")
+    finally:
+        torch.set_float32_matmul_precision(before)
+    idx, _ = _ref_knn(x, q, 5)
+    np.testing.assert_array_equal(res.indices.numpy(), idx)
+
+
+def test_screening_error_bound_holds() -> None:
+    rng = np.random.default_rng(8)
+    for scale, offset in [(1.0, 0.0), (1.0, 50.0), (30.0, 0.0)]:
+        x = (offset + scale * rng.standard_normal((400, 300))).astype(np.float32)
+        q = offset + scale * rng.standard_normal((16, 300))
+        exact = ((q[:, None] - x[None].astype(np.float64)) ** 2).sum(-1)
+        sn32 = torch.from_numpy((x.astype(np.float64) ** 2).sum(1)).float()
+        r = torch.addmm(sn32[None], torch.from_numpy(q).float(), torch.from_numpy(x).t(), alpha=-2.0).double()
+        screened = (q**2).sum(1)[:, None] + r.numpy()
+        qn = torch.from_numpy(np.linalg.norm(q, axis=1))
+        bound = screening_error_bound(qn, float(np.linalg.norm(x, axis=1).max()), 300).numpy()
+        err = np.abs(screened - exact).max(1)
+        assert (err < bound).all()
+        # worst case grows like D u, typical rounding like sqrt(D) u: about 1e-3 of the bound here
+        assert (err > 1e-4 * bound).any()
+
+
+def test_posterior_nearest_matches_argmax_of_logits(labelled) -> None:
+    ds, x, y = labelled
+    rng = np.random.default_rng(9)
+    alpha = np.array([0.05, 0.3, 0.7, 0.99])
+    sigma = 1.0 - alpha
+    x1 = x[[3, 50, 700, 2999]].astype(np.float64)
+    x_t = alpha[:, None] * x1 + sigma[:, None] * rng.standard_normal((4, 40))
+    logits = -((x_t[:, None] - alpha[:, None, None] * x[None].astype(np.float64)) ** 2).sum(-1) / (
+        2 * sigma[:, None] ** 2
+    )
+    res = posterior_nearest(ds, torch.from_numpy(x_t), torch.from_numpy(alpha), k=3, chunk_rows=500)
+    ref = np.stack([np.lexsort((np.arange(3000), -logits[b]))[:3] for b in range(4)])
+    np.testing.assert_array_equal(res.indices.numpy(), ref)
+    dist = np.linalg.norm(x_t[:, None] / alpha[:, None, None] - x[ref].astype(np.float64), axis=-1)
+    np.testing.assert_allclose(res.distances.numpy(), dist, rtol=1e-12)
+    np.testing.assert_array_equal(res.labels.numpy(), y[ref])  # type: ignore[union-attr]
+    # scalar alpha gives the same as a per-query vector of it
+    one = posterior_nearest(ds, x_t[:1], float(alpha[0]))
+    assert int(one.indices[0, 0]) == ref[0, 0]
+
+
+def test_posterior_nearest_with_sample_weights() -> None:
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((800, 12)).astype(np.float32)
+    w = rng.uniform(0.0, 1.0, 800) ** 6  # strongly uneven
+    w[:50] = 0.0  # zero weight: never chosen
+    ds = Dataset.from_arrays("w", x, weights=w)
+    alpha, sigma = np.array([0.2, 0.5, 0.8, 0.5]), np.array([0.8, 0.5, 0.2, 0.5])
+    x_t = alpha[:, None] * x[[0, 1, 100, 200]] + sigma[:, None] * rng.standard_normal((4, 12))
+    with np.errstate(divide="ignore"):
+        logp = np.log(w / w.sum())
+    logits = logp[None] - ((x_t[:, None] - alpha[:, None, None] * x[None].astype(np.float64)) ** 2).sum(-1) / (
+        2 * sigma[:, None] ** 2
+    )
+    res = posterior_nearest(ds, x_t, alpha, sigma, k=4, chunk_rows=100)
+    ref = np.stack([np.lexsort((np.arange(800), -logits[b]))[:4] for b in range(4)])
+    np.testing.assert_array_equal(res.indices.numpy(), ref)
+    assert (res.indices >= 50).all()
+    plain = posterior_nearest(Dataset.from_arrays("u", x), x_t, alpha)
+    assert not np.array_equal(plain.indices[:, 0].numpy(), ref[:, 0])  # the weights changed the ranking
+    with pytest.raises(ValueError, match="pass sigma"):
+        posterior_nearest(ds, x_t, alpha)
+
+
+def test_bad_input(labelled) -> None:
+    ds, _, _ = labelled
+    q = torch.zeros(2, 40)
+    for k in (0, 3001, 2.0):
+        with pytest.raises(ValueError, match="k must be an integer in 1..3000"):
+            nearest(ds, q, k)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"shape \(B, 40\)"):
+        nearest(ds, torch.zeros(2, 41), 1)
+    with pytest.raises(ValueError, match="NaN"):
+        nearest(ds, torch.full((2, 40), float("nan")), 1)
+    with pytest.raises(ValueError, match="backend"):
+        nearest(ds, q, 1, backend="annoy")
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        posterior_nearest(ds, q, torch.tensor([0.5, 0.0]))
+    with pytest.raises(ValueError, match="alpha must be a scalar or have shape"):
+        posterior_nearest(ds, q, torch.tensor([0.5, 0.5, 0.5]))
+    empty = nearest(ds, torch.zeros(0, 40), 3)
+    assert empty.indices.shape == (0, 3) and empty.distances.shape == (0, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(labelled) -> None:
+    _, x, y = labelled
+    ds = Dataset.from_arrays("gpu", x, y, device="cuda")
+    q = torch.randn(33, 40, dtype=torch.float64)
+    for k in (1, 10, 1024):
+        res = nearest(ds, q.cuda(), k, chunk_rows=300)
+        idx, d2 = _ref_knn(x, q.numpy(), k)
+        assert res.indices.device.type == "cuda"
+        np.testing.assert_array_equal(res.indices.cpu().numpy(), idx)
+        np.testing.assert_allclose(res.distances.cpu().numpy() ** 2, d2, rtol=1e-12)
