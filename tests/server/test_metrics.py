@@ -244,3 +244,50 @@ def test_http_server_serves_the_registry_and_stops() -> None:
     port2 = m.start_http_server(0, "127.0.0.1")
     m.stop_http_server()
     assert port2 > 0
+
+
+_CUDA_PROBE = """
+import json, torch
+from floworacle_server.metrics import ServiceMetrics
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+def memory(m):
+    out = {}
+    for fam in text_string_to_metric_families(generate_latest(m.registry).decode()):
+        if fam.name.startswith("floworacle_device_memory_"):
+            for s in fam.samples:
+                out.setdefault(s.labels["device"], {})[fam.name] = s.value
+    return out
+
+m = ServiceMetrics()
+before = memory(m)
+block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda:0")
+after = memory(m)
+print(json.dumps({"before": before, "after": after, "reserved": torch.cuda.memory_reserved(0),
+                  "total": torch.cuda.get_device_properties(0).total_memory}))
+"""
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA device")
+def test_cuda_memory_is_reported_once_the_process_uses_cuda() -> None:
+    import json
+    import subprocess
+    import sys
+
+    # A fresh process, so that CUDA is not yet initialised when the metrics are first scraped.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _CUDA_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # Before the process touched CUDA: host memory only, and no CUDA context was created for it.
+    assert set(got["before"]) == {"cpu"}
+    cuda = got["after"]["cuda:0"]
+    assert cuda["floworacle_device_memory_total_bytes"] == got["total"]
+    assert 256 * 2**20 <= cuda["floworacle_device_memory_used_bytes"] == got["reserved"] <= got["total"]
