@@ -224,7 +224,9 @@ def _knn(
         sub_bound = bound[todo]
         # only candidates screened within 2 * bound of the k-th can beat the k-th's true key
         kth = vals[:, k - 1 : k]
-        reach = kth + 2.0 * sub_bound[:, None] + 2.0**-50 * kth.abs()
+        sub_qn2 = qn2[todo]
+        # 2^-49 (...) covers the float64 roundings of the keys (penalty added, ||x||^2 added)
+        reach = kth + 2.0 * sub_bound[:, None] + 2.0**-49 * (sub_qn2[:, None] + kth.abs())
         length = int((vals <= reach).sum(dim=1).max()) if vals.shape[1] > k else vals.shape[1]
         length = max(k, length)
         cand = rows[:, :length]
@@ -240,8 +242,8 @@ def _knn(
         if pool >= n:
             ok = torch.ones(todo.numel(), dtype=torch.bool, device=dev)
         else:
-            floor = qn2[todo] + vals[:, -1]
-            floor = floor - sub_bound - 2.0**-50 * floor.abs()
+            last = vals[:, -1]
+            floor = sub_qn2 + last - sub_bound - 2.0**-49 * (sub_qn2 + last.abs())
             ok = floor > top_key[:, -1]
         done = todo[ok]
         out_d[done] = torch.gather(exact1, 1, o2)[ok]
