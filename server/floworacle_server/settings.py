@@ -227,7 +227,9 @@ def load_settings(
         file_values = YamlConfigSettingsSource(Settings, yaml_file=path)()
         unknown = sorted(set(file_values) - set(Settings.model_fields))
         if unknown:
-            raise ValueError(f"settings file {config!r} has unknown keys {unknown}; known: {sorted(Settings.model_fields)}")
+            raise ValueError(
+                f"settings file {config!r} has unknown keys {unknown}; known: {sorted(Settings.model_fields)}"
+            )
         merged.update(file_values)
     env_values = {k: v for k, v in _MappingEnvSource(Settings, environ)().items() if k != "config"}
     merged.update(env_values)

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
 from floworacle import _codec
 from floworacle.paths import PathCoefficients
 from floworacle.v1 import oracle_pb2 as pb
-
 from floworacle_server.engine import OracleQuery, Precision
 from floworacle_server.service._requests import NearestJob, OracleJob
 

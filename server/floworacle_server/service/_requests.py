@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+
 from floworacle import _codec
 from floworacle.paths import PathCoefficients, custom_coefficients, get_path
 from floworacle.v1 import oracle_pb2 as pb
-
 from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.engine import Guidance, Precision
 

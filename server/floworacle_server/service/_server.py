@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from floworacle._channel import server_options
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset, load_digits
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._batcher import DynamicBatcher
@@ -100,6 +100,7 @@ class OracleServer:
         self._interceptors = tuple(interceptors)
         self._credentials = server_credentials
         self._server: grpc.aio.Server | None = None
+        self._servicer: FlowOracleServicer | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -130,6 +131,7 @@ class OracleServer:
             chunk_rows=s.chunk_rows,
             max_stream_inflight=s.max_stream_inflight,
         )
+        self._servicer = servicer
         pb_grpc.add_FlowOracleServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if s.reflection:
@@ -177,8 +179,17 @@ class OracleServer:
         await self.health.enter_graceful_shutdown()
         if self.settings.shutdown_delay_s > 0 and self._server is not None:
             await asyncio.sleep(self.settings.shutdown_delay_s)
-        if self._server is not None:
-            await self._server.stop(grace)
+        if self._server is not None and self._servicer is not None:
+            # stop() refuses new RPCs at once and gives the running ones `grace` seconds. Once our
+            # own RPCs are done, whatever is left (health Watch streams) is cut right away rather
+            # than holding the shutdown for the whole grace period.
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            idle = asyncio.ensure_future(self._servicer.wait_idle())
+            await asyncio.wait({stopping, idle}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopping.done():
+                await self._server.stop(None)
+            idle.cancel()
+            await stopping
         await self.batcher.close()
         self.metrics.stop_http_server()
 

@@ -5,16 +5,17 @@ dynamic batcher. Every failure leaves here as one precise gRPC status with an ac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import grpc
+
 from floworacle import _codec
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
-
 from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
@@ -107,12 +108,32 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         self.max_stream_inflight = max_stream_inflight
         self._oracle_runner = OracleRunner(chunk_rows)
         self._nearest_runner = NearestRunner()
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no FlowOracle RPC is being handled (used by the drain: health watchers
+        and other long-lived streams need not hold the shutdown for the whole grace period)."""
+        await self._idle.wait()
+
+    @contextlib.contextmanager
+    def _track(self, method: str) -> Iterator[None]:
+        self._active += 1
+        self._idle.clear()
+        try:
+            with self.metrics.inflight(method):
+                yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
 
     # -- shared plumbing ------------------------------------------------------------------------
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
-        with self.metrics.inflight(method):
+        with self._track(method):
             try:
                 return await fn()
             except asyncio.CancelledError:
@@ -191,7 +212,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 answers.put_nowait(None)
 
         reader = loop.create_task(read())
-        with self.metrics.inflight("OracleStream"):
+        with self._track("OracleStream"):
             try:
                 while True:
                     task = await answers.get()

@@ -1,0 +1,193 @@
+"""Every validation error maps to its precise status code with an actionable message, and the
+server keeps answering correctly afterwards."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
+
+from floworacle import _codec
+from floworacle.v1 import oracle_pb2 as pb
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+X = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
+T2 = np.array([0.4, 0.6])
+
+
+def _req(**fields: object) -> pb.OracleRequest:
+    return oracle_request(X, T2, **fields)  # type: ignore[arg-type]
+
+
+def _with(req: pb.OracleRequest, field: str, tensor: pb.Tensor) -> pb.OracleRequest:
+    getattr(req, field).CopyFrom(tensor)
+    return req
+
+
+def _custom(**over: np.ndarray) -> pb.PathSpec:
+    vals = dict(zip(("alpha", "sigma", "d_alpha", "d_sigma"), linear_coeffs(T2), strict=True))
+    vals.update(over)
+    return pb.PathSpec(custom=pb.CustomCoefficients(**{k: _codec.encode(v) for k, v in vals.items()}))
+
+
+NO_LABELS_X = np.zeros((2, 8), np.float32)
+
+CASES = [
+    ("unknown data set", lambda: _req(dataset="nope"), grpc.StatusCode.NOT_FOUND, "digits"),
+    ("fingerprint pin", lambda: _req(fingerprint="sha256:00"), grpc.StatusCode.FAILED_PRECONDITION, "sha256:00"),
+    ("x_t missing", lambda: pb.OracleRequest(t=_codec.encode(T2)), INVALID, "x_t is required"),
+    (
+        "x_t bytes",
+        lambda: _with(_req(), "x_t", pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 64], data=b"\0" * 12)),
+        INVALID,
+        "bytes do not match",
+    ),
+    ("x_t dtype", lambda: oracle_request(X.astype(np.int64), T2), INVALID, "must be float32"),
+    ("x_t dtype unknown", lambda: _with(_req(), "x_t", pb.Tensor(dtype=17, shape=[0])), INVALID, "not supported"),
+    ("x_t shape", lambda: oracle_request(X[:, :63], T2), INVALID, "expects (B, 64)"),
+    ("x_t one-dimensional", lambda: oracle_request(X[0], T2[:1]), INVALID, "batch dimension"),
+    ("x_t NaN", lambda: oracle_request(np.where(np.eye(2, 64) > 0, np.nan, X), T2), INVALID, "x_t[0] has a NaN"),
+    ("empty batch", lambda: oracle_request(X[:0], np.zeros(0)), INVALID, "empty batch"),
+    ("t missing", lambda: oracle_request(X, None), INVALID, "t is required"),
+    ("t shape", lambda: oracle_request(X, np.array([0.5])), INVALID, "shape (2,)"),
+    ("t out of domain", lambda: oracle_request(X, np.array([0.5, 1.0])), INVALID, "outside [0"),
+    ("t negative", lambda: oracle_request(X, np.array([-0.1, 0.5])), INVALID, "outside [0"),
+    ("t NaN", lambda: oracle_request(X, np.array([np.nan, 0.5])), INVALID, "not finite"),
+    ("t int", lambda: _with(_req(), "t", _codec.encode(np.array([0, 1]))), INVALID, "t must be float"),
+    ("unknown path", lambda: _req(path=pb.PathSpec(named=pb.NamedPath(name="vp"))), INVALID, "unknown path"),
+    (
+        "bad sigma_min",
+        lambda: _req(path=pb.PathSpec(named=pb.NamedPath(name="linear", sigma_min=1.5))),
+        INVALID,
+        "sigma_min",
+    ),
+    (
+        "custom sigma zero",
+        lambda: oracle_request(X, None, path=_custom(sigma=np.array([0.5, 0.0]))),
+        INVALID,
+        "below the floor",
+    ),
+    (
+        "custom shape",
+        lambda: oracle_request(X, None, path=_custom(alpha=np.array([0.5]))),
+        INVALID,
+        "path.custom.alpha",
+    ),
+    (
+        "custom missing",
+        lambda: oracle_request(X, None, path=pb.PathSpec(custom=pb.CustomCoefficients(alpha=_codec.encode(T2)))),
+        INVALID,
+        "missing",
+    ),
+    ("labels dtype", lambda: _with(_req(), "labels", _codec.encode(np.array([1.0, 2.0]))), INVALID, "int64"),
+    ("labels shape", lambda: _with(_req(), "labels", _codec.encode(np.array([1]))), INVALID, "shape (2,)"),
+    ("labels range", lambda: _with(_req(), "labels", _codec.encode(np.array([1, 10]))), INVALID, "labels[1] = 10"),
+    ("labels below -1", lambda: _with(_req(), "labels", _codec.encode(np.array([-2, 1]))), INVALID, "labels[0] = -2"),
+    (
+        "labels on unlabelled data",
+        lambda: _with(oracle_request(NO_LABELS_X, T2, dataset="plain"), "labels", _codec.encode(np.array([0, 0]))),
+        INVALID,
+        "has no labels",
+    ),
+    ("guidance without labels", lambda: _req(guidance=pb.Guidance(scale=2.0)), INVALID, "guidance needs labels"),
+    (
+        "guidance interval",
+        lambda: _with(
+            _req(guidance=pb.Guidance(scale=2.0, t_lo=0.7, t_hi=0.2)), "labels", _codec.encode(np.array([1, 2]))
+        ),
+        INVALID,
+        "t_lo <= t_hi",
+    ),
+    (
+        "guidance without t",
+        lambda: _with(
+            oracle_request(X, None, path=_custom(), guidance=pb.Guidance(scale=2.0)),
+            "labels",
+            _codec.encode(np.array([1, 2])),
+        ),
+        INVALID,
+        "guidance needs t",
+    ),
+    ("topk without k", lambda: _req(outputs=(pb.OUTPUT_TOPK,)), INVALID, "top_k in 1..1024"),
+    ("topk too large", lambda: _req(top_k=2000), INVALID, "top_k in 1..1024"),
+    ("topk over N", lambda: oracle_request(NO_LABELS_X, T2, dataset="plain", top_k=31), INVALID, "top_k in 1..30"),
+    ("unknown output", lambda: _req(outputs=(99,)), INVALID, "unknown output"),
+    ("unspecified output", lambda: _req(outputs=(pb.OUTPUT_UNSPECIFIED,)), INVALID, "unknown output"),
+    ("output dtype int", lambda: _req(output_dtype=pb.DTYPE_INT64), INVALID, "output_dtype"),
+    ("precision unknown", lambda: _req(precision=7), INVALID, "precision"),
+    (
+        "too many rows",
+        lambda: oracle_request(np.zeros((301, 64), np.float32), np.full(301, 0.5)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "at most 300",
+    ),
+]
+
+
+@pytest.mark.parametrize("make, code, text", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_oracle_errors(stub, digits, make, code, text):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Oracle(make(), timeout=10)
+    assert info.value.code() == code, info.value.details()
+    assert text in info.value.details()
+    # the server keeps answering correctly
+    x, _ = digits
+    t = np.array([0.5])
+    xt = noisy_queries(x, t, seed=2)
+    v = _codec.decode(stub.Oracle(oracle_request(xt, t, dtype="float64"), timeout=10).velocity)
+    assert max_rel(v, ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6
+
+
+NEAREST_CASES = [
+    ("k zero", pb.NearestRequest(x=_codec.encode(X), k=0), INVALID, "k must lie in 1..1024"),
+    ("k too large", pb.NearestRequest(x=_codec.encode(X), k=1025), INVALID, "k must lie in 1..1024"),
+    ("k over N", pb.NearestRequest(dataset="plain", x=_codec.encode(NO_LABELS_X), k=31), INVALID, "1..30"),
+    ("x missing", pb.NearestRequest(k=1), INVALID, "x is required"),
+    ("x shape", pb.NearestRequest(x=_codec.encode(X[:, :10]), k=1), INVALID, "expects (B, 64)"),
+    (
+        "posterior at t=0",
+        pb.NearestRequest(x=_codec.encode(X), k=1, t=_codec.encode(np.array([0.0, 0.5]))),
+        INVALID,
+        "t > 0",
+    ),
+    (
+        "t out of domain",
+        pb.NearestRequest(x=_codec.encode(X), k=1, t=_codec.encode(np.array([2.0, 0.5]))),
+        INVALID,
+        "outside",
+    ),
+    (
+        "unknown data set",
+        pb.NearestRequest(dataset="zz", x=_codec.encode(X), k=1),
+        grpc.StatusCode.NOT_FOUND,
+        "available",
+    ),
+    (
+        "fingerprint pin",
+        pb.NearestRequest(x=_codec.encode(X), k=1, fingerprint="sha256:ab"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "sha256:ab",
+    ),
+]
+
+
+@pytest.mark.parametrize("req, code, text", [c[1:] for c in NEAREST_CASES], ids=[c[0] for c in NEAREST_CASES])
+def test_nearest_errors(stub, req, code, text):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Nearest(req, timeout=10)
+    assert info.value.code() == code, info.value.details()
+    assert text in info.value.details()
+
+
+def test_describe_unknown_lists_names(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.DescribeDataset(pb.DescribeDatasetRequest(name="cifar"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "digits" in info.value.details() and "shaped" in info.value.details()
+
+
+def test_expired_deadline_is_deadline_exceeded(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Oracle(_req(), timeout=1e-6)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
