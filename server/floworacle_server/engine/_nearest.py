@@ -80,10 +80,10 @@ def screening_error_bound(
 
 
 def _choose_backend(backend: str, device: torch.device, k: int) -> str:
-    """Pick the screening backend.
+    """Pick the screening backend: "auto" is torch GEMM + topk on every device.
 
-    faiss (CPU only here; no faiss GPU build is assumed) against torch GEMM + topk, measured
-    with benchmarks/bench_nearest.py (N = 20,000, D = 1,024, B = 256): see docs/data.md.
+    faiss (IndexFlatL2 / faiss.knn, CPU only; no faiss GPU build is assumed) was measured
+    against torch with benchmarks/bench_nearest.py (N = 20,000, D = 1,024, B = 256): see docs/data.md.
     """
     if backend not in NEAREST_BACKENDS:
         raise ValueError(f"backend must be one of {NEAREST_BACKENDS}, got {backend!r}")
@@ -95,10 +95,8 @@ def _choose_backend(backend: str, device: torch.device, k: int) -> str:
         return "faiss"
     if backend == "torch":
         return "torch"
-    # measured: faiss screens 10-20% faster than addmm + topk on CPU for k = 1..1024 and the
-    # exact call is as fast or faster; on a GPU only the torch path exists here
-    if device.type == "cpu" and _faiss is not None:
-        return "faiss"
+    # measured (docs/data.md): on 16 cores torch screens 2.3-3.3x faster than faiss (whole exact
+    # call 1.3-2.3x); on 2 cores faiss is 10-20% faster. The large win decides: torch everywhere.
     return "torch"
 
 
@@ -345,7 +343,7 @@ def nearest(
         x: (B, D) or (B, *sample_shape) points, any float dtype, any device (moved to the data's).
         k: 1 <= k <= N.
         chunk_rows: data rows screened per step (default: ~64 MB of float32 scores).
-        backend: "auto", "torch" (GEMM + topk, any device) or "faiss" (CPU).
+        backend: "auto" (= "torch"), "torch" (GEMM + topk, any device) or "faiss" (CPU data).
 
     Returns:
         NearestResult: (B, k) indices in the caller's original order, (B, k) float64 L2

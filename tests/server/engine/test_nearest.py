@@ -200,3 +200,23 @@ def test_cuda_matches_cpu(labelled) -> None:
         assert res.indices.device.type == "cuda"
         np.testing.assert_array_equal(res.indices.cpu().numpy(), idx)
         np.testing.assert_allclose(res.distances.cpu().numpy() ** 2, d2, rtol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_half_storage_ties_and_weighted_posterior() -> None:
+    x, q = _near_tie_data()
+    ds = Dataset.from_arrays("ties", x, device="cuda")
+    res = nearest(ds, torch.from_numpy(q).cuda(), 30, chunk_rows=64)
+    idx, _ = _ref_knn(x, q, 30)
+    np.testing.assert_array_equal(res.indices.cpu().numpy(), idx)
+    rng = np.random.default_rng(12)
+    xb = rng.standard_normal((700, 16))
+    w = rng.uniform(0.0, 1.0, 700) ** 4
+    dsw = Dataset.from_arrays("w", xb, weights=w, dtype="bfloat16", device="cuda")
+    data = _stored(Dataset.from_arrays("w", xb, weights=w, dtype="bfloat16"))
+    alpha, sigma = 0.4, 0.6
+    x_t = alpha * data[:5] + sigma * rng.standard_normal((5, 16))
+    logits = np.log(w / w.sum())[None] - ((x_t[:, None] - alpha * data[None]) ** 2).sum(-1) / (2 * sigma**2)
+    got = posterior_nearest(dsw, torch.from_numpy(x_t).cuda(), alpha, sigma, k=2, chunk_rows=128)
+    ref = np.stack([np.lexsort((np.arange(700), -logits[b]))[:2] for b in range(5)])
+    np.testing.assert_array_equal(got.indices.cpu().numpy(), ref)
