@@ -284,6 +284,18 @@ def test_dashboard_covers_the_required_views() -> None:
     assert {v["name"] for v in dash["templating"]["list"]} == {"datasource", "namespace", "pod"}
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+    # Panels sit on Grafana's 24-column grid without overlapping.
+    cells: set[tuple[int, int]] = set()
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, f"panel {p['title']!r} overlaps another"
+        cells |= mine
+    for p in dash["panels"]:
+        if p["type"] != "row":
+            assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+            assert p["targets"] and p["description"], p["title"]
 
 
 def test_dashboard_and_rule_expressions_return_data_from_a_live_server(stack: Stack) -> None:
