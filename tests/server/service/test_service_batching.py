@@ -188,3 +188,22 @@ def test_request_whose_deadline_passes_in_queue_is_skipped(digits):
         time.sleep(0.6)
         assert srv.server.batcher.requests_computed == computed
         assert stub.Oracle(req, timeout=10).HasField("velocity")
+
+
+def test_request_cancelled_by_its_caller_is_not_computed(digits):
+    settings = Settings(device="cpu", max_queue_delay_ms=500.0, metrics_port=-1)
+    x, _ = digits
+    req = oracle_request(noisy_queries(x, np.array([0.5])), np.array([0.5]))
+    with serve_in_thread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.FlowOracleStub(ch)
+        stub.ListDatasets(pb.ListDatasetsRequest())
+        computed = srv.server.batcher.requests_computed
+        fut = stub.Oracle.future(req, timeout=30)
+        deadline = time.monotonic() + 10
+        while srv.server.batcher.queue_depth < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert fut.cancel()
+        time.sleep(0.8)
+        assert srv.server.batcher.requests_computed == computed
+        assert stub.Oracle(req, timeout=10).HasField("velocity")
+        assert srv.server.batcher.requests_computed == computed + 1
