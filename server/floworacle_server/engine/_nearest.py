@@ -120,6 +120,7 @@ def _screen_torch(
     n = ds.num_samples
     b = q32.shape[0]
     best_v = torch.empty(b, 0, dtype=torch.float64 if penalty is not None else torch.float32, device=q32.device)
+    # (B, 0) start: the first chunk's top-pool becomes the running best
     best_i = torch.empty(b, 0, dtype=torch.int64, device=q32.device)
     for start in range(0, n, chunk_rows):
         stop = min(n, start + chunk_rows)
@@ -129,13 +130,25 @@ def _screen_torch(
         if penalty is not None:
             # the penalty is added in float64; only the GEMM part carries float32 error
             scores = scores.to(torch.float64) + penalty.block(start, stop)
-        rows = torch.arange(start, stop, device=q32.device).expand(b, -1)
-        vals = torch.cat([best_v, scores], dim=1)
-        idx = torch.cat([best_i, rows], dim=1)
-        take = min(pool, vals.shape[1])
-        best_v, pos = torch.topk(vals, take, dim=1, largest=False, sorted=False)
-        best_i = torch.gather(idx, 1, pos)
+        best_v, best_i = _merge_topk(best_v, best_i, scores, start, pool)
     return best_v.to(torch.float64), best_i
+
+
+def _merge_topk(
+    best_v: torch.Tensor, best_i: torch.Tensor, scores: torch.Tensor, start: int, pool: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-``pool`` (smallest) after one more chunk of (B, c) scores for rows start..start+c.
+
+    The chunk is reduced on its own first, so only (B, 2 pool) values are ever concatenated.
+    """
+    cv, ci = torch.topk(scores, min(pool, scores.shape[1]), dim=1, largest=False, sorted=False)
+    ci = ci + start
+    if best_v.shape[1] == 0:
+        return cv, ci
+    vals = torch.cat([best_v, cv.to(best_v.dtype)], dim=1)
+    idx = torch.cat([best_i, ci], dim=1)
+    best_v, pos = torch.topk(vals, min(pool, vals.shape[1]), dim=1, largest=False, sorted=False)
+    return best_v, torch.gather(idx, 1, pos)
 
 
 def _screen_faiss(ds: Dataset, q32: torch.Tensor, pool: int, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,12 +162,13 @@ def _screen_faiss(ds: Dataset, q32: torch.Tensor, pool: int, chunk_rows: int) ->
         stop = min(n, start + chunk_rows)
         xc = ds.x[start:stop]
         xc_np = (xc if xc.dtype == torch.float32 else xc.to(torch.float32)).contiguous().numpy()
-        take = min(pool, stop - start)
-        d, i = _faiss.knn(qn, xc_np, take)
-        vals = torch.cat([best_v, torch.from_numpy(d).to(torch.float64)], dim=1)
-        idx = torch.cat([best_i, torch.from_numpy(i).to(torch.int64) + start], dim=1)
-        take = min(pool, vals.shape[1])
-        best_v, pos = torch.topk(vals, take, dim=1, largest=False, sorted=False)
+        d, i = _faiss.knn(qn, xc_np, min(pool, stop - start))
+        cv, ci = torch.from_numpy(d).to(torch.float64), torch.from_numpy(i).to(torch.int64) + start
+        if best_v.shape[1] == 0:
+            best_v, best_i = cv, ci
+            continue
+        vals, idx = torch.cat([best_v, cv], dim=1), torch.cat([best_i, ci], dim=1)
+        best_v, pos = torch.topk(vals, min(pool, vals.shape[1]), dim=1, largest=False, sorted=False)
         best_i = torch.gather(idx, 1, pos)
     return best_v, best_i
 
@@ -289,10 +303,7 @@ def _screen_exact(
         scores = torch.addmm(ds.sq_norms[start:stop].unsqueeze(0), y64, xc.t(), beta=1.0, alpha=-2.0)
         if penalty is not None:
             scores = scores + penalty.block(start, stop)
-        vals = torch.cat([best_v, scores], dim=1)
-        idx = torch.cat([best_i, torch.arange(start, stop, device=y64.device).expand(b, -1)], dim=1)
-        best_v, pos = torch.topk(vals, min(pool, vals.shape[1]), dim=1, largest=False, sorted=False)
-        best_i = torch.gather(idx, 1, pos)
+        best_v, best_i = _merge_topk(best_v, best_i, scores, start, pool)
     return best_v, best_i
 
 
