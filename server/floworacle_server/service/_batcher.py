@@ -104,7 +104,8 @@ class DynamicBatcher:
         self.max_queue_requests = max_queue_requests
         self._metrics = metrics
         self._pending: collections.deque[_Item] = collections.deque()
-        self._wakeup: asyncio.Event | None = None
+        # Events bind to the running loop on first use (Python >= 3.10), so creating it here is safe.
+        self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One thread: engine calls on a device never overlap, and the event loop never computes.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="floworacle-engine")
@@ -135,7 +136,6 @@ class DynamicBatcher:
     def start(self) -> None:
         """Start the collector task on the running event loop."""
         if self._task is None:
-            self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._collect(), name="floworacle-batcher")
 
     async def close(self) -> None:
@@ -190,7 +190,6 @@ class DynamicBatcher:
         item = _Item(key, rows, payload, runner, loop.create_future(), time.monotonic(), deadline)
         self._pending.append(item)
         self._set_depth()
-        assert self._wakeup is not None  # set by start(); submit checked _task above
         self._wakeup.set()
         # A cancelled caller cancels item.future too (Task.cancel cancels what it awaits), which
         # is how the collector knows to skip it.
@@ -202,7 +201,6 @@ class DynamicBatcher:
             self._metrics.set_queue_depth(len(self._pending))
 
     async def _wait(self, timeout: float | None) -> None:
-        assert self._wakeup is not None
         self._wakeup.clear()
         try:
             await asyncio.wait_for(self._wakeup.wait(), timeout)

@@ -294,7 +294,8 @@ def parse_oracle(req: pb.OracleRequest, store: DatasetStore, limits: Limits) -> 
         i = int(np.flatnonzero(~np.isfinite(t))[0])
         raise _invalid(f"t[{i}] = {t[i]} is not finite")
     coeffs = _coefficients(req.path, req.HasField("path"), t, b)
-    assert coeffs is not None  # only nearest queries may go without coefficients
+    if coeffs is None:  # _coefficients raised already for oracle queries without t; kept for the type
+        raise _invalid("t or custom path coefficients are required")
     labels = _labels(req.labels, ds, b) if req.HasField("labels") else None
     guidance = None
     if req.HasField("guidance"):

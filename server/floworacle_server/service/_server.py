@@ -108,7 +108,8 @@ class OracleServer:
     @property
     def address(self) -> str:
         """``host:port`` as bound (the wildcard host stays as configured)."""
-        return f"{self.settings.host}:{self.port}"
+        host = self.settings.host
+        return f"[{host}]:{self.port}" if ":" in host and not host.startswith("[") else f"{host}:{self.port}"
 
     def health_names(self) -> list[str]:
         """Every name the health service answers: "" (overall), the service, one per data set."""
@@ -141,7 +142,8 @@ class OracleServer:
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 server,
             )
-        bind = f"{s.host}:{s.port}"
+        host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host  # IPv6 literal
+        bind = f"{host}:{s.port}"
         try:
             if self._credentials is not None:
                 port = server.add_secure_port(bind, self._credentials)
@@ -162,7 +164,15 @@ class OracleServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.set_datasets(self.store)
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.start_http_server(s.metrics_port, s.metrics_host)
+            try:
+                self.metrics_port = self.metrics.start_http_server(s.metrics_port, s.metrics_host)
+            except OSError as exc:
+                await server.stop(None)
+                await self.batcher.close()
+                raise RuntimeError(
+                    f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc} "
+                    "(use --metrics-port 0 for any free port, -1 for none)"
+                ) from exc
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: every health name goes NOT_SERVING, new RPCs are refused (after

@@ -225,8 +225,9 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
-            except Exception as exc:
-                code = grpc.StatusCode.UNKNOWN if not isinstance(exc, grpc.RpcError) else grpc.StatusCode.CANCELLED
+            except Exception:
+                # the request stream broke (client went away) or a bug; per-message errors never get here
+                code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
                 reader.cancel()

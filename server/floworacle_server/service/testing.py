@@ -104,7 +104,8 @@ def serve_in_thread(
     if failure:
         thread.join(5.0)
         raise failure[0]
-    assert server.port is not None
+    if server.port is None:  # start() returned without binding: cannot happen, but say so clearly
+        raise RuntimeError("the test server started without a port")
     running = RunningServer(
         address=f"127.0.0.1:{server.port}",
         port=server.port,
