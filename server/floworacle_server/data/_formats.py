@@ -55,12 +55,15 @@ def _pick(mapping: dict[str, Any], keys: tuple[str, ...]) -> Any | None:
     return None
 
 
-def _from_mapping(mapping: dict[str, Any], path: Path) -> tuple[Any, Any | None, Any | None]:
+_ALL_KEYS = (*_DATA_KEYS, *_LABEL_KEYS, *_WEIGHT_KEYS)
+
+
+def _from_mapping(mapping: dict[str, Any], found: list[str], path: Path) -> tuple[Any, Any | None, Any | None]:
+    """Pick samples, labels and weights out of ``mapping`` (holding only the known keys of ``found``)."""
     x = _pick(mapping, _DATA_KEYS)
     if x is None:
         raise ValueError(
-            f"{path}: no samples found; store them under one of the keys {list(_DATA_KEYS)} "
-            f"(found keys {sorted(mapping)})"
+            f"{path}: no samples found; store them under one of the keys {list(_DATA_KEYS)} (found keys {sorted(found)})"
         )
     return x, _pick(mapping, _LABEL_KEYS), _pick(mapping, _WEIGHT_KEYS)
 
@@ -71,21 +74,21 @@ def _read(path: Path) -> tuple[Any, Any | None, Any | None]:
         return np.load(path, mmap_mode="r", allow_pickle=False), None, None
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as npz:
-            return _from_mapping({k: npz[k] for k in npz.files}, path)
+            # only the arrays we use are decompressed
+            return _from_mapping({k: npz[k] for k in npz.files if k in _ALL_KEYS}, list(npz.files), path)
     if suffix == ".safetensors":
         from safetensors import safe_open
 
         # framework="pt" keeps bfloat16 tensors readable (numpy has no bfloat16)
         with safe_open(str(path), framework="pt") as f:
-            names = set(f.keys())
-            wanted = [k for k in (*_DATA_KEYS, *_LABEL_KEYS, *_WEIGHT_KEYS) if k in names]
-            return _from_mapping({k: f.get_tensor(k) for k in wanted} | {k: None for k in names - set(wanted)}, path)
+            names = list(f.keys())
+            return _from_mapping({k: f.get_tensor(k) for k in names if k in _ALL_KEYS}, names, path)
     if suffix in (".pt", ".pth"):
         obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, torch.Tensor):
             return obj, None, None
         if isinstance(obj, dict):
-            return _from_mapping(obj, path)
+            return _from_mapping(obj, [str(k) for k in obj], path)
         raise ValueError(f"{path}: expected a tensor or a dict of tensors, found {type(obj).__name__}")
     raise ValueError(
         f"{path}: unknown file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)} or an index directory"
