@@ -67,6 +67,7 @@ def main() -> None:
 
             index = faiss_mod.IndexFlatL2(args.d)
             index.add(x)
+            print(f"faiss {faiss_mod.__version__}, {faiss_mod.omp_get_max_threads()} OpenMP threads")
         except ImportError:
             print("faiss not installed: torch only")
     for k in args.k:
