@@ -1,0 +1,274 @@
+"""End-to-end benchmark of the SDK and the service on loopback, with its baselines in the same run.
+
+    python benchmarks/bench_e2e.py            # N = 2,000 random samples, D = 3,072, B = 256
+
+1. One client, B = 256 queries of D = 3,072, float32 and bfloat16 on the wire. Per call, the time
+   splits into compute (the server's engine) and transport (everything else: SDK encode/decode,
+   gRPC, servicer, batcher queue). The compute is measured by calling the engine in-process on
+   the same batch (``floworacle_server.engine.oracle``); the server's own engine-call times give
+   the exact per-call split. Beside it, a bare grpcio echo server (generic handler, raw bytes,
+   same message sizes and limits) measured in the same run: the ratio says what our encoding,
+   decoding and servicer add over bare gRPC (target <= 25 %).
+2. 16 concurrent clients of B = 4 each, with the dynamic batcher (default settings) and without
+   it (max_batch_rows = 4: one request per engine call). Target: batching >= 3x the throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from floworacle import AsyncOracleClient, OracleClient
+from floworacle._channel import channel_options, server_options
+from floworacle.paths import get_path
+from floworacle.v1 import oracle_pb2 as pb
+from floworacle_server.data import Dataset, DatasetStore
+from floworacle_server.engine import OracleQuery, oracle
+from floworacle_server.service.testing import serve_in_thread
+from floworacle_server.settings import Settings
+
+ECHO_METHOD = "/bench.Echo/Echo"
+
+
+@contextmanager
+def echo_server(response: bytes) -> Iterator[str]:
+    """A bare grpc.aio server on 127.0.0.1 that answers every request on ECHO_METHOD with
+    ``response`` (raw bytes, no protobuf), on its own event loop thread."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop = asyncio.Event()
+    box: dict[str, Any] = {}
+
+    async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return response
+
+    async def main() -> None:
+        server = grpc.aio.server(options=server_options())
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(handle)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        box["port"] = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.set()
+        await stop.wait()
+        await server.stop(0)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    ready.wait(30)
+    try:
+        yield f"127.0.0.1:{box['port']}"
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+
+
+def timed(fn: Callable[[], Any], reps: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def single_client(args: argparse.Namespace, store: DatasetStore, ds: Dataset) -> list[dict[str, float]]:
+    rng = np.random.default_rng(1)
+    b, d = args.batch, args.dim
+    t = np.full(b, 0.5)
+    x_t = (0.5 * ds_rows(ds, rng, b) + 0.5 * rng.standard_normal((b, d))).astype(np.float32)
+    coeffs = get_path("linear").coefficients(t)
+    query = OracleQuery(x_t=torch.from_numpy(x_t), coeffs=coeffs, t=torch.from_numpy(t), outputs=("velocity",))
+    # The server runs the engine on a worker thread; time it the same way (on this CPU an engine
+    # call on the main thread was measured ~10x slower than on a worker thread).
+    with ThreadPoolExecutor(1) as pool:
+        engine = pool.submit(timed, lambda: oracle(ds, query), args.reps).result()
+    rows = []
+    with serve_in_thread(Settings(device="cpu", metrics_port=-1), store) as srv:
+        for wire in ("float32", "bfloat16"):
+            with OracleClient(srv.address, wire_dtype=wire, timeout=120) as client:
+                # message sizes of this call, for the echo
+                plan = client._plan_oracle(
+                    x_t, t, dataset=None, fingerprint=None, wire_dtype=None, outputs=("velocity",)
+                )
+                req = plan.requests[0]
+                stub_resp = client._unary("Oracle", req, None, None)
+                req_bytes, resp_bytes = req.ByteSize(), stub_resp.ByteSize()
+                resp_raw = stub_resp.SerializeToString()
+
+                def sdk_side(client: OracleClient = client, resp_raw: bytes = resp_raw) -> None:
+                    # what the SDK does per call besides waiting: encode, serialize, parse, decode
+                    pl = client._plan_oracle(
+                        x_t, t, dataset=None, fingerprint=None, wire_dtype=None, outputs=("velocity",)
+                    )
+                    pl.requests[0].SerializeToString()
+                    pl.finish([pb.OracleResponse.FromString(resp_raw)])
+
+                sdk = timed(sdk_side, args.reps)
+                with (
+                    echo_server(b"\1" * resp_bytes) as addr,
+                    grpc.insecure_channel(addr, options=channel_options()) as ch,
+                ):
+                    call = ch.unary_unary(ECHO_METHOD)
+                    payload = b"\2" * req_bytes
+                    runs: dict[str, list[float]] = {"e2e": [], "runner": [], "echo": [], "tiny": [], "tiny_runner": []}
+                    steps: list[tuple[str, Callable[[], Any]]] = [
+                        ("e2e", lambda client=client: client.velocity(x_t, t)),
+                        ("echo", lambda call=call, payload=payload: call(payload, timeout=60)),
+                        # the same bytes against a one-sample data set: compute ~ 0
+                        ("tiny", lambda client=client: client.velocity(x_t, t, dataset="tiny")),
+                    ]
+                    # interleaved, so that load from elsewhere on the machine hits all alike
+                    for rep in range(args.reps + 2):
+                        for name, fn in steps:
+                            start = time.perf_counter()
+                            fn()
+                            took = time.perf_counter() - start
+                            if rep >= 2:
+                                runs[name].append(took)
+                                if name != "echo":
+                                    key = "runner" if name == "e2e" else "tiny_runner"
+                                    runs[key].append(srv.server.batcher.history[-1].seconds)
+            # transport: everything but the server's engine call (its runner time, which also
+            # encodes the response; that share is added back from the in-process engine time)
+            per_call = [e - r for e, r in zip(runs["e2e"], runs["runner"], strict=True)]
+            server_encode = max(0.0, med(runs["runner"]) - med(engine))
+            transport = med(per_call) + server_encode
+            tiny = med(runs["tiny"])
+            echo = med(runs["echo"])
+            mb = (req_bytes + resp_bytes) / 1e6
+            rows.append(
+                {
+                    "wire": wire,
+                    "e2e_ms": 1e3 * med(runs["e2e"]),
+                    "engine_ms": 1e3 * med(engine),
+                    "runner_ms": 1e3 * med(runs["runner"]),
+                    "transport_ms": 1e3 * transport,
+                    "echo_ms": 1e3 * echo,
+                    "tiny_e2e_ms": 1e3 * tiny,
+                    "tiny_runner_ms": 1e3 * med(runs["tiny_runner"]),
+                    "sdk_ms": 1e3 * med(sdk),
+                    "mb": mb,
+                    "transport_mbps": mb / transport,
+                    "echo_mbps": mb / echo,
+                    "overhead": transport / echo - 1.0,
+                    "tiny_overhead": tiny / echo - 1.0,
+                }
+            )
+    return rows
+
+
+def ds_rows(ds: Dataset, rng: np.random.Generator, b: int) -> np.ndarray:
+    idx = torch.from_numpy(rng.integers(0, ds.num_samples, size=b))
+    return ds.x[idx].to(torch.float32).cpu().numpy()
+
+
+async def _concurrent(
+    address: str, x: np.ndarray, clients: int, calls: int, counter: Callable[[], int]
+) -> tuple[float, int]:
+    cs = [AsyncOracleClient(address, timeout=120) for _ in range(clients)]
+    try:
+
+        async def one(c: AsyncOracleClient) -> None:
+            for _ in range(calls):
+                await c.velocity(x, 0.5)
+
+        await asyncio.gather(*(c.velocity(x, 0.5) for c in cs))  # connect, warm up
+        calls0 = counter()
+        start = time.perf_counter()
+        await asyncio.gather(*(one(c) for c in cs))
+        return time.perf_counter() - start, counter() - calls0
+    finally:
+        await asyncio.gather(*(c.close() for c in cs))
+
+
+def concurrent(args: argparse.Namespace, store: DatasetStore) -> list[dict[str, float]]:
+    x = np.random.default_rng(2).standard_normal((args.client_batch, args.dim)).astype(np.float32)
+    rows = []
+    for label, settings in (
+        ("batched (default)", Settings(device="cpu", metrics_port=-1)),
+        ("unbatched (max_batch_rows=B)", Settings(device="cpu", metrics_port=-1, max_batch_rows=args.client_batch)),
+    ):
+        with serve_in_thread(settings, store) as srv:
+            counter = lambda srv=srv: srv.server.batcher.engine_calls  # noqa: E731
+            secs, engine_calls = asyncio.run(_concurrent(srv.address, x, args.clients, args.calls, counter))
+            n = args.clients * args.calls
+            rows.append(
+                {
+                    "label": label,
+                    "seconds": secs,
+                    "queries_per_s": n * args.client_batch / secs,
+                    "requests": n,
+                    "engine_calls": engine_calls,
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=2000, help="data set size N (random float32 data)")
+    p.add_argument("--dim", type=int, default=3072, help="dimension D")
+    p.add_argument("--batch", type=int, default=256, help="queries per call in part 1")
+    p.add_argument("--reps", type=int, default=15, help="timed calls per measurement (median reported)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--client-batch", type=int, default=4)
+    p.add_argument("--calls", type=int, default=15, help="calls per client in part 2")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((args.n, args.dim)).astype(np.float32)
+    ds = Dataset.from_arrays("bench", x)
+    store = DatasetStore([ds, Dataset.from_arrays("tiny", x[:1])])
+    print(f"data: N = {args.n}, D = {args.dim} float32 (CPU, torch threads = {torch.get_num_threads()})")
+
+    print(f"\n1) one client, B = {args.batch}, velocity only, exact mode (medians of {args.reps} calls)")
+    print(
+        f"  {'wire':>8} {'e2e ms':>8} {'engine':>8} {'transp.':>8} {'echo ms':>8} {'MB/call':>8} {'ours MB/s':>10} {'echo MB/s':>10} {'overhead':>9}"
+    )
+    rows1 = single_client(args, store, ds)
+    for r in rows1:
+        print(
+            f"  {r['wire']:>8} {r['e2e_ms']:8.1f} {r['engine_ms']:8.1f} {r['transport_ms']:8.2f} {r['echo_ms']:8.2f} "
+            f"{r['mb']:8.2f} {r['transport_mbps']:10.0f} {r['echo_mbps']:10.0f} {100 * r['overhead']:8.0f}%"
+        )
+    print(
+        "  (transport = e2e - server engine-call time + server response encoding; overhead = transport / echo - 1, target <= 25%)"
+    )
+    for r in rows1:
+        print(
+            f"  {r['wire']}: SDK side (encode, serialize, parse, decode) {r['sdk_ms']:.2f} ms per call; "
+            f"same bytes against a 1-sample data set: e2e {r['tiny_e2e_ms']:.2f} ms (server runner "
+            f"{r['tiny_runner_ms']:.2f} ms) = echo + {100 * r['tiny_overhead']:.0f}%"
+        )
+
+    print(f"\n2) {args.clients} concurrent clients of B = {args.client_batch}, {args.calls} calls each")
+    rows = concurrent(args, store)
+    for r in rows:
+        print(
+            f"  {r['label']:>30}: {r['queries_per_s']:8.0f} queries/s, {r['requests']} requests in {r['engine_calls']} engine calls"
+        )
+    print(f"  batching speed-up: {rows[0]['queries_per_s'] / rows[1]['queries_per_s']:.1f}x (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()
