@@ -29,8 +29,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from floworacle.paths import PathCoefficients
 
+from floworacle.paths import PathCoefficients
 from floworacle_server.data._dataset import Dataset
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._types import OUTPUTS, OracleQuery, OracleResult, Precision
@@ -100,14 +100,45 @@ def _screen_gamma(ds: Dataset, screen: str) -> tuple[torch.dtype, float]:
     return dtype, gamma * 1.01 + 4 * U64
 
 
-def _screen_logits(
-    xs: torch.Tensor, chunk: torch.Tensor, sq: torch.Tensor, logw: torch.Tensor | None, co: _Coef
-) -> torch.Tensor:
-    g = (xs @ chunk.T).to(torch.float64)
-    lt = co.c[:, None] * g - co.half[:, None] * sq[None, :]
-    if logw is not None:
-        lt = lt + logw[None, :]
-    return lt
+def _screen_chunk(
+    ds: Dataset,
+    xs: torch.Tensor,
+    co: _Coef,
+    q: torch.Tensor,
+    s0: int,
+    s1: int,
+    sdtype: torch.dtype,
+    gamma: float,
+    qnorm: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Screening logits (len(q), n) in float32 for queries ``q`` over rows [s0, s1), and one
+    error bound per query valid for the whole chunk.
+
+    ``lt = c G - h ||x_i||^2 (+ log p)``; its error is the GEMM bound ``c gamma ||x_t|| max||x_i||``
+    plus float32 rounding of the products and sums, ``4 u (c ||x_t|| max||x_i|| + h max||x_i||^2
+    + max|log p|)``.
+    """
+    f32 = torch.float32
+    chunk = ds.x[s0:s1]
+    sq = ds.sq_norms[s0:s1]
+    sq_max = sq.max()
+    lt = xs @ (chunk if chunk.dtype == sdtype else chunk.to(sdtype)).T
+    lt = lt.to(f32) if lt.dtype != f32 else lt
+    lt.mul_(co.c[q, None].to(f32)).addr_(co.half[q].to(f32), sq.to(f32), alpha=-1)
+    cq = co.c[q] * qnorm * sq_max.sqrt()
+    err = gamma * cq + 4 * 2.0**-24 * (1.02 * cq + co.half[q] * sq_max)
+    if ds.log_weights is not None:
+        logw = ds.log_weights[s0:s1]
+        lt.add_(logw.to(f32)[None, :])
+        finite_w = logw[torch.isfinite(logw)]
+        err = err + 4 * 2.0**-24 * (finite_w.abs().max() if finite_w.numel() else 0.0)
+    return lt, err
+
+
+def _threshold(lower: torch.Tensor, reach: float, err: torch.Tensor) -> torch.Tensor:
+    """float32 threshold ``lower - reach - err`` rounded down, never up (so no candidate is lost)."""
+    thr = lower - reach - err
+    return (thr - thr.abs() * 2.0**-22).to(torch.float32)
 
 
 def _screened_pass(
@@ -121,44 +152,64 @@ def _screened_pass(
     screen: str,
     cap: int | None,
 ) -> _PassResult:
-    """Screen with the fast GEMM, recompute candidates from differences in float64.
+    """Screen with the fast GEMM, recompute the candidates from differences in float64.
 
-    ``cap``: most candidates per query per chunk for the sparse path; queries above it are
-    flagged in ``overflow`` and dropped from this pass (None: no cap).
+    Pass 1 streams the screening GEMM over all chunks and keeps, per query, a proven lower bound
+    of the maximum logit and an upper bound of each chunk's maximum (B x chunks numbers). Pass 2
+    revisits only the (query, chunk) pairs whose upper bound is within reach of the final lower
+    bound (in the refinement stage, about one chunk per query), selects the candidates and
+    computes their logits from differences in float64. ``cap``: most candidates per query for
+    this sparse path; queries above it are flagged in ``overflow`` for the dense pass.
     """
     b, d = xq.shape
     dev = xq.device
     reach = math.log(stop - start) + REACH_MARGIN
     sdtype, gamma = _screen_gamma(ds, screen)
-    xs = xq.to(sdtype)
     qnorm = xq.norm(dim=1)
-    ebase = co.c * gamma * qnorm
+    xs = xq.to(sdtype)
+    allq = torch.arange(b, device=dev)
+    starts = list(range(start, stop, chunk_rows))
     lower = torch.full((b,), -math.inf, dtype=torch.float64, device=dev)
+    chunk_hi = torch.empty(b, len(starts), dtype=torch.float64, device=dev)
+    for k, s0 in enumerate(starts):
+        lt, err = _screen_chunk(ds, xs, co, allq, s0, min(s0 + chunk_rows, stop), sdtype, gamma, qnorm)
+        top = lt.max(dim=1).values.to(torch.float64)
+        chunk_hi[:, k] = top + err
+        lower = torch.maximum(lower, top - err)
+        del lt
+    relevant = chunk_hi >= (lower - reach)[:, None]
+
     state = Partials.empty(b, d, top_k, dev)
     overflow = torch.zeros(b, dtype=torch.bool, device=dev)
+    used = torch.zeros(b, dtype=torch.int64, device=dev)
     logit_err = torch.zeros(b, dtype=torch.float64, device=dev)
     refined = torch.zeros((), dtype=torch.int64, device=dev)
-    for s0 in range(start, stop, chunk_rows):
+    block = max(1, _GATHER_ELEMENTS // d)
+    for k in relevant.any(dim=0).nonzero().flatten().tolist():
+        q = (relevant[:, k] & ~overflow).nonzero().flatten()
+        if q.numel() == 0:
+            continue
+        s0 = starts[k]
         s1 = min(s0 + chunk_rows, stop)
-        chunk = ds.x[s0:s1]
-        sq = ds.sq_norms[s0:s1]
-        logw = ds.log_weights[s0:s1] if ds.log_weights is not None else None
-        lt = _screen_logits(xs, chunk if chunk.dtype == sdtype else chunk.to(sdtype), sq, logw, co)
-        err = ebase[:, None] * sq.sqrt()[None, :]
-        lower = torch.maximum(lower, (lt - err).max(dim=1).values)
-        cand = (lt + err) >= (lower - reach)[:, None]
-        del lt, err
+        lt, err = _screen_chunk(ds, xs[q], co, q, s0, s1, sdtype, gamma, qnorm[q])
+        cand = lt >= _threshold(lower[q], reach, err)[:, None]
+        del lt
         if cap is not None:
-            overflow |= cand.sum(dim=1) > cap
-            cand &= ~overflow[:, None]
+            used[q] += cand.sum(dim=1)
+            over = used[q] > cap
+            overflow[q] |= over
+            cand &= ~over[:, None]
         pairs = cand.nonzero()
         if pairs.shape[0] == 0:
             continue
-        qi, cj = pairs[:, 0], pairs[:, 1]
+        chunk = ds.x[s0:s1]
+        logw = ds.log_weights[s0:s1] if ds.log_weights is not None else None
+        qi, cj = q[pairs[:, 0]], pairs[:, 1]
         refined += pairs.shape[0]
-        logits = torch.full((b, s1 - s0), -math.inf, dtype=torch.float64, device=dev)
+        # only the queries with candidates in this chunk take part in its partial
+        uq, local = torch.unique(qi, return_inverse=True)
+        logits = torch.full((uq.shape[0], s1 - s0), -math.inf, dtype=torch.float64, device=dev)
         pair_err = torch.empty(pairs.shape[0], dtype=torch.float64, device=dev)
-        block = max(1, _GATHER_ELEMENTS // d)
         for p0 in range(0, pairs.shape[0], block):
             q_b, c_b = qi[p0 : p0 + block], cj[p0 : p0 + block]
             diff = xq[q_b] - co.alpha[q_b, None] * chunk[c_b].to(torch.float64)
@@ -166,17 +217,18 @@ def _screened_pass(
             val = -d2 * co.inv2s2[q_b]
             if logw is not None:
                 val = val + logw[c_b]
-            logits[q_b, c_b] = val
+            logits[local[p0 : p0 + block], c_b] = val
             # relative error of a float64 sum of D squares, plus the product with 1 / (2 sigma^2)
             pair_err[p0 : p0 + block] = (d + 4) * U64 * d2 * co.inv2s2[q_b]
         logit_err.scatter_reduce_(0, qi, pair_err, reduce="amax", include_self=True)
         m, p, z = Partials.probabilities(logits)
-        v = torch.zeros(b, d, dtype=torch.float64, device=dev)
+        v = torch.zeros(uq.shape[0], d, dtype=torch.float64, device=dev)
         for p0 in range(0, pairs.shape[0], block):
-            q_b, c_b = qi[p0 : p0 + block], cj[p0 : p0 + block]
-            v.index_add_(0, q_b, p[q_b, c_b][:, None] * chunk[c_b].to(torch.float64))
+            l_b, c_b = local[p0 : p0 + block], cj[p0 : p0 + block]
+            v.index_add_(0, l_b, p[l_b, c_b][:, None] * chunk[c_b].to(torch.float64))
         index = torch.arange(s0, s1, device=dev)
-        state = state.merge(Partials.assemble(m, p, z, v, logits, index, top_k))
+        part = Partials.assemble(m, p, z, v, logits, index, top_k)
+        state.put(uq, state.take(uq).merge(part))
     return _PassResult(state, logit_err, refined, overflow)
 
 
@@ -215,31 +267,26 @@ def _dense_pass(
 def _fast_pass(
     ds: Dataset, xq: torch.Tensor, co: _Coef, start: int, stop: int, top_k: int, chunk_rows: int, screen: str
 ) -> _PassResult:
-    """Screening logits used directly; weighted sums in the screening precision.
+    """Screening logits used directly, weighted sums in float32 (GPU: the screening precision).
 
-    The reported logit error is the screening bound of the samples within reach; the
-    accumulation error is added by the caller from ``_acc_error``.
+    The reported logit error is the largest per-chunk screening bound; the caller adds the
+    accumulation error.
     """
     b, d = xq.shape
     dev = xq.device
     sdtype, gamma = _screen_gamma(ds, screen)
     acc_dtype = sdtype if dev.type == "cuda" else torch.float32
     xs = xq.to(sdtype)
-    ebase = co.c * gamma * xq.norm(dim=1)
-    reach = math.log(stop - start) + REACH_MARGIN
+    qnorm = xq.norm(dim=1)
+    allq = torch.arange(b, device=dev)
     state = Partials.empty(b, d, top_k, dev)
     logit_err = torch.zeros(b, dtype=torch.float64, device=dev)
     for s0 in range(start, stop, chunk_rows):
         s1 = min(s0 + chunk_rows, stop)
-        chunk = ds.x[s0:s1]
-        cs = chunk if chunk.dtype == sdtype else chunk.to(sdtype)
-        logw = ds.log_weights[s0:s1] if ds.log_weights is not None else None
-        lt = _screen_logits(xs, cs, ds.sq_norms[s0:s1], logw, co)
-        err = ebase[:, None] * ds.sq_norms[s0:s1].sqrt()[None, :]
+        lt, err = _screen_chunk(ds, xs, co, allq, s0, s1, sdtype, gamma, qnorm)
         index = torch.arange(s0, s1, device=dev)
-        state = state.merge(Partials.from_logits(lt, index, top_k, chunk.to(acc_dtype)))
-        within = lt >= (state.m - reach)[:, None]
-        logit_err = torch.maximum(logit_err, torch.where(within, err, torch.zeros_like(err)).max(dim=1).values)
+        state = state.merge(Partials.from_logits(lt.to(torch.float64), index, top_k, ds.x[s0:s1].to(acc_dtype)))
+        logit_err = torch.maximum(logit_err, err)
     refined = torch.zeros((), dtype=torch.int64, device=dev)
     return _PassResult(state, logit_err, refined, torch.zeros(b, dtype=torch.bool, device=dev))
 
@@ -275,7 +322,7 @@ def compute_partials(
     if precision == Precision.FAST:
         res = _fast_pass(ds, xq, co, start, stop, top_k, n, screen)
         return res.partials, res.logit_error, 0
-    cap = max(32, n // 8)
+    cap = max(64, (stop - start) // 16)
     res = _screened_pass(ds, xq, co, start, stop, top_k, n, screen, cap)
     partials, logit_err, refined = res.partials, res.logit_error, int(res.refined)
     over = res.overflow.nonzero().flatten()
@@ -303,6 +350,18 @@ class _Posterior:
     topk_indices: torch.Tensor
     topk_weights: torch.Tensor
 
+    @classmethod
+    def zeros(cls, b: int, d: int, top_k: int, dev: torch.device) -> _Posterior:
+        f = torch.float64
+        return cls(
+            x1_hat=torch.zeros(b, d, dtype=f, device=dev),
+            x1_err=torch.zeros(b, dtype=f, device=dev),
+            entropy=torch.zeros(b, dtype=f, device=dev),
+            ess=torch.zeros(b, dtype=f, device=dev),
+            topk_indices=torch.full((b, top_k), -1, dtype=torch.int64, device=dev),
+            topk_weights=torch.zeros(b, top_k, dtype=f, device=dev),
+        )
+
 
 def _posterior(
     ds: Dataset,
@@ -318,21 +377,15 @@ def _posterior(
     """Posterior summaries of the queries in ``groups`` (query rows, data row range)."""
     b, d = xq.shape
     dev = xq.device
-    out = _Posterior(
-        x1_hat=torch.zeros(b, d, dtype=torch.float64, device=dev),
-        x1_err=torch.zeros(b, dtype=torch.float64, device=dev),
-        entropy=torch.zeros(b, dtype=torch.float64, device=dev),
-        ess=torch.zeros(b, dtype=torch.float64, device=dev),
-        topk_indices=torch.full((b, top_k), -1, dtype=torch.int64, device=dev),
-        topk_weights=torch.zeros(b, top_k, dtype=torch.float64, device=dev),
-    )
+    out: _Posterior | None = None
     refined = 0
     for qrows, rng in groups:
+        whole = len(groups) == 1 and qrows.numel() == b  # the common case: no scatter buffers
         part, lerr, r = compute_partials(
             ds,
-            xq[qrows],
-            co_alpha[qrows],
-            co_sigma[qrows],
+            xq if whole else xq[qrows],
+            co_alpha if whole else co_alpha[qrows],
+            co_sigma if whole else co_sigma[qrows],
             rows=rng,
             top_k=top_k,
             precision=precision,
@@ -341,13 +394,22 @@ def _posterior(
         )
         refined += r
         post = part.finalize()
+        del part
+        idx = post.topk_indices
+        idx = torch.where(idx >= 0, ds.original_index[idx.clamp(min=0)], idx)
+        err = _x1_error_bound(ds, rng, lerr, precision, chunk_rows)
+        if whole:
+            return _Posterior(post.x1_hat, err, post.entropy, post.ess, idx, post.topk_weights), refined
+        if out is None:
+            out = _Posterior.zeros(b, d, top_k, dev)
         out.x1_hat[qrows] = post.x1_hat
         out.entropy[qrows] = post.entropy
         out.ess[qrows] = post.ess
-        idx = post.topk_indices
-        out.topk_indices[qrows] = torch.where(idx >= 0, ds.original_index[idx.clamp(min=0)], idx)
+        out.topk_indices[qrows] = idx
         out.topk_weights[qrows] = post.topk_weights
-        out.x1_err[qrows] = _x1_error_bound(ds, rng, lerr, precision, chunk_rows)
+        out.x1_err[qrows] = err
+    if out is None:  # no queries in any group: an all-zero placeholder the caller overrides
+        out = _Posterior.zeros(b, d, top_k, dev)
     return out, refined
 
 
@@ -512,15 +574,19 @@ def _assemble_result(
     tk_w: torch.Tensor,
     refined: int,
 ) -> OracleResult:
-    from floworacle.paths import eps_from_x1, score_from_x1, velocity_from_x1
+    from floworacle.paths import eps_from_x1, score_from_x1
 
     dev = xq.device
     a_t = torch.as_tensor(coeffs.velocity_x1, dtype=torch.float64, device=dev)
     b_t = torch.as_tensor(coeffs.velocity_xt, dtype=torch.float64, device=dev)
     outputs = set(query.outputs)
-    velocity = velocity_from_x1(x1, xq, coeffs) if "velocity" in outputs else None
+    velocity = None
+    if "velocity" in outputs:  # u = A x1_hat + B x_t, built in one buffer
+        velocity = xq * b_t[:, None]
+        velocity.addcmul_(x1, a_t[:, None])
     # rounding of A x1 + B x_t in float64 on top of the propagated x1_hat bound
-    scale = a_t.abs() * x1.abs().amax(dim=1) + b_t.abs() * xq.abs().amax(dim=1)
+    inf = float("inf")
+    scale = a_t.abs() * torch.linalg.vector_norm(x1, inf, dim=1) + b_t.abs() * torch.linalg.vector_norm(xq, inf, dim=1)
     v_err = a_t.abs() * x1_err + 4 * U64 * scale
     res = OracleResult(
         x1_hat=x1,

@@ -52,14 +52,14 @@ class Partials:
 
     @classmethod
     def empty(cls, batch: int, dim: int, top_k: int = 0, device: torch.device | str = "cpu") -> Partials:
-        f = dict(dtype=torch.float64, device=device)
+        f64 = torch.float64
         return cls(
-            m=torch.full((batch,), -math.inf, **f),  # type: ignore[arg-type]
-            s=torch.zeros(batch, **f),  # type: ignore[arg-type]
-            v=torch.zeros(batch, dim, **f),  # type: ignore[arg-type]
-            h=torch.zeros(batch, **f),  # type: ignore[arg-type]
-            q=torch.zeros(batch, **f),  # type: ignore[arg-type]
-            topk_logits=torch.full((batch, top_k), -math.inf, **f),  # type: ignore[arg-type]
+            m=torch.full((batch,), -math.inf, dtype=f64, device=device),
+            s=torch.zeros(batch, dtype=f64, device=device),
+            v=torch.zeros(batch, dim, dtype=f64, device=device),
+            h=torch.zeros(batch, dtype=f64, device=device),
+            q=torch.zeros(batch, dtype=f64, device=device),
+            topk_logits=torch.full((batch, top_k), -math.inf, dtype=f64, device=device),
             topk_index=torch.full((batch, top_k), -1, dtype=torch.int64, device=device),
         )
 

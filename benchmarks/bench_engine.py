@@ -1,0 +1,173 @@
+"""Engine speed as a ratio to this machine's own GEMM roofline, beside a plain dense implementation.
+
+For B queries over N samples of dimension D a dense oracle does two GEMMs (4 B N D flops). The
+roofline time is the measured time of exactly those two float32 GEMMs on this machine, in this
+run; a ratio of 1.0 means "as fast as the two bare GEMMs". The exact engine screens with one
+GEMM and recomputes only the candidates in float64, so in the refinement stage it can beat the
+dense roofline; in the navigation stage (all samples within reach) it runs a float64 pass.
+
+    python benchmarks/bench_engine.py                 # N=20,000, D=1,024 and the CIFAR-size case
+    python benchmarks/bench_engine.py --case small --repeat 5
+    python benchmarks/bench_engine.py --device cuda   # on a GPU (adds bf16 / TF32 GEMM rates)
+
+Peak extra memory (CPU) is the rise of the process's resident high-water mark during the call
+(reset through /proc/self/clear_refs), as a share of the data set's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from floworacle.paths import get_path
+from floworacle_server.data import Dataset
+from floworacle_server.engine import OracleQuery, Precision, oracle
+
+CASES = {"small": (20_000, 1_024), "cifar": (50_000, 3_072)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    fn()  # warm-up
+    _sync(device)
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int | None:
+    """Rise of the resident high-water mark during fn() (CPU only; None where not supported)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the rise is real use
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = _rss_kb("VmRSS")
+    fn()
+    return max(0, _rss_kb("VmHWM") - before) * 1024
+
+
+def dense_baseline(x: torch.Tensor, sq: torch.Tensor, xt: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+    """The plain implementation: one B x N float32 logit matrix, softmax, one matmul."""
+    c = (alpha / sigma**2)[:, None]
+    logits = c * (xt @ x.T) - (alpha**2 / (2 * sigma**2))[:, None] * sq[None, :]
+    return torch.softmax(logits, dim=1) @ x
+
+
+def make_queries(ds: Dataset, t: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, object]:
+    c = get_path("linear").coefficients(t)
+    idx = torch.from_numpy(rng.integers(0, ds.num_samples, len(t)))
+    x1 = ds.x[idx.to(ds.device)].to(torch.float64)
+    x0 = torch.randn(x1.shape, dtype=torch.float64, device=ds.device)
+    a = torch.from_numpy(c.alpha).to(ds.device)[:, None]
+    s = torch.from_numpy(c.sigma).to(ds.device)[:, None]
+    return (a * x1 + s * x0), c
+
+
+def run_case(n: int, d: int, b: int, device: torch.device, repeat: int, rng: np.random.Generator) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(n, d, device=device)
+    ds = Dataset.from_arrays("bench", x, device=device)
+    data_bytes = n * d * 4
+    q32 = torch.randn(b, d, device=device)
+    p32 = torch.rand(b, n, device=device)
+    t_g1 = best_time(lambda: q32 @ x.T, device, repeat)
+    t_g2 = best_time(lambda: p32 @ x, device, repeat)
+    roof = t_g1 + t_g2
+    rate = 4 * b * n * d / roof / 1e9
+    print(f"\n== N={n:,} D={d:,} B={b} on {device}: float32 GEMM roofline {roof * 1e3:.1f} ms ({rate:.0f} GFLOP/s)")
+    if device.type == "cuda":
+        for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            xa, qa, pa = x.to(dt), q32.to(dt), p32.to(dt)
+            tr = best_time(lambda xa=xa, qa=qa, pa=pa: (qa @ xa.T, pa @ xa), device, repeat)
+            print(f"   {name} GEMM pair {tr * 1e3:.2f} ms ({4 * b * n * d / tr / 1e12:.0f} TFLOP/s)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tr = best_time(lambda: (q32 @ x.T, p32 @ x), device, repeat)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        print(f"   tf32 GEMM pair {tr * 1e3:.2f} ms ({4 * b * n * d / tr / 1e12:.0f} TFLOP/s)")
+    print(f"{'t':>14} {'mode':>8} {'ms':>9} {'ratio':>7} {'f64 pairs/BN':>13} {'extra mem':>10}")
+    regimes = {
+        "uniform[0,1)": rng.uniform(0.0, 0.999, b),
+        "0.05 (nav)": np.full(b, 0.05),
+        "0.3": np.full(b, 0.3),
+        "0.9 (refine)": np.full(b, 0.9),
+    }
+    for label, t in regimes.items():
+        xt, coeffs = make_queries(ds, t, rng)
+        alpha = torch.from_numpy(coeffs.alpha).to(device)
+        sigma = torch.from_numpy(coeffs.sigma).to(device)
+        xt32 = xt.float()
+        base = best_time(
+            lambda xt32=xt32, alpha=alpha, sigma=sigma: dense_baseline(
+                x, ds.sq_norms.float(), xt32, alpha.float(), sigma.float()
+            ),
+            device,
+            repeat,
+        )
+        mem = (
+            peak_extra_bytes(
+                lambda xt32=xt32, alpha=alpha, sigma=sigma: dense_baseline(
+                    x, ds.sq_norms.float(), xt32, alpha.float(), sigma.float()
+                )
+            )
+            if device.type == "cpu"
+            else None
+        )
+        print(
+            f"{label:>14} {'dense':>8} {base * 1e3:9.1f} {roof / base:7.2f} {'-':>13} {_fmt_mem(mem, data_bytes):>10}"
+        )
+        for prec in (Precision.EXACT, Precision.FAST):
+            q = OracleQuery(x_t=xt, coeffs=coeffs, precision=prec)
+            res = oracle(ds, q)
+            te = best_time(lambda q=q: oracle(ds, q), device, repeat)
+            mem = peak_extra_bytes(lambda q=q: oracle(ds, q)) if device.type == "cpu" else None
+            frac = res.refined / (b * n)
+            print(
+                f"{label:>14} {prec.value:>8} {te * 1e3:9.1f} {roof / te:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}"
+            )
+
+
+def _fmt_mem(mem: int | None, data_bytes: int) -> str:
+    return "-" if mem is None else f"{100 * mem / data_bytes:.1f}%"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=[*CASES, "all"], default="all")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    rng = np.random.default_rng(0)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for name, (n, d) in CASES.items():
+        if args.case in (name, "all"):
+            run_case(n, d, args.batch, device, args.repeat, rng)
+
+
+if __name__ == "__main__":
+    main()
