@@ -16,6 +16,7 @@ from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_reques
 from floworacle import _codec
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
+from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.service._batcher import (
     BatcherClosedError,
     DeadlineExpiredError,
@@ -207,3 +208,33 @@ def test_request_cancelled_by_its_caller_is_not_computed(digits):
         assert srv.server.batcher.requests_computed == computed
         assert stub.Oracle(req, timeout=10).HasField("velocity")
         assert srv.server.batcher.requests_computed == computed + 1
+
+
+def test_engine_error_fails_only_its_own_request_in_a_merged_batch():
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal((20, 6)).astype(np.float32)
+    labels = np.array([0] * 10 + [2] * 10)  # class 1 has no samples: the engine refuses label 1
+    store = DatasetStore([Dataset.from_arrays("gappy", data, labels)])
+    settings = Settings(device="cpu", max_queue_delay_ms=300.0, metrics_port=-1)
+    t = np.array([0.5, 0.7])
+    xt = noisy_queries(data, t, seed=1)
+
+    def req(label: int) -> pb.OracleRequest:
+        r = oracle_request(xt, t, dtype="float64")
+        r.labels.CopyFrom(_codec.encode(np.array([label, label])))
+        return r
+
+    with serve_in_thread(settings, store) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.FlowOracleStub(ch)
+        stub.ListDatasets(pb.ListDatasetsRequest())
+        calls = srv.server.batcher.engine_calls
+        futures = [stub.Oracle.future(req(label), timeout=30) for label in (0, 1, 2)]
+        with pytest.raises(grpc.RpcError) as info:
+            futures[1].result()
+        good = [futures[0].result(), futures[2].result()]
+        calls = srv.server.batcher.engine_calls - calls
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "class 1 has no samples" in info.value.details()
+    assert calls == 4  # one merged call that failed, then each request alone
+    for label, resp in zip((0, 2), good, strict=True):
+        ref = ref_oracle(data, xt, *linear_coeffs(t), data_labels=labels, labels=np.array([label, label]))
+        assert max_rel(_codec.decode(resp.velocity), ref["velocity"]) < 1e-6
