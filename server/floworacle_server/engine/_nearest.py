@@ -95,8 +95,8 @@ def _choose_backend(backend: str, device: torch.device, k: int) -> str:
         return "faiss"
     if backend == "torch":
         return "torch"
-    # measured (docs/data.md): on 16 cores torch screens 2.3-3.3x faster than faiss (whole exact
-    # call 1.3-2.3x); on 2 cores faiss is 10-20% faster. The large win decides: torch everywhere.
+    # measured (docs/data.md): on 16 cores the exact call is 1.5-4x faster with torch than with
+    # faiss screening; on 2 cores faiss screens 10-20% faster. The large win decides: torch.
     return "torch"
 
 
