@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import grpc
@@ -132,10 +133,10 @@ def single_client(args: argparse.Namespace, store: DatasetStore, ds: Dataset) ->
                     payload = b"\2" * req_bytes
                     runs: dict[str, list[float]] = {"e2e": [], "runner": [], "echo": [], "tiny": [], "tiny_runner": []}
                     steps: list[tuple[str, Callable[[], Any]]] = [
-                        ("e2e", lambda client=client: client.velocity(x_t, t)),
-                        ("echo", lambda call=call, payload=payload: call(payload, timeout=60)),
+                        ("e2e", partial(client.velocity, x_t, t)),
+                        ("echo", partial(call, payload, timeout=60)),
                         # the same bytes against a one-sample data set: compute ~ 0
-                        ("tiny", lambda client=client: client.velocity(x_t, t, dataset="tiny")),
+                        ("tiny", partial(client.velocity, x_t, t, dataset="tiny")),
                     ]
                     # interleaved, so that load from elsewhere on the machine hits all alike
                     for rep in range(args.reps + 2):

@@ -46,6 +46,7 @@ class VelocityMLP(nn.Module):
 
     def __init__(self, dim: int = 64, hidden: int = 256, freqs: int = 8) -> None:
         super().__init__()
+        self.freqs: torch.Tensor
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(freqs, dtype=torch.float32))
         self.net = nn.Sequential(
             nn.Linear(dim + 2 * freqs, hidden),

@@ -111,7 +111,7 @@ def test_to_like_keeps_torch_dtype(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
 def test_to_like_keeps_numpy_dtype(dtype: type) -> None:
-    x = np.random.default_rng(0).standard_normal((3, 4)).astype(dtype)
+    x: np.ndarray = np.random.default_rng(0).standard_normal((3, 4)).astype(dtype)
     back = to_like(encode(x), x)
     assert back.dtype == dtype
     np.testing.assert_array_equal(back, x)

@@ -44,7 +44,7 @@ def test_scalar_t_broadcasts(client: OracleClient, data: Data) -> None:
 )
 def test_numpy_dtypes_preserved(client: OracleClient, data: Data, dtype: type, rtol: float) -> None:
     x_t, t = queries(data, 8, seed=4)
-    x = x_t.astype(dtype)
+    x: np.ndarray = x_t.astype(dtype)
     u = client.velocity(x, t)
     assert isinstance(u, np.ndarray) and u.dtype == dtype
     want = linear_ref(data.x, x.astype(np.float64), t).velocity
@@ -235,3 +235,23 @@ def test_closed_client_refuses(server: RunningServer, data: Data) -> None:
     c.close()
     with pytest.raises(ValueError, match="closed"):
         c.datasets()
+
+
+def test_numpy_only_without_torch(server: RunningServer, data: Data) -> None:
+    """The SDK works where torch is not installed (torch imports are blocked in a subprocess)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np, floworacle\n"
+        f"c = floworacle.OracleClient({server.address!r})\n"
+        "u = c.velocity(np.zeros((2, 12), np.float32), 0.5, wire_dtype='bfloat16')\n"
+        "n = c.nearest(np.zeros((2, 12)), 1)\n"
+        "c.close()\n"
+        "assert u.dtype == np.float32 and u.shape == (2, 12) and n.indices.shape == (2, 1)\n"
+        "print('ok', [m for m in sys.modules if m.startswith('torch')])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok ['torch']"  # only the blocked placeholder
