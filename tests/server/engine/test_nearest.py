@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from floworacle_server.data import Dataset
 from floworacle_server.engine._nearest import nearest, posterior_nearest, screening_error_bound
@@ -220,3 +222,27 @@ def test_cuda_half_storage_ties_and_weighted_posterior() -> None:
     got = posterior_nearest(dsw, torch.from_numpy(x_t).cuda(), alpha, sigma, k=2, chunk_rows=128)
     ref = np.stack([np.lexsort((np.arange(700), -logits[b]))[:2] for b in range(5)])
     np.testing.assert_array_equal(got.indices.cpu().numpy(), ref)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    d=st.integers(1, 9),
+    b=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    chunk=st.integers(1, 70),
+    backend=st.sampled_from(["torch", "faiss"]),
+)
+def test_property_small_integer_grids_with_many_exact_ties(n, d, b, seed, chunk, backend) -> None:
+    """Coordinates from {-1, 0, 1} make many exactly equal distances: order must be by index."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-1, 2, (n, d)).astype(np.float32)
+    q = rng.integers(-1, 2, (b, d)).astype(np.float64) + rng.choice([0.0, 0.5], (b, d))
+    k = int(rng.integers(1, n + 1))
+    labels = rng.integers(0, 3, n) if seed % 2 else None  # labels reorder the rows internally
+    res = nearest(Dataset.from_arrays("g", x, labels), q, k, chunk_rows=chunk, backend=backend)
+    idx, d2 = _ref_knn(x, q, k)
+    np.testing.assert_array_equal(res.indices.numpy(), idx)
+    if labels is not None:
+        np.testing.assert_array_equal(res.labels.numpy(), labels[idx])  # type: ignore[union-attr]
+    np.testing.assert_allclose(res.distances.numpy() ** 2, d2, rtol=1e-12, atol=1e-12)
