@@ -1,0 +1,97 @@
+"""Pure-function parts of the SDK: retry policy, error translation, target parsing, row split."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import grpc
+import numpy as np
+import pytest
+
+from floworacle import OracleError, RetryPolicy
+from floworacle._config import make_config
+from floworacle._errors import error_from_code, retry_hint_seconds, translate_rpc_error
+from floworacle._protocol import build_oracle
+
+
+def test_retry_policy_backoff_and_hint() -> None:
+    p = RetryPolicy(max_attempts=4, initial_backoff=0.1, max_backoff=0.3, multiplier=2.0)
+    rng = random.Random(0)
+    unavailable = OracleError(grpc.StatusCode.UNAVAILABLE, "down")
+    for attempt, cap in ((0, 0.1), (1, 0.2), (2, 0.3)):
+        waits = [p.delay(unavailable, attempt, 10.0, rng) for _ in range(200)]
+        assert all(w is not None and 0 <= w <= cap for w in waits)
+        assert max(w for w in waits if w is not None) > 0.8 * cap  # full jitter spans the range
+    assert p.delay(unavailable, 3, 10.0, rng) is None  # attempts used up
+    assert p.delay(unavailable, 0, 0.0, rng) is None  # no time left
+    full = OracleError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", retry_after=0.25)
+    assert p.delay(full, 0, 10.0, rng) == pytest.approx(0.25, abs=0.1) and p.delay(full, 0, 10.0, rng) >= 0.25
+    assert p.delay(OracleError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"), 0, 10.0, rng) is None
+    assert p.delay(OracleError(grpc.StatusCode.INVALID_ARGUMENT, "bad"), 0, 10.0, rng) is None
+    with pytest.raises(ValueError):
+        RetryPolicy(max_attempts=0)
+
+
+def test_retry_hints() -> None:
+    assert retry_hint_seconds([("grpc-retry-pushback-ms", "150")]) == 0.15
+    assert retry_hint_seconds([("retry-after-ms", "20")]) == 0.02
+    assert retry_hint_seconds([("retry-after", "2")]) == 2.0
+    assert retry_hint_seconds([("other", "1")]) is None
+    assert retry_hint_seconds(None) is None
+
+
+class _FakeRpcError(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "queue full"
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("grpc-retry-pushback-ms", "40"),)
+
+
+def test_translation_and_pickling() -> None:
+    e = translate_rpc_error(_FakeRpcError())
+    assert (e.code, e.details, e.retry_after) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", 0.04)
+    assert str(e) == "RESOURCE_EXHAUSTED: queue full"
+    back = pickle.loads(pickle.dumps(e))
+    assert (back.code, back.details, back.retry_after) == (e.code, e.details, e.retry_after)
+    assert error_from_code(3, "bad").code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_from_code(999, "?").code == grpc.StatusCode.UNKNOWN
+
+
+def _cfg(target: object) -> tuple[str, ...]:
+    return make_config(
+        target,  # type: ignore[arg-type]
+        dataset=None, fingerprint=None, wire_dtype=None, timeout=1.0, retry=None, max_message_bytes=1 << 20,
+        max_request_rows=100, root_certificates=None, private_key=None, certificate_chain=None, secure=False,
+        token=None, options=(),
+    ).targets  # fmt: skip
+
+
+def test_target_parsing() -> None:
+    assert _cfg("h:1") == ("h:1",)
+    assert _cfg("a:1, b:2") == ("a:1", "b:2")
+    assert _cfg(["a:1", "b:2"]) == ("a:1", "b:2")
+    assert _cfg("ipv4:1.2.3.4:1,1.2.3.5:1") == ("ipv4:1.2.3.4:1,1.2.3.5:1",)
+    assert _cfg("dns:///svc.ns:50051") == ("dns:///svc.ns:50051",)
+    with pytest.raises(ValueError, match="target"):
+        _cfg([])
+
+
+def test_split_rows_and_pin() -> None:
+    x = np.zeros((10, 100), np.float32)  # 400 bytes a row, 448 with t, labels and coefficients
+    plan = build_oracle(
+        x, 0.5, dataset="d", fingerprint="", max_message_bytes=4096 + 1 + 3 * 448 + 10, max_request_rows=100
+    )
+    assert [r.x_t.shape[0] for r in plan.requests] == [3, 3, 3, 1]
+    assert b"".join(r.x_t.data for r in plan.requests) == x.tobytes()
+    assert [r.t.shape[0] for r in plan.requests] == [3, 3, 3, 1]
+    first = type(plan.requests[0])()
+    first.fingerprint = "sha256:abc"
+    plan.pin(plan.requests[1], first)
+    assert plan.requests[1].fingerprint == "sha256:abc"
+    plan = build_oracle(x, 0.5, dataset="d", fingerprint="", max_message_bytes=1 << 20, max_request_rows=4)
+    assert [r.x_t.shape[0] for r in plan.requests] == [4, 4, 2]
