@@ -79,7 +79,7 @@ def load_samples(path: str | Path) -> np.ndarray:
     x = loaded.x
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().to(torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
+    return np.array(x, dtype=np.float64)  # a copy: .npy files come memory-mapped read-only
 
 
 def memorization_report(dataset: Dataset, samples: Any, threshold: float = DEFAULT_THRESHOLD) -> MemorizationReport:
