@@ -36,6 +36,7 @@ class ClientBase:
         secure: bool = False,
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[Any] = (),
         seed: int | None = None,
     ) -> None:
         self._config: ClientConfig = make_config(
@@ -56,6 +57,11 @@ class ClientBase:
         )
         self._rng = random.Random(seed)
         self._closed = False
+        self._open(list(interceptors))
+
+    def _open(self, interceptors: list[Any]) -> None:
+        """Create the channels and stubs (one per target); the transport's job."""
+        raise NotImplementedError
 
     @property
     def config(self) -> ClientConfig:

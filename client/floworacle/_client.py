@@ -42,18 +42,12 @@ class OracleClient(ClientBase):
         token: sent as ``authorization: Bearer <token>`` on every call.
         options: extra grpc channel options.
         interceptors: grpc client interceptors (e.g. tracing).
+        seed: seed of the retry jitter.
 
     Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str] = "localhost:50051",
-        *,
-        interceptors: Sequence[Any] = (),
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(target, **kwargs)
+    def _open(self, interceptors: list[Any]) -> None:
         cfg = self._config
         self._channels: list[grpc.Channel] = []
         for addr in cfg.targets:

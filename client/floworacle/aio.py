@@ -28,16 +28,9 @@ class AsyncOracleClient(ClientBase):
     (``interceptors`` are ``grpc.aio`` client interceptors). Split parts of a large batch after
     the first are sent concurrently."""
 
-    def __init__(
-        self,
-        target: str | Sequence[str] = "localhost:50051",
-        *,
-        interceptors: Sequence[Any] = (),
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(target, **kwargs)
+    def _open(self, interceptors: list[Any]) -> None:
         cfg = self._config
-        inter = list(interceptors) or None
+        inter = interceptors or None
         self._channels: list[grpc.aio.Channel] = []
         for addr in cfg.targets:
             if cfg.credentials is not None:
