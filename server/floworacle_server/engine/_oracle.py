@@ -50,7 +50,7 @@ SCREEN_DTYPES: dict[str, tuple[torch.dtype, float]] = {
 }
 _U_ACC = 2.0**-24
 #: Element budget of one gathered block of candidate rows (float64): bounds the extra memory.
-_GATHER_ELEMENTS = 1 << 19
+_GATHER_ELEMENTS = 1 << 17
 
 
 def default_chunk_rows(dim: int, device: torch.device) -> int:
@@ -181,6 +181,9 @@ def _screened_pass(
 
     state = Partials.empty(b, d, top_k, dev)
     overflow = torch.zeros(b, dtype=torch.bool, device=dev)
+    if cap is not None:
+        # many chunks in reach means the navigation stage: go dense at once (a speed choice only)
+        overflow |= relevant.sum(dim=1) > max(8, len(starts) // 8)
     used = torch.zeros(b, dtype=torch.int64, device=dev)
     logit_err = torch.zeros(b, dtype=torch.float64, device=dev)
     refined = torch.zeros((), dtype=torch.int64, device=dev)
