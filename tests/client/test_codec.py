@@ -152,3 +152,20 @@ def test_cuda_round_trip() -> None:
     back = to_like(t, x)
     assert back.device == x.device and back.dtype == torch.bfloat16
     assert torch.equal(back, x)
+
+
+def test_conversions_match_torch_bit_for_bit() -> None:
+    """The codec converts dtypes in numpy (fast on busy CPUs); the results equal torch's own
+    conversions bit for bit, overflow to inf and subnormals included."""
+    scale = torch.logspace(-42, 42, 2000, dtype=torch.float64)
+    base = torch.randn(2000, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * scale
+    names = ("float32", "float16", "bfloat16", "float64")
+    for src in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        y = base.to(src)
+        for name in names:
+            wire = encode(y, name)
+            assert wire.data == encode(y.to(getattr(torch, name)), name).data, (src, name)
+            for like in names:
+                got = to_like(wire, torch.zeros(1, dtype=getattr(torch, like)))
+                want = y.to(getattr(torch, name)).to(getattr(torch, like))
+                assert got.dtype == want.dtype and torch.equal(got, want), (src, name, like)
