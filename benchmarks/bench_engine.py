@@ -29,7 +29,7 @@ from floworacle.paths import get_path
 from floworacle_server.data import Dataset
 from floworacle_server.engine import OracleQuery, Precision, oracle
 
-CASES = {"small": (20_000, 1_024), "cifar": (50_000, 3_072)}
+CASES = {"small": (20_000, 1_024), "cifar": (50_000, 3_072), "imagenet": (1_281_167, 4_096)}
 
 
 def _sync(device: torch.device) -> None:
@@ -87,11 +87,15 @@ def make_queries(ds: Dataset, t: np.ndarray, rng: np.random.Generator) -> tuple[
     return (a * x1 + s * x0), c
 
 
-def run_case(n: int, d: int, b: int, device: torch.device, repeat: int, rng: np.random.Generator) -> None:
+def run_case(
+    n: int, d: int, b: int, device: torch.device, repeat: int, rng: np.random.Generator, dtype: str, screen: str
+) -> None:
     torch.manual_seed(0)
     x = torch.randn(n, d, device=device)
-    ds = Dataset.from_arrays("bench", x, device=device)
-    data_bytes = n * d * 4
+    ds = Dataset.from_arrays("bench", x, device=device, dtype=dtype)
+    if dtype != "float32":
+        x = ds.x.float()
+    data_bytes = ds.x.numel() * ds.x.element_size()
     q32 = torch.randn(b, d, device=device)
     p32 = torch.rand(b, n, device=device)
     t_g1 = best_time(lambda: q32 @ x.T, device, repeat)
@@ -141,9 +145,9 @@ def run_case(n: int, d: int, b: int, device: torch.device, repeat: int, rng: np.
         )
         for prec in (Precision.EXACT, Precision.FAST):
             q = OracleQuery(x_t=xt, coeffs=coeffs, precision=prec)
-            res = oracle(ds, q)
-            te = best_time(lambda q=q: oracle(ds, q), device, repeat)
-            mem = peak_extra_bytes(lambda q=q: oracle(ds, q)) if device.type == "cpu" else None
+            res = oracle(ds, q, screen=screen)
+            te = best_time(lambda q=q: oracle(ds, q, screen=screen), device, repeat)
+            mem = peak_extra_bytes(lambda q=q: oracle(ds, q, screen=screen)) if device.type == "cpu" else None
             frac = res.refined / (b * n)
             print(
                 f"{label:>14} {prec.value:>8} {te * 1e3:9.1f} {roof / te:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}"
@@ -156,17 +160,19 @@ def _fmt_mem(mem: int | None, data_bytes: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=[*CASES, "all"], default="all")
+    ap.add_argument("--case", choices=[*CASES, "all"], default="all", help="all = small and cifar")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", help="storage dtype: float32, float16, bfloat16")
+    ap.add_argument("--screen", default="float32", help="screening GEMM precision: float32, bfloat16, float16")
     args = ap.parse_args()
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for name, (n, d) in CASES.items():
-        if args.case in (name, "all"):
-            run_case(n, d, args.batch, device, args.repeat, rng)
+        if args.case == name or (args.case == "all" and name != "imagenet"):
+            run_case(n, d, args.batch, device, args.repeat, rng, args.dtype, args.screen)
 
 
 if __name__ == "__main__":
