@@ -89,14 +89,29 @@ class _PassResult:
 
 
 def _screen_gamma(ds: Dataset, screen: str) -> tuple[torch.dtype, float]:
-    """Screening dtype actually used on this device and the relative dot-product error bound."""
+    """Screening dtype actually used on this device and the relative dot-product error bound.
+
+    The bound counts the accumulation ((D + 2) u_acc, float32 accumulators), the rounding of the
+    query to the screening dtype, of the data where it is stored in another dtype, and of the
+    product itself where the GEMM returns a half-precision result. A float32 GEMM on CUDA with
+    TF32 allowed (``torch.backends.cuda.matmul.allow_tf32`` or a float32 matmul precision below
+    "highest") rounds its inputs to 10-bit mantissas; the bound follows that setting.
+    """
     if screen not in SCREEN_DTYPES:
         raise ValueError(f"unknown screening precision {screen!r}; use one of {sorted(SCREEN_DTYPES)}")
     dtype, u_in = SCREEN_DTYPES[screen]
-    if ds.device.type != "cuda" and dtype != torch.float32:
+    cuda = ds.device.type == "cuda"
+    if not cuda and dtype != torch.float32:
         dtype, u_in = torch.float32, 2.0**-24  # half-precision GEMMs are slow on CPUs
-    data_u = 0.0 if ds.x.dtype == dtype or (dtype == torch.float32) else u_in
-    gamma = (ds.dim + 2) * _U_ACC + u_in + data_u
+    if dtype == torch.float32:
+        tf32 = cuda and (torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest")
+        u_in = 2.0**-11 if tf32 else 2.0**-24
+        data_u = u_in if tf32 else 0.0
+        out_u = 0.0
+    else:
+        data_u = 0.0 if ds.x.dtype == dtype else u_in
+        out_u = u_in
+    gamma = (ds.dim + 2) * _U_ACC + u_in + data_u + out_u
     return dtype, gamma * 1.01 + 4 * U64
 
 
