@@ -15,7 +15,17 @@ import numpy as np
 
 from floworacle.v1 import oracle_pb2 as pb
 
-__all__ = ["CodecError", "WireDType", "DTYPES", "dtype_by_name", "encode", "decode", "decode_torch", "to_like"]
+__all__ = [
+    "CodecError",
+    "WireDType",
+    "DTYPES",
+    "dtype_by_name",
+    "encode",
+    "encode_raw",
+    "decode",
+    "decode_torch",
+    "to_like",
+]
 
 
 class CodecError(ValueError):
@@ -92,6 +102,13 @@ def encode(x: Any, dtype: str | None = None) -> pb.Tensor:
         dtype: wire dtype name ("float32", "float16", "bfloat16", "float64", "int64");
             None keeps the array's own dtype (which must be one of those).
     """
+    wd, shape, raw = encode_raw(x, dtype)
+    return pb.Tensor(dtype=wd.enum, shape=list(shape), data=raw)  # type: ignore[arg-type]
+
+
+def encode_raw(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int, ...], bytes]:
+    """:func:`encode` without building the message: (wire dtype, shape, raw bytes). Lets a
+    caller fill a tensor field of a larger message directly (one copy of the data fewer)."""
     name = dtype or _source_name(x)
     if name in ("int32", "int16", "int8", "uint8") and dtype is None:
         name = "int64"
@@ -123,7 +140,7 @@ def encode(x: Any, dtype: str | None = None) -> pb.Tensor:
         else:
             raw = np.ascontiguousarray(a, dtype=wd.numpy).tobytes()
         shape = a.shape
-    return pb.Tensor(dtype=wd.enum, shape=list(shape), data=raw)  # type: ignore[arg-type]
+    return wd, tuple(int(d) for d in shape), raw
 
 
 def _check(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...]]:

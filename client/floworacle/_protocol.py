@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from floworacle import paths
-from floworacle._codec import CodecError, _is_torch, dtype_by_name, encode, to_like
+from floworacle._codec import CodecError, WireDType, _is_torch, dtype_by_name, encode, encode_raw, to_like
 from floworacle._errors import OracleError
 from floworacle._results import DatasetInfo, Neighbors, Prediction
 from floworacle.v1 import oracle_pb2 as pb
@@ -232,6 +232,19 @@ def _slice_rows(t: pb.Tensor, start: int, stop: int) -> pb.Tensor:
     return pb.Tensor(dtype=t.dtype, shape=[stop - start, *t.shape[1:]], data=t.data[start * row : stop * row])
 
 
+def _fill_rows(field: Any, raw: tuple[WireDType, tuple[int, ...], bytes], start: int, stop: int) -> None:
+    """Set a message's tensor field to rows [start, stop) of encoded data: the bytes go into the
+    message once (building a Tensor first and copying it in would copy them twice)."""
+    wd, shape, data = raw
+    field.dtype = wd.enum
+    field.shape.extend([stop - start, *shape[1:]])
+    if start == 0 and stop == shape[0]:
+        field.data = data
+    else:
+        row = len(data) // shape[0] if shape[0] else 0
+        field.data = data[start * row : stop * row]
+
+
 def _join_rows(parts: list[pb.Tensor], field_name: str) -> pb.Tensor:
     """Concatenate wire tensors along rows without decoding them."""
     if len(parts) == 1:
@@ -334,7 +347,7 @@ def build_oracle(
 
     wire = _wire_name(arr, wire_dtype)
     wd = dtype_by_name(wire)
-    x_wire = encode(arr, wire)
+    x_raw = encode_raw(arr, wire)
     dim = math.prod(int(s) for s in arr.shape[1:])
     n_float = sum(o in _FLOAT_OUTPUTS for o in outs)
     request_row = dim * wd.itemsize + 8 + 8 + 32
@@ -360,13 +373,13 @@ def build_oracle(
         req = pb.OracleRequest(
             dataset=dataset,
             fingerprint=fingerprint,
-            x_t=_slice_rows(x_wire, start, stop),
             path=part_spec,
             outputs=[OUTPUT_NAMES[o] for o in outs],
             top_k=top_k,
             precision=_PRECISIONS[precision],
             output_dtype=wd.enum,  # type: ignore[arg-type]
         )
+        _fill_rows(req.x_t, x_raw, start, stop)
         if t_wire is not None:
             req.t.CopyFrom(_slice_rows(t_wire, start, stop))
         if lab_wire is not None:
@@ -432,7 +445,7 @@ def build_nearest(
         _path_spec(batch, tv, path, sigma_min, coefficients) if (tv is not None or coefficients is not None) else None
     )
     wire = _wire_name(arr, None)
-    x_wire = encode(arr, wire)
+    x_raw = encode_raw(arr, wire)
     dim = math.prod(int(s) for s in arr.shape[1:])
     request_row = dim * dtype_by_name(wire).itemsize + 8 + 32
     response_row = int(k) * 24
@@ -447,7 +460,8 @@ def build_nearest(
     requests = []
     for start in range(0, max(batch, 1), rows):
         stop = min(batch, start + rows)
-        req = pb.NearestRequest(dataset=dataset, fingerprint=fingerprint, x=_slice_rows(x_wire, start, stop), k=int(k))
+        req = pb.NearestRequest(dataset=dataset, fingerprint=fingerprint, k=int(k))
+        _fill_rows(req.x, x_raw, start, stop)
         if t_wire is not None:
             req.t.CopyFrom(_slice_rows(t_wire, start, stop))
         if spec is not None:
