@@ -20,7 +20,7 @@ from floworacle_server.analysis._transition import TransitionCurve
 
 __all__ = ["plot_transition", "plot_ratio_histogram", "plot_copy_grid"]
 
-_DPI = 110
+_DPI = 100
 
 
 def _save(fig: Figure, path: str | Path) -> None:

@@ -86,7 +86,7 @@ def parse_t_grid(spec: str, t_max: float = 1.0) -> np.ndarray:
     return t
 
 
-def synthetic_dataset(num_samples: int, dim: int, seed: int = 0) -> Dataset:
+def synthetic_dataset(num_samples: int, dim: int, seed: int = 0, device: str | torch.device = "cpu") -> Dataset:
     """N unit-Gaussian samples in D dimensions, ``x_i ~ N(0, I_D)``, stored in float32.
 
     The generator is seeded by (seed, N, D), so each (N, D) of a sweep has its own fixed data.
@@ -95,7 +95,7 @@ def synthetic_dataset(num_samples: int, dim: int, seed: int = 0) -> Dataset:
         raise ValueError(f"synthetic data needs N >= 1 and D >= 1, got N={num_samples}, D={dim}")
     rng = np.random.default_rng([seed, num_samples, dim])
     x = rng.standard_normal((num_samples, dim), dtype=np.float32)
-    return Dataset.from_arrays(f"gaussian N={num_samples} D={dim}", x)
+    return Dataset.from_arrays(f"gaussian N={num_samples} D={dim}", x, device=device)
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def make_queries(dataset: Dataset, num_queries: int, seed: int = 0, label: int |
     count = hi - lo
     rows = lo + rng.choice(count, size=num_queries, replace=num_queries > count)
     rows = np.sort(rows).astype(np.int64)
-    x1 = dataset.x[torch.from_numpy(rows)].to(torch.float64).cpu().numpy()
+    x1 = dataset.x[torch.from_numpy(rows).to(dataset.device)].to(torch.float64).cpu().numpy()
     x0 = rng.standard_normal((num_queries, dataset.dim))
     labels = np.full(num_queries, label, dtype=np.int64) if label is not None else None
     return QuerySet(rows=rows, x1=x1, x0=x0, labels=labels)

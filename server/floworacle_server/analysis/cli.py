@@ -150,7 +150,7 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
             raise ValueError("--synthetic data exist only in this process; drop --server")
         if args.per_class:
             raise ValueError("--synthetic data have no classes; drop --per-class")
-        datasets = [synthetic_dataset(n, d, args.seed) for n, d in parse_synthetic(args.synthetic)]
+        datasets = [synthetic_dataset(n, d, args.seed, args.device) for n, d in parse_synthetic(args.synthetic)]
     else:
         spec = args.data if args.data is not None else args.dataset
         if args.data is not None and not Path(args.data).exists():
