@@ -94,7 +94,28 @@ class Settings(BaseSettings):
     max_stream_inflight: int = Field(
         default=64, ge=1, description="Requests of one OracleStream in flight at once (back-pressure beyond)."
     )
-    reflection: bool = Field(default=True, description="Serve gRPC server reflection.")
+    max_inflight_rows: int = Field(
+        default=65536,
+        ge=1,
+        description="Query rows admitted at once (queued + computing); beyond: RESOURCE_EXHAUSTED with a retry "
+        "hint. A request arriving when nothing is in flight is always admitted.",
+    )
+    reflection: bool = Field(
+        default=True,
+        description="Serve gRPC server reflection. When not given: on without authentication "
+        "(auth_tokens_file unset), off with it.",
+    )
+    tls_cert: str | None = Field(default=None, description="PEM server certificate chain file; turns on TLS.")
+    tls_key: str | None = Field(default=None, description="PEM private key file of tls_cert.")
+    tls_client_ca: str | None = Field(
+        default=None,
+        description="PEM CA bundle file; when set, clients must present a certificate it signed (mutual TLS).",
+    )
+    auth_tokens_file: str | None = Field(
+        default=None,
+        description="File of accepted bearer tokens, one a line ('#' comments and blank lines ignored); when "
+        "set, every RPC except health checks needs 'authorization: Bearer <token>'. Re-read on SIGHUP.",
+    )
     grace_period_s: float = Field(
         default=30.0, ge=0.0, description="On SIGTERM: how long in-flight requests may take to finish."
     )
@@ -105,6 +126,15 @@ class Settings(BaseSettings):
         "balancers stop routing before the port closes.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Logging level.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reflection_default(cls, values: Any) -> Any:
+        # Reflection describes the whole API to anyone who can connect: with authentication on,
+        # it is off unless asked for explicitly.
+        if isinstance(values, dict) and values.get("reflection") is None:
+            values = {**values, "reflection": not values.get("auth_tokens_file")}
+        return values
 
     @field_validator("data", "labels", mode="before")
     @classmethod
@@ -137,6 +167,14 @@ class Settings(BaseSettings):
                     raise ValueError(f"data set name {name!r} is given twice; names must be unique")
                 names.add(name)
         return value
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (PEM files); give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs TLS: give tls_cert and tls_key too")
+        return self
 
     @model_validator(mode="after")
     def _labels_match(self) -> Settings:

@@ -6,7 +6,9 @@ e.g. data set, precision and guidance) and a number of rows. The oldest waiting 
 next batch: the batcher waits up to ``max_queue_delay`` from that item's arrival for more items of
 the same key, then takes items of that key in arrival order up to ``max_batch_rows`` rows (an item
 larger than that runs alone). Items whose caller went away or whose deadline passed while waiting
-are dropped before compute. The queue is bounded: a full queue refuses new items at once.
+are dropped before compute. Admission is bounded twice: a full queue, or more rows in flight (queued
+plus computing) than ``max_inflight_rows``, refuses new items at once. A merged batch that runs the
+device out of memory is split in halves and retried, down to single requests.
 """
 
 from __future__ import annotations
@@ -14,19 +16,32 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["BatchRunner", "DynamicBatcher", "QueueFullError", "DeadlineExpiredError", "BatcherClosedError"]
+__all__ = [
+    "BatchRunner",
+    "DynamicBatcher",
+    "QueueFullError",
+    "InflightFullError",
+    "DeadlineExpiredError",
+    "BatcherClosedError",
+]
 
 log = logging.getLogger(__name__)
 
 
 class QueueFullError(Exception):
     """The batcher queue holds ``max_queue_requests`` items; the caller should back off and retry."""
+
+
+class InflightFullError(QueueFullError):
+    """Admitting the item would put more than ``max_inflight_rows`` rows in flight; the caller should
+    back off and retry (the servicer answers it like a full queue, with a retry hint)."""
 
 
 class DeadlineExpiredError(Exception):
@@ -60,6 +75,25 @@ class _Item:
     future: asyncio.Future[Any]
     enqueued: float
     deadline: float | None
+    # The item's rows count towards max_inflight_rows until both its caller is gone and its
+    # engine call (if any) has ended: a cancelled caller does not free rows still on the device.
+    holds_rows: bool = True
+    computing: bool = False
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (= torch.cuda.OutOfMemoryError), without importing torch here."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return isinstance(oom, type) and isinstance(exc, oom)
+
+
+def _release_device_cache() -> None:
+    # After an out-of-memory error the caching allocator may hold the failed attempt's blocks;
+    # hand them back before the halves are tried.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -86,6 +120,9 @@ class DynamicBatcher:
         max_batch_rows: most rows merged into one call.
         max_queue_delay_s: longest the oldest item waits for company before its batch runs.
         max_queue_requests: most items waiting (not counting the batch being computed).
+        max_inflight_rows: most rows queued or computing at once (None: no cap). An item that
+            arrives when nothing is in flight is always admitted, so one request larger than the
+            cap still runs (alone).
         metrics: optional :class:`~floworacle_server.metrics.ServiceMetrics`-like sink.
     """
 
@@ -95,10 +132,16 @@ class DynamicBatcher:
         max_batch_rows: int,
         max_queue_delay_s: float,
         max_queue_requests: int,
+        max_inflight_rows: int | None = None,
         metrics: _Metrics | None = None,
     ) -> None:
         if max_batch_rows < 1 or max_queue_requests < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_rows and max_queue_requests must be >= 1 and max_queue_delay_s >= 0")
+        if max_inflight_rows is not None and max_inflight_rows < 1:
+            raise ValueError(f"max_inflight_rows must be >= 1 or None, got {max_inflight_rows}")
+        self.max_inflight_rows = max_inflight_rows
+        self._inflight_rows = 0
+        self.oom_splits = 0
         self.max_batch_rows = max_batch_rows
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_requests = max_queue_requests
@@ -111,6 +154,8 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="floworacle-engine")
         self._closed = False
         self._stats = _Stats()
+        # Keys whose last wait for company was in vain (see _worth_waiting).
+        self._solo: dict[Hashable, bool] = {}
 
     # -- counters (tests and metrics read these) ---------------------------------------------
     @property
@@ -131,6 +176,11 @@ class DynamicBatcher:
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def inflight_rows(self) -> int:
+        """Rows admitted and not yet finished (queued or computing)."""
+        return self._inflight_rows
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -179,23 +229,39 @@ class DynamicBatcher:
         """
         if self._closed or self._task is None:
             raise BatcherClosedError("the server is shutting down; retry on another replica")
+        # Rejections are counted by the servicer, which sees every exception raised here.
         if len(self._pending) >= self.max_queue_requests:
-            if self._metrics is not None:
-                self._metrics.rejected("queue_full")
             raise QueueFullError(
                 f"the server's queue is full ({self.max_queue_requests} requests waiting); retry after a short "
                 "backoff (tens of milliseconds), send fewer concurrent requests, or raise max_queue_requests"
             )
+        cap = self.max_inflight_rows
+        if cap is not None and self._inflight_rows > 0 and self._inflight_rows + rows > cap:
+            raise InflightFullError(
+                f"the server has {self._inflight_rows} rows in flight and this request's {rows} would pass its "
+                f"cap of {cap} (max_inflight_rows); retry after a short backoff (tens of milliseconds) or send "
+                "fewer rows at once"
+            )
         loop = asyncio.get_running_loop()
         item = _Item(key, rows, payload, runner, loop.create_future(), time.monotonic(), deadline)
         self._pending.append(item)
+        self._inflight_rows += rows
         self._set_depth()
         self._wakeup.set()
         # A cancelled caller cancels item.future too (Task.cancel cancels what it awaits), which
         # is how the collector knows to skip it.
-        return await item.future
+        try:
+            return await item.future
+        finally:
+            if not item.computing:
+                self._release(item)
 
     # -- internals ----------------------------------------------------------------------------
+    def _release(self, item: _Item) -> None:
+        if item.holds_rows:
+            item.holds_rows = False
+            self._inflight_rows -= item.rows
+
     def _set_depth(self) -> None:
         if self._metrics is not None:
             self._metrics.set_queue_depth(len(self._pending))
@@ -206,6 +272,27 @@ class DynamicBatcher:
             await asyncio.wait_for(self._wakeup.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+
+    def _worth_waiting(self, key: Hashable) -> bool:
+        """Whether the head item of ``key`` should wait (up to ``max_queue_delay``) for company.
+
+        The wait only pays when other requests of the key are about to arrive. Policy: wait,
+        unless the last batch of this key waited the full delay and still held a single request
+        (a lone caller, e.g. one trainer calling in a loop: waiting would add the delay to every
+        call and merge nothing). Such a key runs at once while the worker is idle; requests that
+        arrive meanwhile queue behind the running engine call and are merged into the next batch,
+        and as soon as a batch holds more than one request the key waits again. A batch that is
+        already ``max_batch_rows`` full never waits. A new key starts in the waiting mode.
+        """
+        return not self._solo.get(key, False)
+
+    def _learn(self, key: Hashable, requests: int, waited: bool) -> None:
+        if requests > 1:
+            self._solo.pop(key, None)
+        elif requests == 1 and waited:
+            if len(self._solo) >= 1024:  # keys include guidance settings: keep the map small
+                self._solo.clear()
+            self._solo[key] = True
 
     def _rows_for(self, key: Hashable) -> int:
         return sum(i.rows for i in self._pending if i.key == key and not i.future.done())
@@ -235,12 +322,19 @@ class DynamicBatcher:
                 self._set_depth()
                 continue
             first = self._pending[0]
-            while self._rows_for(first.key) < self.max_batch_rows and not first.future.done():
+            waited = False
+            while (
+                self._worth_waiting(first.key)
+                and self._rows_for(first.key) < self.max_batch_rows
+                and not first.future.done()
+            ):
                 remaining = first.enqueued + self.max_queue_delay_s - time.monotonic()
                 if remaining <= 0:
                     break
+                waited = True
                 await self._wait(remaining)
             batch = self._take(first.key)
+            self._learn(first.key, sum(not i.future.done() for i in batch), waited)
             now = time.monotonic()
             live: list[_Item] = []
             for item in batch:
@@ -248,8 +342,6 @@ class DynamicBatcher:
                     continue
                 if item.deadline is not None and item.deadline <= now:
                     item.future.set_exception(DeadlineExpiredError("the deadline passed while the request was queued"))
-                    if self._metrics is not None:
-                        self._metrics.rejected("deadline")
                     continue
                 if self._metrics is not None:
                     self._metrics.observe_queue(now - item.enqueued)
@@ -269,22 +361,46 @@ class DynamicBatcher:
                             item.future.set_exception(exc)
 
     async def _execute(self, items: list[_Item]) -> None:
-        loop = asyncio.get_running_loop()
-        runner = items[0].runner
-        payloads = [i.payload for i in items]
-        results = await loop.run_in_executor(self._executor, self._call, items[0].key, runner, payloads)
-        if isinstance(results, Exception) and len(items) > 1:
-            # The merged call failed: rerun each item alone so only the culprit sees the error.
-            results = []
+        for item in items:
+            item.computing = True
+        try:
+            await self._run_items(items)
+        finally:
             for item in items:
+                item.computing = False
                 if item.future.done():
-                    results.append(None)
-                    continue
-                one = await loop.run_in_executor(self._executor, self._call, item.key, runner, [item.payload])
-                results.append(one if isinstance(one, Exception) else one[0])
-        elif isinstance(results, Exception):
-            results = [results]
-        for item, result in zip(items, results, strict=True):
+                    self._release(item)
+
+    async def _run_items(self, items: list[_Item]) -> None:
+        """Compute ``items`` in one engine call. If it runs out of device memory, compute each
+        half on its own (recursively, down to single items); if it fails otherwise, rerun each
+        item alone so only the culprit sees the error."""
+        live = [i for i in items if not i.future.done()]
+        if not live:
+            return
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(
+            self._executor, self._call, live[0].key, live[0].runner, [i.payload for i in live]
+        )
+        if isinstance(results, Exception):
+            if len(live) == 1:
+                if not live[0].future.done():
+                    live[0].future.set_exception(results)
+                return
+            if _is_out_of_memory(results):
+                self.oom_splits += 1
+                half = (len(live) + 1) // 2
+                log.warning(
+                    "device out of memory on a batch of %d rows; retrying it in halves",
+                    sum(i.rows for i in live),
+                )
+                await self._run_items(live[:half])
+                await self._run_items(live[half:])
+            else:
+                for item in live:
+                    await self._run_items([item])
+            return
+        for item, result in zip(live, results, strict=True):
             if item.future.done():
                 continue
             if isinstance(result, Exception):
@@ -301,6 +417,8 @@ class DynamicBatcher:
         try:
             results, refined = runner(payloads)
         except Exception as exc:
+            if _is_out_of_memory(exc):
+                _release_device_cache()
             return exc
         seconds = time.perf_counter() - start
         if len(results) != len(payloads):

@@ -1,5 +1,6 @@
 """Assembles a Flow Oracle server from settings: data store, batcher, servicer, the standard
-health service, server reflection and the metrics HTTP endpoint; and drains it on shutdown.
+health service, server reflection, TLS and token authentication, and the metrics HTTP endpoint;
+and drains it on shutdown.
 
 The entry point (``floworacle serve``) only parses flags and calls :func:`create_server`; tests
 call it directly with port 0 and talk to the server over a real channel.
@@ -20,6 +21,7 @@ from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset, load_digits
 from floworacle_server.metrics import ServiceMetrics
+from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
 from floworacle_server.service._batcher import DynamicBatcher
 from floworacle_server.service._requests import Limits
 from floworacle_server.service._servicer import FlowOracleServicer
@@ -40,6 +42,9 @@ def dataset_health_name(dataset: str) -> str:
 
 def build_store(settings: Settings) -> DatasetStore:
     """Load the data sets the settings name (the embedded ``digits`` on the CPU when none).
+
+    An index directory is verified against the fingerprint in its manifest while it loads; one
+    whose files changed since ``floworacle index build`` raises instead of being served.
 
     Raises:
         ValueError: a data argument that cannot be loaded (the message says why).
@@ -72,6 +77,8 @@ class OracleServer:
         store: the data sets it serves.
         metrics: its Prometheus metrics (own registry).
         batcher: the dynamic batcher (``engine_calls`` counts merged engine calls).
+        auth: the token interceptor when ``auth_tokens_file`` is set (``auth.reload()`` re-reads
+            the file), else None.
         port: the bound gRPC port (after :meth:`start`).
         metrics_port: the bound metrics port, or None when metrics HTTP is off.
     """
@@ -94,10 +101,19 @@ class OracleServer:
             max_batch_rows=settings.max_batch_rows,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
             max_queue_requests=settings.max_queue_requests,
+            max_inflight_rows=settings.max_inflight_rows,
             metrics=self.metrics,
         )
         self.health = health.aio.HealthServicer()
-        self._interceptors = tuple(interceptors)
+        self.auth: TokenAuthInterceptor | None = None
+        if settings.auth_tokens_file is not None:
+            self.auth = TokenAuthInterceptor(settings.auth_tokens_file, metrics=self.metrics)
+        # Authentication runs first, so no other interceptor sees an unauthenticated call.
+        self._interceptors = ((self.auth,) if self.auth is not None else ()) + tuple(interceptors)
+        if server_credentials is None:
+            server_credentials = server_credentials_from_files(
+                settings.tls_cert, settings.tls_key, settings.tls_client_ca
+            )
         self._credentials = server_credentials
         self._server: grpc.aio.Server | None = None
         self._servicer: FlowOracleServicer | None = None
@@ -221,11 +237,24 @@ def create_server(
 ) -> OracleServer:
     """Build (not start) a server: the given store, or the data sets the settings name.
 
+    TLS comes from ``settings.tls_cert`` / ``tls_key`` (mutual TLS with ``tls_client_ca``) and
+    bearer-token authentication from ``settings.auth_tokens_file``.
+
     Args:
-        interceptors: extra ``grpc.aio`` server interceptors (e.g. token authentication), run
-            in order before the servicer.
-        server_credentials: TLS credentials; None serves plaintext.
+        interceptors: extra ``grpc.aio`` server interceptors, run in order after authentication
+            and before the servicer.
+        server_credentials: TLS credentials that replace the ones the settings name; None with
+            no TLS settings serves plaintext.
+
+    Raises:
+        ValueError: data that cannot be loaded (an index whose contents no longer match its
+            fingerprint included), unreadable TLS files, or a tokens file without tokens.
     """
+    # Check TLS files and the tokens file before loading data, which may take minutes.
+    if server_credentials is None:
+        server_credentials = server_credentials_from_files(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if settings.auth_tokens_file is not None:
+        read_tokens(settings.auth_tokens_file)
     return OracleServer(
         settings,
         store if store is not None else build_store(settings),

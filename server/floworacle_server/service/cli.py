@@ -7,11 +7,14 @@ import argparse
 import asyncio
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from floworacle_server.settings import CONFIG_ENV, Settings, load_settings
+
+if TYPE_CHECKING:  # the parser is built for every floworacle command; grpc loads only to serve
+    from floworacle_server.service._auth import TokenAuthInterceptor
 
 __all__ = ["register", "serve"]
 
@@ -48,7 +51,21 @@ def register(sub: Any) -> None:
     p.add_argument("--max-request-rows", type=int, help="rows one request may carry (default 16384)")
     p.add_argument("--max-message-bytes", type=int, help="gRPC message limit in bytes (default 256 MiB)")
     p.add_argument(
-        "--reflection", action=argparse.BooleanOptionalAction, default=None, help="gRPC server reflection (default on)"
+        "--max-inflight-rows", type=int, help="rows queued + computing at once; beyond: retry hint (default 65536)"
+    )
+    p.add_argument(
+        "--reflection",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="gRPC server reflection (default: on without --auth-tokens-file, off with it)",
+    )
+    p.add_argument("--tls-cert", metavar="PEM", help="server certificate chain; with --tls-key turns on TLS")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="PEM", help="CA of client certificates: require them (mutual TLS)")
+    p.add_argument(
+        "--auth-tokens-file",
+        metavar="FILE",
+        help="accepted bearer tokens, one a line; every RPC but health needs one (re-read on SIGHUP)",
     )
     p.add_argument("--grace-period-s", type=float, help="seconds in-flight requests get on SIGTERM (default 30)")
     p.add_argument("--shutdown-delay-s", type=float, help="seconds NOT_SERVING before the port closes (default 0)")
@@ -71,9 +88,16 @@ def _main(args: argparse.Namespace) -> int:
         return 1
 
 
+def _reload_tokens(auth: TokenAuthInterceptor) -> None:
+    try:
+        log.info("SIGHUP: %d tokens loaded from %s", auth.reload(), auth.tokens_file)
+    except ValueError as exc:
+        log.error("SIGHUP: %s; keeping the %d tokens loaded before", exc, auth.token_count)
+
+
 async def serve(settings: Settings) -> int:
     """Run a server until SIGTERM or SIGINT, then drain (health NOT_SERVING, in-flight requests
-    finish within ``grace_period_s``) and return 0."""
+    finish within ``grace_period_s``) and return 0. SIGHUP re-reads the auth tokens file."""
     from floworacle_server.service._server import create_server
 
     loop = asyncio.get_running_loop()
@@ -94,15 +118,20 @@ async def serve(settings: Settings) -> int:
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     log.info("Flow Oracle serving on %s%s", server.address, metrics)
 
+    if server.auth is not None:
+        log.info("token authentication on: %d tokens from %s", server.auth.token_count, server.auth.tokens_file)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    auth = server.auth
+    if auth is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_tokens, auth)
     try:
         await stop.wait()
         log.info("draining (grace %.1f s)", settings.grace_period_s)
         await server.stop(settings.grace_period_s)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0

@@ -59,6 +59,7 @@ def serve_in_thread(
     interceptors: tuple[grpc.aio.ServerInterceptor, ...] = (),
     server_credentials: grpc.ServerCredentials | None = None,
     startup_timeout: float = 60.0,
+    port: int = 0,
 ) -> Iterator[RunningServer]:
     """Start a real server on 127.0.0.1 with a free gRPC port (and a free metrics port unless
     ``settings.metrics_port == -1``) on its own event loop in a daemon thread; stop it on exit.
@@ -67,9 +68,11 @@ def serve_in_thread(
         settings: server settings (default: embedded digits on the CPU); host and ports are
             overridden as above.
         store: data sets to serve instead of the ones the settings name.
+        port: the gRPC port (0: a free one); a fixed port lets a test restart a server where
+            its clients expect it.
     """
     base = settings if settings is not None else Settings(device="cpu")
-    update: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_host": "127.0.0.1"}
+    update: dict[str, Any] = {"host": "127.0.0.1", "port": port, "metrics_host": "127.0.0.1"}
     if base.metrics_port != -1:
         update["metrics_port"] = 0
     s = base.model_copy(update=update)
