@@ -1,0 +1,403 @@
+"""Transport security and authentication over real channels: TLS with the SDK, mutual TLS that
+refuses clients without a certificate from the configured CA, bearer tokens checked by the server
+interceptor (health open, reflection closed), token reload, and the same through `floworacle serve`.
+
+Certificates are made in the test with the ``openssl`` command (EC P-256 keys: fast)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
+
+from floworacle import OracleClient, OracleError
+from floworacle._protocol import RetryPolicy
+from floworacle.v1 import oracle_pb2 as pb
+from floworacle.v1 import oracle_pb2_grpc as pb_grpc
+from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
+from floworacle_server.service.testing import serve_in_thread
+from floworacle_server.settings import Settings, load_settings
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+
+TOKENS = ("tok-alpha-0123456789", "tok-beta-9876543210")
+
+
+@dataclass(frozen=True)
+class Pki:
+    dir: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # signed by another CA
+    rogue_key: Path
+
+    def read(self, p: Path) -> bytes:
+        return p.read_bytes()
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "1", "-subj", f"/CN={name}",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=d,
+    )  # fmt: skip
+
+
+def _leaf(d: Path, name: str, ca: str, ext: str) -> None:
+    (d / f"{name}.ext").write_text(ext)
+    _openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+        "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext", cwd=d,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _ca(d, "rogue-ca")
+    _leaf(d, "server", "ca", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _leaf(d, "client", "ca", "extendedKeyUsage=clientAuth\n")
+    _leaf(d, "rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n")
+    return Pki(
+        d, d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key",
+        d / "rogue.crt", d / "rogue.key",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokens_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("auth") / "tokens"
+    p.write_text(f"# training team\n{TOKENS[0]}\n\n   \n  {TOKENS[1]}  \n# revoked: old-token\n")
+    return p
+
+
+def _query(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t = np.array([0.3, 0.8])
+    xt = noisy_queries(x, t, seed=11)
+    return xt, t, ref_oracle(x, xt, *linear_coeffs(t))["velocity"]
+
+
+def _no_retry(**kw: object) -> dict[str, object]:
+    return {"retry": RetryPolicy(max_attempts=1), "timeout": 10.0, **kw}
+
+
+def _rejected(srv, reason: str) -> float:
+    v = srv.server.metrics.registry.get_sample_value("floworacle_rejected_requests_total", {"reason": reason})
+    return float(v or 0.0)
+
+
+# -- TLS and mutual TLS --------------------------------------------------------------------------
+
+
+def test_tls_serves_the_sdk_and_refuses_plaintext(pki: Pki, digits):
+    x, _ = digits
+    xt, t, ref = _query(x)
+    settings = Settings(device="cpu", metrics_port=-1, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+    with serve_in_thread(settings) as srv:
+        with OracleClient(srv.address, root_certificates=pki.read(pki.ca)) as c:
+            assert max_rel(c.velocity(xt.astype(np.float64), t), ref) < 1e-6
+        with OracleClient(srv.address, **_no_retry()) as plain, pytest.raises(OracleError) as e:
+            plain.datasets()
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        # a client that trusts another CA does not accept this server
+        with OracleClient(srv.address, root_certificates=pki.read(pki.rogue_cert), **_no_retry()) as wrong:
+            with pytest.raises(OracleError) as e2:
+                wrong.datasets()
+        assert e2.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki: Pki, digits):
+    x, _ = digits
+    xt, t, ref = _query(x)
+    settings = Settings(
+        device="cpu",
+        metrics_port=-1,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        tls_client_ca=str(pki.ca),
+    )
+    root = pki.read(pki.ca)
+    with serve_in_thread(settings) as srv:
+        with OracleClient(
+            srv.address,
+            root_certificates=root,
+            private_key=pki.read(pki.client_key),
+            certificate_chain=pki.read(pki.client_cert),
+        ) as c:
+            assert max_rel(c.velocity(xt.astype(np.float64), t), ref) < 1e-6
+        for kw in (
+            {},  # TLS but no client certificate
+            {"private_key": pki.read(pki.rogue_key), "certificate_chain": pki.read(pki.rogue_cert)},  # foreign CA
+        ):
+            with OracleClient(srv.address, root_certificates=root, **_no_retry(**kw)) as c2:
+                with pytest.raises(OracleError) as e:
+                    c2.datasets()
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE, kw
+
+
+def test_tls_settings_are_checked_before_data_loads(pki: Pki, tmp_path: Path):
+    with pytest.raises(ValueError, match="both tls_cert and tls_key"):
+        Settings(tls_cert=str(pki.server_cert))
+    with pytest.raises(ValueError, match="mutual TLS"):
+        Settings(tls_client_ca=str(pki.ca))
+    with pytest.raises(ValueError, match="cannot read the TLS key"):
+        server_credentials_from_files(str(pki.server_cert), str(tmp_path / "missing.key"))
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    with pytest.raises(ValueError, match="not PEM"):
+        server_credentials_from_files(str(tmp_path / "junk.pem"), str(pki.server_key))
+    env = {
+        "FLOWORACLE_TLS_CERT": "/c.pem",
+        "FLOWORACLE_TLS_KEY": "/k.pem",
+        "FLOWORACLE_TLS_CLIENT_CA": "/ca.pem",
+        "FLOWORACLE_AUTH_TOKENS_FILE": "/t",
+        "FLOWORACLE_MAX_INFLIGHT_ROWS": "123",
+    }
+    s = load_settings(None, env=env)
+    assert (s.tls_cert, s.tls_key, s.tls_client_ca, s.auth_tokens_file) == ("/c.pem", "/k.pem", "/ca.pem", "/t")
+    assert s.max_inflight_rows == 123 and s.reflection is False  # auth on: reflection off by default
+    assert load_settings({"reflection": True}, env=env).reflection is True
+    assert Settings().reflection is True
+
+
+# -- bearer tokens -------------------------------------------------------------------------------
+
+
+def test_read_tokens_skips_comments_and_blanks(tokens_file: Path, tmp_path: Path):
+    assert read_tokens(tokens_file) == TOKENS
+    (tmp_path / "empty").write_text("# nothing here\n\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        read_tokens(tmp_path / "empty")
+    with pytest.raises(ValueError, match="cannot read"):
+        read_tokens(tmp_path / "absent")
+
+
+@pytest.fixture(scope="module")
+def auth_server(tokens_file: Path) -> Iterator:
+    with serve_in_thread(Settings(device="cpu", auth_tokens_file=str(tokens_file), max_queue_delay_ms=1.0)) as srv:
+        yield srv
+
+
+def _md(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def test_missing_wrong_or_malformed_token_is_unauthenticated(auth_server, digits):
+    x, _ = digits
+    xt, t, _ = _query(x)
+    req = oracle_request(xt, t)
+    before = _rejected(auth_server, "unauthenticated")
+    with grpc.insecure_channel(auth_server.address) as ch:
+        stub = pb_grpc.FlowOracleStub(ch)
+        cases = [
+            (None, "requires authentication"),
+            (_md("tok-alpha-012345678"), "not accepted"),  # a prefix of a real token
+            (_md(TOKENS[0] + "x"), "not accepted"),
+            ((("authorization", f"Basic {TOKENS[0]}"),), "Bearer <token>"),
+            ((("authorization", "Bearer "),), "Bearer <token>"),
+        ]
+        for md, text in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Oracle(req, metadata=md, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, md
+            assert text in e.value.details(), (md, e.value.details())
+        # streaming and listing methods are closed too
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.OracleStream(iter([req]), timeout=10))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ListDatasets(pb.ListDatasetsRequest(), metadata=_md("nope"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _rejected(auth_server, "unauthenticated") == before + 7
+    with OracleClient(auth_server.address, token="wrong", **_no_retry()) as c, pytest.raises(OracleError) as e2:
+        c.velocity(xt, t)
+    assert e2.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_right_token_is_served_exactly_and_health_is_open(auth_server, digits):
+    x, _ = digits
+    xt, t, ref = _query(x)
+    for token in TOKENS:
+        with OracleClient(auth_server.address, token=token) as c:
+            assert max_rel(c.velocity(xt.astype(np.float64), t), ref) < 1e-6
+            assert [d.name for d in c.datasets()] == ["digits"]
+    with grpc.insecure_channel(auth_server.address) as ch:
+        stub = pb_grpc.FlowOracleStub(ch)
+        answers = list(stub.OracleStream(iter([oracle_request(xt, t, dtype="float64")]), metadata=_md(TOKENS[1])))
+        assert len(answers) == 1 and answers[0].HasField("response")
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "floworacle.v1.FlowOracle", "floworacle.v1.FlowOracle/digits"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_is_off_with_auth_unless_enabled(auth_server, tokens_file: Path):
+    with grpc.insecure_channel(auth_server.address) as ch:
+        authed = grpc.intercept_channel(ch, _AddMetadata(_md(TOKENS[0])))
+        with pytest.raises(grpc.RpcError) as e:
+            ProtoReflectionDescriptorDatabase(authed).get_services()
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.RpcError) as e:
+            ProtoReflectionDescriptorDatabase(ch).get_services()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    settings = Settings(device="cpu", metrics_port=-1, auth_tokens_file=str(tokens_file), reflection=True)
+    with serve_in_thread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        with pytest.raises(grpc.RpcError) as e:  # enabled, but still behind the token
+            ProtoReflectionDescriptorDatabase(ch).get_services()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        services = ProtoReflectionDescriptorDatabase(
+            grpc.intercept_channel(ch, _AddMetadata(_md(TOKENS[0])))
+        ).get_services()
+        assert "floworacle.v1.FlowOracle" in services
+
+
+def test_token_reload_replaces_the_accepted_set(tmp_path: Path):
+    f = tmp_path / "tokens"
+    f.write_text("first-token\n")
+    with serve_in_thread(Settings(device="cpu", metrics_port=-1, auth_tokens_file=str(f))) as srv:
+        auth = srv.server.auth
+        assert isinstance(auth, TokenAuthInterceptor) and auth.token_count == 1
+        with OracleClient(srv.address, token="first-token") as c:
+            c.datasets()
+        f.write_text("second-token\n")
+        assert auth.reload() == 1
+        with OracleClient(srv.address, token="first-token", **_no_retry()) as c, pytest.raises(OracleError) as e:
+            c.datasets()
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with OracleClient(srv.address, token="second-token") as c:
+            c.datasets()
+        f.write_text("# emptied by mistake\n")
+        with pytest.raises(ValueError, match="holds no token"):
+            auth.reload()
+        with OracleClient(srv.address, token="second-token") as c:  # the previous set stays
+            c.datasets()
+
+
+class _AddMetadata(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds fixed metadata to every call (reflection's client takes no metadata argument)."""
+
+    def __init__(self, md: tuple[tuple[str, str], ...]) -> None:
+        self.md = md
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(_Details(client_call_details, self.md), request)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(_Details(client_call_details, self.md), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, md) -> None:
+        self.method = d.method
+        self.timeout = d.timeout
+        self.metadata = tuple(d.metadata or ()) + tuple(md)
+        self.credentials = d.credentials
+        self.wait_for_ready = getattr(d, "wait_for_ready", None)
+        self.compression = getattr(d, "compression", None)
+
+
+# -- the same through `floworacle serve` -----------------------------------------------------------
+
+
+def test_serve_command_with_tls_tokens_and_sighup_reload(pki: Pki, tmp_path: Path, digits):
+    x, _ = digits
+    xt, t, ref = _query(x)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("cli-token-1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWORACLE_")}
+    env["FLOWORACLE_AUTH_TOKENS_FILE"] = str(tokens)  # from the environment, the rest from flags
+    cmd = [
+        sys.executable, "-m", "floworacle_server.cli", "serve", "--port", "0", "--metrics-port", "-1",
+        "--host", "127.0.0.1", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
+        "--tls-client-ca", str(pki.ca),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        port, lines = _wait_port(proc)
+        assert port, "".join(lines)
+        assert "token authentication on: 1 tokens" in "".join(lines)
+        tls = {
+            "root_certificates": pki.read(pki.ca),
+            "private_key": pki.read(pki.client_key),
+            "certificate_chain": pki.read(pki.client_cert),
+        }
+        addr = f"127.0.0.1:{port}"
+        with OracleClient(addr, token="cli-token-1", **tls) as c:
+            assert max_rel(c.velocity(xt.astype(np.float64), t), ref) < 1e-6
+        tokens.write_text("cli-token-2\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        accepted = False
+        while not accepted and time.monotonic() < deadline:  # the reload happens on the server's loop
+            with OracleClient(addr, token="cli-token-2", **_no_retry(**tls)) as c:
+                try:
+                    c.datasets()
+                    accepted = True
+                except OracleError as exc:
+                    assert exc.code == grpc.StatusCode.UNAUTHENTICATED
+                    time.sleep(0.05)
+        assert accepted
+        with OracleClient(addr, token="cli-token-1", **_no_retry(**tls)) as c, pytest.raises(OracleError) as e:
+            c.datasets()
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, rest
+        assert "SIGHUP: 1 tokens loaded" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_command_refuses_an_empty_tokens_file(tmp_path: Path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("\n# none\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWORACLE_")}
+    cmd = [sys.executable, "-m", "floworacle_server.cli", "serve", "--port", "0", "--metrics-port", "-1",
+           "--auth-tokens-file", str(tokens)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1 and "holds no token" in out.stdout + out.stderr
+
+
+def _wait_port(proc: subprocess.Popen) -> tuple[int | None, list[str]]:
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            # the auth line follows the serving line
+            lines.append(proc.stdout.readline())
+            return int(m.group(1)), lines
+    return None, lines
