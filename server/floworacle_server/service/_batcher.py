@@ -141,7 +141,11 @@ class DynamicBatcher:
             raise ValueError(f"max_inflight_rows must be >= 1 or None, got {max_inflight_rows}")
         self.max_inflight_rows = max_inflight_rows
         self._inflight_rows = 0
+        #: Merged batches split in halves after the device ran out of memory.
         self.oom_splits = 0
+        #: Optional wrapper around every engine call, ``hook(runner, payloads)`` in place of
+        #: ``runner(payloads)``, on the worker thread: fault injection and tracing in tests.
+        self.compute_hook: Callable[[BatchRunner, list[Any]], tuple[list[Any], int]] | None = None
         self.max_batch_rows = max_batch_rows
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_requests = max_queue_requests
@@ -415,7 +419,8 @@ class DynamicBatcher:
         self._stats.engine_calls += 1
         self._stats.requests += len(payloads)
         try:
-            results, refined = runner(payloads)
+            hook = self.compute_hook
+            results, refined = hook(runner, payloads) if hook is not None else runner(payloads)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 _release_device_cache()
