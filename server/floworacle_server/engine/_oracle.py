@@ -163,6 +163,48 @@ def _threshold(lower: torch.Tensor, reach: float, err: torch.Tensor) -> torch.Te
     return (thr - thr.abs() * 2.0**-22).to(torch.float32)
 
 
+#: Screening logits kept per query and chunk in pass 1 (the top ones, plus one to tell whether
+#: they hold every candidate of that chunk).
+_KEEP = 8
+
+
+def _exact_pairs(
+    ds: Dataset, xq: torch.Tensor, co: _Coef, qi: torch.Tensor, rows: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, Partials, torch.Tensor]:
+    """Float64 logits from differences for (query, data row) pairs, as one partial.
+
+    ``qi`` must be sorted (pairs grouped by query). Returns (queries, their partial, per-pair
+    logit error bound): logits ``log p_i - ||x_t - alpha x_i||^2 / (2 sigma^2)`` with the error
+    of a float64 sum of D squares, ``(D + 4) u ||x_t - alpha x_i||^2 / (2 sigma^2)``.
+    """
+    d = xq.shape[1]
+    dev = xq.device
+    uq, local, counts = torch.unique_consecutive(qi, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    col = torch.arange(qi.shape[0], device=dev) - first[local]
+    width = int(counts.max())
+    logits = torch.full((uq.shape[0], width), -math.inf, dtype=torch.float64, device=dev)
+    index = torch.full((uq.shape[0], width), -1, dtype=torch.int64, device=dev)
+    index[local, col] = rows
+    pair_err = torch.empty(qi.shape[0], dtype=torch.float64, device=dev)
+    block = _gather_block(d, dev)
+    for p0 in range(0, qi.shape[0], block):
+        q_b, r_b = qi[p0 : p0 + block], rows[p0 : p0 + block]
+        diff = xq[q_b] - co.alpha[q_b, None] * ds.x[r_b].to(torch.float64)
+        d2 = (diff * diff).sum(dim=1)
+        val = -d2 * co.inv2s2[q_b]
+        if ds.log_weights is not None:
+            val = val + ds.log_weights[r_b]
+        logits[local[p0 : p0 + block], col[p0 : p0 + block]] = val
+        pair_err[p0 : p0 + block] = (d + 4) * U64 * d2 * co.inv2s2[q_b]
+    m, p, z = Partials.probabilities(logits)
+    v = torch.zeros(uq.shape[0], d, dtype=torch.float64, device=dev)
+    for p0 in range(0, qi.shape[0], block):
+        l_b, c_b, r_b = local[p0 : p0 + block], col[p0 : p0 + block], rows[p0 : p0 + block]
+        v.index_add_(0, l_b, p[l_b, c_b][:, None] * ds.x[r_b].to(torch.float64))
+    return uq, Partials.assemble(m, p, z, v, logits, index, top_k), pair_err
+
+
 def _screened_pass(
     ds: Dataset,
     xq: torch.Tensor,
@@ -177,11 +219,12 @@ def _screened_pass(
     """Screen with the fast GEMM, recompute the candidates from differences in float64.
 
     Pass 1 streams the screening GEMM over all chunks and keeps, per query, a proven lower bound
-    of the maximum logit and an upper bound of each chunk's maximum (B x chunks numbers). Pass 2
-    revisits only the (query, chunk) pairs whose upper bound is within reach of the final lower
-    bound (in the refinement stage, about one chunk per query), selects the candidates and
-    computes their logits from differences in float64. ``cap``: most candidates per query for
-    this sparse path; queries above it are flagged in ``overflow`` for the dense pass.
+    of the maximum logit and, per chunk, the top ``_KEEP + 1`` screening logits and their rows.
+    Then, per (query, chunk): out of reach of the final lower bound -> nothing; in reach and the
+    (_KEEP + 1)-th kept logit out of reach -> the candidates are among the kept rows (the
+    refinement stage: no second GEMM); otherwise the chunk's screening GEMM is recomputed for
+    those queries to find all candidates. ``cap``: most candidates per query for this sparse
+    path; queries above it are flagged in ``overflow`` for the dense pass.
     """
     b, d = xq.shape
     dev = xq.device
@@ -191,27 +234,55 @@ def _screened_pass(
     xs = xq.to(sdtype)
     allq = torch.arange(b, device=dev)
     starts = list(range(start, stop, chunk_rows))
+    nch = len(starts)
     lower = torch.full((b,), -math.inf, dtype=torch.float64, device=dev)
-    chunk_hi = torch.empty(b, len(starts), dtype=torch.float64, device=dev)
+    kept_v = torch.full((b, nch, _KEEP + 1), -math.inf, dtype=torch.float32, device=dev)
+    kept_i = torch.full((b, nch, _KEEP + 1), -1, dtype=torch.int64, device=dev)
+    chunk_err = torch.empty(b, nch, dtype=torch.float64, device=dev)
     for k, s0 in enumerate(starts):
-        lt, err = _screen_chunk(ds, xs, co, allq, s0, min(s0 + chunk_rows, stop), sdtype, gamma, qnorm)
-        top = lt.max(dim=1).values.to(torch.float64)
-        chunk_hi[:, k] = top + err
-        lower = torch.maximum(lower, top - err)
+        s1 = min(s0 + chunk_rows, stop)
+        lt, err = _screen_chunk(ds, xs, co, allq, s0, s1, sdtype, gamma, qnorm)
+        kk = min(_KEEP + 1, s1 - s0)
+        tv, ti = lt.topk(kk, dim=1)
+        kept_v[:, k, :kk] = tv
+        kept_i[:, k, :kk] = ti + s0
+        chunk_err[:, k] = err
+        lower = torch.maximum(lower, tv[:, 0].to(torch.float64) - err)
         del lt
-    relevant = chunk_hi >= (lower - reach)[:, None]
+    thr = lower[:, None] - reach - chunk_err
+    thr = thr - thr.abs() * 2.0**-40  # round down: never lose a candidate to float64 rounding
+    relevant = kept_v[:, :, 0].to(torch.float64) >= thr
+    complete = kept_v[:, :, _KEEP].to(torch.float64) < thr
 
     state = Partials.empty(b, d, top_k, dev)
     overflow = torch.zeros(b, dtype=torch.bool, device=dev)
     if cap is not None:
         # many chunks in reach means the navigation stage: go dense at once (a speed choice only)
-        overflow |= relevant.sum(dim=1) > max(8, len(starts) // 8)
+        overflow |= relevant.sum(dim=1) > max(8, nch // 8)
     used = torch.zeros(b, dtype=torch.int64, device=dev)
     logit_err = torch.zeros(b, dtype=torch.float64, device=dev)
     refined = torch.zeros((), dtype=torch.int64, device=dev)
-    block = _gather_block(d, dev)
-    for k in relevant.any(dim=0).nonzero().flatten().tolist():
-        q = (relevant[:, k] & ~overflow).nonzero().flatten()
+
+    def absorb(qi: torch.Tensor, rows: torch.Tensor) -> None:
+        nonlocal state, refined
+        uq, part, pair_err = _exact_pairs(ds, xq, co, qi, rows, top_k)
+        logit_err.scatter_reduce_(0, qi, pair_err, reduce="amax", include_self=True)
+        refined += qi.shape[0]
+        state.put(uq, state.take(uq).merge(part))
+
+    # in reach, and every candidate of the chunk among the kept rows
+    sel = (kept_v[:, :, :_KEEP].to(torch.float64) >= thr[:, :, None]) & (relevant & complete)[:, :, None]
+    if cap is not None:
+        used += sel.sum(dim=(1, 2))
+        overflow |= used > cap
+        sel &= ~overflow[:, None, None]
+    hits = sel.nonzero()
+    if hits.shape[0]:
+        absorb(hits[:, 0], kept_i[hits[:, 0], hits[:, 1], hits[:, 2]])
+    # in reach, with possibly more candidates than were kept: screen that chunk again
+    again = relevant & ~complete
+    for k in again.any(dim=0).nonzero().flatten().tolist():
+        q = (again[:, k] & ~overflow).nonzero().flatten()
         if q.numel() == 0:
             continue
         s0 = starts[k]
@@ -225,35 +296,8 @@ def _screened_pass(
             overflow[q] |= over
             cand &= ~over[:, None]
         pairs = cand.nonzero()
-        if pairs.shape[0] == 0:
-            continue
-        chunk = ds.x[s0:s1]
-        logw = ds.log_weights[s0:s1] if ds.log_weights is not None else None
-        qi, cj = q[pairs[:, 0]], pairs[:, 1]
-        refined += pairs.shape[0]
-        # only the queries with candidates in this chunk take part in its partial
-        uq, local = torch.unique(qi, return_inverse=True)
-        logits = torch.full((uq.shape[0], s1 - s0), -math.inf, dtype=torch.float64, device=dev)
-        pair_err = torch.empty(pairs.shape[0], dtype=torch.float64, device=dev)
-        for p0 in range(0, pairs.shape[0], block):
-            q_b, c_b = qi[p0 : p0 + block], cj[p0 : p0 + block]
-            diff = xq[q_b] - co.alpha[q_b, None] * chunk[c_b].to(torch.float64)
-            d2 = (diff * diff).sum(dim=1)
-            val = -d2 * co.inv2s2[q_b]
-            if logw is not None:
-                val = val + logw[c_b]
-            logits[local[p0 : p0 + block], c_b] = val
-            # relative error of a float64 sum of D squares, plus the product with 1 / (2 sigma^2)
-            pair_err[p0 : p0 + block] = (d + 4) * U64 * d2 * co.inv2s2[q_b]
-        logit_err.scatter_reduce_(0, qi, pair_err, reduce="amax", include_self=True)
-        m, p, z = Partials.probabilities(logits)
-        v = torch.zeros(uq.shape[0], d, dtype=torch.float64, device=dev)
-        for p0 in range(0, pairs.shape[0], block):
-            l_b, c_b = local[p0 : p0 + block], cj[p0 : p0 + block]
-            v.index_add_(0, l_b, p[l_b, c_b][:, None] * chunk[c_b].to(torch.float64))
-        index = torch.arange(s0, s1, device=dev)
-        part = Partials.assemble(m, p, z, v, logits, index, top_k)
-        state.put(uq, state.take(uq).merge(part))
+        if pairs.shape[0]:
+            absorb(q[pairs[:, 0]], pairs[:, 1] + s0)
     return _PassResult(state, logit_err, refined, overflow)
 
 
