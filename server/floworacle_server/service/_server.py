@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -69,6 +70,56 @@ def build_store(settings: Settings) -> DatasetStore:
     return store
 
 
+class _RejectMalformed(grpc.aio.ServerInterceptor):
+    """Answers a FlowOracle request whose bytes do not parse as its message type with
+    INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN), by parsing it inside the handler."""
+
+    _PREFIX = f"/{SERVICE_NAME}/"
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or handler.request_deserializer is None or not method.startswith(self._PREFIX):
+            return handler
+        parse = handler.request_deserializer
+        name = method.rsplit("/", 1)[-1]
+
+        async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return parse(raw)
+            except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the {name} request is not a valid protobuf message ({type(exc).__name__}: {exc}); "
+                    "build it with the generated floworacle.v1 classes or the SDK",
+                )
+
+        if not handler.request_streaming and not handler.response_streaming and handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+                return await unary(await parsed(raw, context), context)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
+        if handler.request_streaming and handler.response_streaming and handler.stream_stream is not None:
+            stream = handler.stream_stream
+
+            async def stream_stream(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                async def requests() -> AsyncIterator[Any]:
+                    async for raw in raws:
+                        yield await parsed(raw, context)
+
+                async for response in stream(requests(), context):
+                    yield response
+
+            return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=handler.response_serializer)
+        return handler
+
+
 class OracleServer:
     """A running (or ready-to-run) Flow Oracle gRPC server.
 
@@ -109,7 +160,11 @@ class OracleServer:
         if settings.auth_tokens_file is not None:
             self.auth = TokenAuthInterceptor(settings.auth_tokens_file, metrics=self.metrics)
         # Authentication runs first, so no other interceptor sees an unauthenticated call.
-        self._interceptors = ((self.auth,) if self.auth is not None else ()) + tuple(interceptors)
+        self._interceptors = (
+            *((self.auth,) if self.auth is not None else ()),
+            _RejectMalformed(),
+            *interceptors,
+        )
         if server_credentials is None:
             server_credentials = server_credentials_from_files(
                 settings.tls_cert, settings.tls_key, settings.tls_client_ca
