@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
+
 from floworacle.paths import PathCoefficients
 
 __all__ = ["Precision", "Guidance", "OracleQuery", "OracleResult", "NearestResult", "OUTPUTS"]
