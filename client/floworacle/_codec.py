@@ -22,6 +22,7 @@ __all__ = [
     "dtype_by_name",
     "encode",
     "encode_raw",
+    "fill",
     "decode",
     "decode_torch",
     "to_like",
@@ -65,13 +66,28 @@ def _is_torch(x: Any) -> bool:
 
 
 def _bf16_bits(a: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits, round to nearest even; NaN stays NaN."""
-    bits = np.ascontiguousarray(a, dtype="<f4").view("<u4")
-    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype("<u2")
-    nan = np.isnan(a)
-    if nan.any():
+    """float32 -> bfloat16 bits, round to nearest even; NaN stays NaN.
+
+    ``(bits + 0x7FFF + lsb) >> 16`` with ``lsb`` the lowest bit kept (uint32 arithmetic), done in
+    place on one temporary: every fresh MB-sized buffer costs page faults."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    acc = bits >> np.uint32(16)
+    acc &= np.uint32(1)
+    acc += np.uint32(0x7FFF)
+    acc += bits
+    acc >>= np.uint32(16)
+    rounded = acc.astype("<u2")
+    if a.size and np.isnan(np.max(a)):  # max propagates NaN: build the mask only when needed
+        nan = np.isnan(a)
         rounded[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x40)).astype("<u2")
     return rounded
+
+
+def _widen_bf16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16, any byte order) -> the exactly equal float32 values (a new array)."""
+    wide = bits.astype(np.uint32)
+    wide <<= np.uint32(16)
+    return wide.view(np.float32)
 
 
 def _source_name(x: Any) -> str:
@@ -89,8 +105,7 @@ def _torch_cpu_numpy(t: Any) -> np.ndarray:
     import torch
 
     if t.dtype == torch.bfloat16:
-        bits = t.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return _widen_bf16(t.contiguous().view(torch.int16).numpy().view(np.uint16))
     return t.numpy()
 
 
@@ -143,7 +158,18 @@ def encode_raw(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int, 
     return wd, tuple(int(d) for d in shape), raw
 
 
-def _check(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...]]:
+def fill(field: pb.Tensor, x: Any, dtype: str | None = None) -> None:
+    """Encode ``x`` (as :func:`encode`) straight into a message's tensor field: the bytes are
+    copied into the message once (``field.CopyFrom(encode(x))`` copies them twice)."""
+    wd, shape, raw = encode_raw(x, dtype)
+    field.dtype = wd.enum  # type: ignore[assignment]
+    del field.shape[:]
+    field.shape.extend(shape)
+    field.data = raw
+
+
+def _meta(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...]]:
+    """Validated dtype and shape of a wire tensor (its bytes untouched)."""
     wd = _BY_ENUM.get(t.dtype)
     if wd is None:
         names = ", ".join(f"{d.name} ({d.enum})" for d in DTYPES)
@@ -151,23 +177,34 @@ def _check(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...]]:
     shape = tuple(int(s) for s in t.shape)
     if any(s < 0 for s in shape):
         raise CodecError(f"{field}: shape {list(shape)} has a negative dimension")
-    count = 1
-    for s in shape:
-        count *= s
-    if count * wd.itemsize != len(t.data):
-        raise CodecError(
-            f"{field}: {len(t.data)} bytes do not match shape {list(shape)} of {wd.name} "
-            f"({count} elements x {wd.itemsize} bytes = {count * wd.itemsize}); send row-major raw bytes"
-        )
     return wd, shape
 
 
+def _check(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...], bytes]:
+    """Validate dtype, shape and byte count; returns them with the raw bytes. ``t.data`` makes a
+    new bytes object (a full copy) on every access, so it is read here once and handed on."""
+    wd, shape = _meta(t, field)
+    count = 1
+    for s in shape:
+        count *= s
+    data = t.data
+    if count * wd.itemsize != len(data):
+        raise CodecError(
+            f"{field}: {len(data)} bytes do not match shape {list(shape)} of {wd.name} "
+            f"({count} elements x {wd.itemsize} bytes = {count * wd.itemsize}); send row-major raw bytes"
+        )
+    return wd, shape, data
+
+
 def decode(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
-    """Wire tensor -> numpy array (native byte order). bfloat16 decodes exactly to float32."""
-    wd, shape = _check(t, field)
-    a = np.frombuffer(t.data, dtype=wd.numpy).reshape(shape)
+    """Wire tensor -> numpy array (native byte order). bfloat16 decodes exactly to float32.
+
+    Other dtypes come back as a read-only view of the message's bytes (no copy on a
+    little-endian machine); copy it to write to it."""
+    wd, shape, data = _check(t, field)
+    a = np.frombuffer(data, dtype=wd.numpy).reshape(shape)
     if wd.name == "bfloat16":
-        return (a.astype("<u4") << np.uint32(16)).view("<f4").astype(np.float32)
+        return _widen_bf16(a)
     return a.astype(np.dtype(wd.numpy).newbyteorder("="), copy=False)
 
 
@@ -175,8 +212,8 @@ def decode_torch(t: pb.Tensor, field: str = "tensor", device: Any = None) -> Any
     """Wire tensor -> torch tensor of the wire dtype (bfloat16 kept), optionally on ``device``."""
     import torch
 
-    wd, shape = _check(t, field)
-    raw = np.frombuffer(t.data, dtype=wd.numpy)
+    wd, shape, data = _check(t, field)
+    raw = np.frombuffer(data, dtype=wd.numpy)
     if wd.name == "bfloat16":
         out = torch.from_numpy(raw.astype(np.int16, copy=True)).view(torch.bfloat16)
     else:
@@ -191,7 +228,7 @@ def to_like(t: pb.Tensor, like: Any, field: str = "tensor", keep_wire_dtype: boo
     if _is_torch(like):
         import torch
 
-        wd, shape = _check(t, field)
+        wd, shape = _meta(t, field)
         want = like.dtype if (not keep_wire_dtype and wd.name != "int64" and like.is_floating_point()) else None
         if want is None or (want == torch.bfloat16 and wd.name == "bfloat16"):
             out = decode_torch(t, field)

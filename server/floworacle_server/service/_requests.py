@@ -214,9 +214,10 @@ def _queries(t: pb.Tensor, field: str, ds: Dataset, limits: Limits, present: boo
     else:
         raise _invalid(f"{field} has shape {list(arr.shape)}; data set {ds.name!r} expects {expect}")
     flat = arr.reshape(b, ds.dim)
-    # Fast path: a float64 sum is finite iff every value is (float16/32 cannot overflow it); only
-    # a non-finite sum pays for the element-wise scan that finds the row to report.
-    if not np.isfinite(flat.sum(dtype=np.float64)):
+    # Fast path without a temporary: min and max are both finite iff every value is (they
+    # propagate NaN, and +-Inf would be the max or min); only a failing request pays for the
+    # element-wise scan that finds the row to report. A view of the wire bytes, never a copy.
+    if not (np.isfinite(flat.min()) and np.isfinite(flat.max())):
         finite = np.isfinite(flat).all(axis=1)
         if not finite.all():
             row = int(np.flatnonzero(~finite)[0])
@@ -364,8 +365,9 @@ def parse_nearest(req: pb.NearestRequest, store: DatasetStore, limits: Limits) -
         raise _invalid(f"k must lie in 1..{limit} (min(N, {MAX_TOP_K})), got {k}")
     t = _decode_vector(req.t, "t", b) if req.HasField("t") else None
     coeffs = _coefficients(req.path, req.HasField("path"), t, b, for_nearest=True)
-    points = x.astype(np.float64)
-    if coeffs is not None:
+    if coeffs is None:
+        points = x.astype(np.float64)  # a copy (the wire buffer is read-only): the runner hands it to torch
+    else:
         zero = coeffs.alpha <= 0
         if zero.any():
             i = int(np.flatnonzero(zero)[0])
@@ -373,5 +375,5 @@ def parse_nearest(req: pb.NearestRequest, store: DatasetStore, limits: Limits) -
                 f"alpha_t[{i}] = 0 (pure noise, t = 0): x_t says nothing about which sample it came from; "
                 "use t > 0 for posterior-nearest queries"
             )
-        points = points / coeffs.alpha[:, None]
+        points = np.divide(x, coeffs.alpha[:, None], dtype=np.float64)  # widen and divide in one pass
     return NearestJob(dataset=ds, x=points, k=k, out_rows=b)

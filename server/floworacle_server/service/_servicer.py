@@ -39,7 +39,7 @@ def dataset_info(ds: Dataset, default_name: str | None) -> pb.DatasetInfo:
         num_samples=ds.num_samples,
         sample_shape=list(ds.sample_shape),
         dim=ds.dim,
-        storage_dtype=_codec.dtype_by_name(ds.storage_dtype).enum,
+        storage_dtype=_codec.dtype_by_name(ds.storage_dtype).enum,  # type: ignore[arg-type]
         num_classes=ds.num_classes,
         has_weights=ds.log_weights is not None,
         scale_factor=ds.scale_factor,
