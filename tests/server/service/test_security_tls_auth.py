@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
 
-from floworacle import OracleClient, OracleError
+from floworacle import AsyncOracleClient, OracleClient, OracleError
 from floworacle._protocol import RetryPolicy
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
@@ -255,6 +255,28 @@ def test_right_token_is_served_exactly_and_health_is_open(auth_server, digits):
         for name in ("", "floworacle.v1.FlowOracle", "floworacle.v1.FlowOracle/digits"):
             status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_async_client_with_tls_and_token(pki: Pki, tokens_file: Path, digits):
+    x, _ = digits
+    xt, t, ref = _query(x)
+    settings = Settings(
+        device="cpu",
+        metrics_port=-1,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        auth_tokens_file=str(tokens_file),
+    )
+    with serve_in_thread(settings) as srv:
+        root = pki.read(pki.ca)
+        async with AsyncOracleClient(srv.address, root_certificates=root, token=TOKENS[1]) as c:
+            assert max_rel(await c.velocity(xt.astype(np.float64), t), ref) < 1e-6
+            answers = [a async for a in c.velocity_stream([(xt.astype(np.float64), t)])]
+            assert max_rel(answers[0], ref) < 1e-6
+        async with AsyncOracleClient(srv.address, root_certificates=root, **_no_retry()) as c:
+            with pytest.raises(OracleError) as e:
+                await c.velocity(xt, t)
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in str(e.value)
 
 
 def test_reflection_is_off_with_auth_unless_enabled(auth_server, tokens_file: Path):
