@@ -53,8 +53,9 @@ WIRE_DTYPES = ("float32", "float64", "float16", "bfloat16")
 def to_bfloat16(a: np.ndarray) -> np.ndarray:
     """Round float32 values to bfloat16 (round to nearest even) and widen back to float32."""
     bits = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
-    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-    return bits.astype(np.uint32).view(np.float32)
+    sixteen = np.uint64(16)
+    rounded = ((bits + np.uint64(0x7FFF) + ((bits >> sixteen) & np.uint64(1))) >> sixteen) << sixteen
+    return rounded.astype(np.uint32).view(np.float32)
 
 
 def as_sent(x: np.ndarray, wire: str) -> np.ndarray:

@@ -101,10 +101,10 @@ def test_burst_beyond_the_cap_is_refused_with_a_hint_and_admitted_ones_are_exact
         assert srv.server.batcher.inflight_rows == 0
         after = stub.Oracle(oracle_request(*cases[0], dtype="float64"), timeout=30)  # the server still answers
     assert len(ok) == 4 and len(refused) == 6
-    for exc in refused:
-        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "max_inflight_rows" in exc.details() and "retry" in exc.details()
-        assert ("grpc-retry-pushback-ms", "50") in tuple(exc.trailing_metadata())
+    for err in refused:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_inflight_rows" in err.details() and "retry" in err.details()
+        assert ("grpc-retry-pushback-ms", "50") in tuple(err.trailing_metadata())
     for xt, t, resp in ok:
         assert max_rel(_codec.decode(resp.velocity), ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6
     assert (
