@@ -27,7 +27,7 @@ from floworacle import OracleClient, _codec
 from floworacle._protocol import RetryPolicy
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
-from floworacle_server.data import build_index
+from floworacle_server.data import Dataset, DatasetStore, build_index
 from floworacle_server.service import build_store
 from floworacle_server.service.testing import RunningServer, serve_in_thread
 from floworacle_server.settings import Settings
@@ -89,6 +89,31 @@ def test_out_of_memory_splits_the_merged_batch_until_it_fits(digits):
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "out of memory" in info.value.details() and "smaller batches" in info.value.details()
     assert max_rel(_codec.decode(after.velocity), _velocity_ref(x, noisy_queries(x, big_t), big_t)) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a real device out-of-memory error")
+def test_real_cuda_out_of_memory_splits_the_batch(digits):
+    x, _ = digits
+    store = DatasetStore([Dataset.from_arrays("gpu", x, device="cuda")])
+    settings = Settings(device="cuda", metrics_port=-1, max_queue_delay_ms=400.0)
+    cases = [(noisy_queries(x, t, seed=50 + i), t) for i, t in enumerate(np.linspace(0.2, 0.8, 8).reshape(4, 2))]
+    calls: list[int] = []
+
+    def tight_device(runner, payloads):
+        rows = sum(p.rows for p in payloads)
+        calls.append(rows)
+        if rows > 4:  # ask the CUDA allocator for far more than any device holds: a real OOM
+            torch.empty(2**50, dtype=torch.uint8, device="cuda")
+        return runner(payloads)
+
+    with serve_in_thread(settings, store) as srv, grpc.insecure_channel(srv.address) as ch:
+        srv.server.batcher.compute_hook = tight_device
+        stub = pb_grpc.FlowOracleStub(ch)
+        futures = [stub.Oracle.future(oracle_request(xt, t, dtype="float64"), timeout=60) for xt, t in cases]
+        answers = [f.result() for f in futures]
+    assert calls == [8, 4, 4] and srv.server.batcher.oom_splits == 1
+    for (xt, t), resp in zip(cases, answers, strict=True):
+        assert max_rel(_codec.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
 
 
 # -- (b) cancelled and timed-out batch mates ------------------------------------------------------
