@@ -37,6 +37,16 @@ else
     log "installed: $(prometheus --version 2>&1 | head -n1)"
 fi
 
+# --- openssl (the TLS tests make their certificates with it) -------------------------------------------
+if ! command -v openssl >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        log "openssl missing and not root: install Debian's 'openssl' package"; exit 1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl >/dev/null
+    log "installed: $(openssl version)"
+fi
+
 # --- kustomize ---------------------------------------------------------------------------------------
 kubectl_kustomize_ok() {
     # kubectl embeds kustomize; releases before 1.27 embed kustomize < v5, too old for these overlays.
