@@ -11,14 +11,18 @@ dense roofline; in the navigation stage (all samples within reach) it runs a flo
     python benchmarks/bench_engine.py --device cuda   # on a GPU (adds bf16 / TF32 GEMM rates)
 
 Peak extra memory (CPU) is the rise of the process's resident high-water mark during the call
-(reset through /proc/self/clear_refs), as a share of the data set's size.
+(reset through /proc/self/clear_refs), measured in a child process whose glibc mmap threshold is
+pinned so freed blocks are returned, as a share of the data set's size.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -77,6 +81,51 @@ def dense_baseline(x: torch.Tensor, sq: torch.Tensor, xt: torch.Tensor, alpha: t
     return torch.softmax(logits, dim=1) @ x
 
 
+def regimes(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "uniform[0,1)": rng.uniform(0.0, 0.999, b),
+        "0.05 (nav)": np.full(b, 0.05),
+        "0.3": np.full(b, 0.3),
+        "0.9 (refine)": np.full(b, 0.9),
+    }
+
+
+def memory_in_child(n: int, d: int, b: int, regime: str, mode: str, dtype: str, screen: str) -> int | None:
+    """Peak extra bytes of one call, measured in a fresh process whose glibc mmap threshold is
+    pinned (freed blocks go back to the OS, so the high-water mark counts live memory; pinning it
+    in the timed process would slow every allocation down)."""
+    spec = json.dumps(dict(n=n, d=d, b=b, regime=regime, mode=mode, dtype=dtype, screen=screen))
+    out = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    value = json.loads(out.stdout.strip().splitlines()[-1])
+    return None if value is None else int(value)
+
+
+def _memory_child(spec: dict) -> None:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    torch.manual_seed(0)
+    ds = Dataset.from_arrays("bench", torch.randn(spec["n"], spec["d"]), dtype=spec["dtype"])
+    rng = np.random.default_rng(0)
+    xt, coeffs = make_queries(ds, regimes(spec["b"], rng)[spec["regime"]], rng)
+    if spec["mode"] == "dense":
+        x, sq = ds.x.float(), ds.sq_norms.float()
+        alpha = torch.from_numpy(coeffs.alpha).float()
+        sigma = torch.from_numpy(coeffs.sigma).float()
+        xt32 = xt.float()
+
+        def fn() -> object:
+            return dense_baseline(x, sq, xt32, alpha, sigma)
+    else:
+        q = OracleQuery(x_t=xt, coeffs=coeffs, precision=Precision(spec["mode"]))
+
+        def fn() -> object:
+            return oracle(ds, q, screen=spec["screen"])
+
+    fn()  # warm-up
+    print(json.dumps(peak_extra_bytes(fn)))
+
+
 def make_queries(ds: Dataset, t: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, object]:
     c = get_path("linear").coefficients(t)
     idx = torch.from_numpy(rng.integers(0, ds.num_samples, len(t)))
@@ -113,13 +162,7 @@ def run_case(
         torch.backends.cuda.matmul.allow_tf32 = False
         print(f"   tf32 GEMM pair {tr * 1e3:.2f} ms ({4 * b * n * d / tr / 1e12:.0f} TFLOP/s)")
     print(f"{'t':>14} {'mode':>8} {'ms':>9} {'ratio':>7} {'f64 pairs/BN':>13} {'extra mem':>10}")
-    regimes = {
-        "uniform[0,1)": rng.uniform(0.0, 0.999, b),
-        "0.05 (nav)": np.full(b, 0.05),
-        "0.3": np.full(b, 0.3),
-        "0.9 (refine)": np.full(b, 0.9),
-    }
-    for label, t in regimes.items():
+    for label, t in regimes(b, rng).items():
         xt, coeffs = make_queries(ds, t, rng)
         alpha = torch.from_numpy(coeffs.alpha).to(device)
         sigma = torch.from_numpy(coeffs.sigma).to(device)
@@ -131,15 +174,7 @@ def run_case(
             device,
             repeat,
         )
-        mem = (
-            peak_extra_bytes(
-                lambda xt32=xt32, alpha=alpha, sigma=sigma: dense_baseline(
-                    x, ds.sq_norms.float(), xt32, alpha.float(), sigma.float()
-                )
-            )
-            if device.type == "cpu"
-            else None
-        )
+        mem = memory_in_child(n, d, b, label, "dense", dtype, screen) if device.type == "cpu" else None
         print(
             f"{label:>14} {'dense':>8} {base * 1e3:9.1f} {roof / base:7.2f} {'-':>13} {_fmt_mem(mem, data_bytes):>10}"
         )
@@ -147,7 +182,7 @@ def run_case(
             q = OracleQuery(x_t=xt, coeffs=coeffs, precision=prec)
             res = oracle(ds, q, screen=screen)
             te = best_time(lambda q=q: oracle(ds, q, screen=screen), device, repeat)
-            mem = peak_extra_bytes(lambda q=q: oracle(ds, q, screen=screen)) if device.type == "cpu" else None
+            mem = memory_in_child(n, d, b, label, prec.value, dtype, screen) if device.type == "cpu" else None
             frac = res.refined / (b * n)
             print(
                 f"{label:>14} {prec.value:>8} {te * 1e3:9.1f} {roof / te:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}"
@@ -166,7 +201,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="float32", help="storage dtype: float32, float16, bfloat16")
     ap.add_argument("--screen", default="float32", help="screening GEMM precision: float32, bfloat16, float16")
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child:
+        _memory_child(json.loads(args.memory_child))
+        return
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")

@@ -53,11 +53,11 @@ SCREEN_DTYPES: dict[str, tuple[torch.dtype, float]] = {
 _U_ACC = 2.0**-24
 #: Element budget of one gathered block of candidate rows (float64): bounds the extra memory on
 #: CPUs; GPUs take far larger blocks, since each block costs a dozen kernel launches.
-_GATHER_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+_GATHER_ELEMENTS = {"cpu": 1 << 16, "cuda": 1 << 24}
 
 
 def _gather_block(dim: int, device: torch.device) -> int:
-    return max(64, _GATHER_ELEMENTS.get(device.type, 1 << 18) // dim)
+    return max(64, _GATHER_ELEMENTS.get(device.type, 1 << 16) // dim)
 
 
 def default_chunk_rows(dim: int, device: torch.device) -> int:
@@ -239,15 +239,25 @@ def _screened_pass(
     kept_v = torch.full((b, nch, _KEEP + 1), -math.inf, dtype=torch.float32, device=dev)
     kept_i = torch.full((b, nch, _KEEP + 1), -1, dtype=torch.int64, device=dev)
     chunk_err = torch.empty(b, nch, dtype=torch.float64, device=dev)
+    act = allq  # queries still screened
+    early = torch.zeros(b, dtype=torch.bool, device=dev)
     for k, s0 in enumerate(starts):
         s1 = min(s0 + chunk_rows, stop)
-        lt, err = _screen_chunk(ds, xs, co, allq, s0, s1, sdtype, gamma, qnorm)
+        lt, err = _screen_chunk(ds, xs[act] if act is not allq else xs, co, act, s0, s1, sdtype, gamma, qnorm[act])
         kk = min(_KEEP + 1, s1 - s0)
         tv, ti = lt.topk(kk, dim=1)
-        kept_v[:, k, :kk] = tv
-        kept_i[:, k, :kk] = ti + s0
-        chunk_err[:, k] = err
-        lower = torch.maximum(lower, tv[:, 0].to(torch.float64) - err)
+        kept_v[act, k, :kk] = tv
+        kept_i[act, k, :kk] = ti + s0
+        chunk_err[act, k] = err
+        lower[act] = torch.maximum(lower[act], tv[:, 0].to(torch.float64) - err)
+        if k == 0 and cap is not None and nch > 1:
+            # deep navigation: the first chunk's logits all lie within half the reach of each
+            # other, so (almost) every sample is a candidate; such queries go to the dense pass
+            # without screening the rest (a speed choice only: the dense pass is exact anyway)
+            spread = (tv[:, 0] - lt.min(dim=1).values).to(torch.float64) + 2 * err
+            early = spread < reach / 2
+            if bool(early.any()):
+                act = allq[~early]
         del lt
     thr = lower[:, None] - reach - chunk_err
     thr = thr - thr.abs() * 2.0**-40  # round down: never lose a candidate to float64 rounding
@@ -255,7 +265,7 @@ def _screened_pass(
     complete = kept_v[:, :, _KEEP].to(torch.float64) < thr
 
     state = Partials.empty(b, d, top_k, dev)
-    overflow = torch.zeros(b, dtype=torch.bool, device=dev)
+    overflow = early.clone()
     if cap is not None:
         # many chunks in reach means the navigation stage: go dense at once (a speed choice only)
         overflow |= relevant.sum(dim=1) > max(8, nch // 8)
@@ -264,11 +274,11 @@ def _screened_pass(
     refined = torch.zeros((), dtype=torch.int64, device=dev)
 
     def absorb(qi: torch.Tensor, rows: torch.Tensor) -> None:
-        nonlocal state, refined
+        nonlocal refined
         uq, part, pair_err = _exact_pairs(ds, xq, co, qi, rows, top_k)
         logit_err.scatter_reduce_(0, qi, pair_err, reduce="amax", include_self=True)
         refined += qi.shape[0]
-        state.put(uq, state.take(uq).merge(part))
+        state.merge_into(None if uq.shape[0] == b else uq, part)
 
     # in reach, and every candidate of the chunk among the kept rows
     sel = (kept_v[:, :, :_KEEP].to(torch.float64) >= thr[:, :, None]) & (relevant & complete)[:, :, None]
@@ -316,19 +326,23 @@ def _dense_pass(
     qnorm = qn2.sqrt()
     state = Partials.empty(b, d, top_k, dev)
     logit_err = torch.zeros(b, dtype=torch.float64, device=dev)
-    for s0 in range(start, stop, chunk_rows):
-        s1 = min(s0 + chunk_rows, stop)
+    # the float64 copy of a chunk is the largest temporary here: on CPUs keep it near 2.5% of the
+    # data set (at least 256 rows, for an efficient GEMM)
+    budget = max(1 << 18, ds.x.numel() * ds.x.element_size() // 320)
+    rows = chunk_rows if dev.type == "cuda" else max(256, min(chunk_rows, budget // d))
+    a2 = co.alpha * co.alpha
+    for s0 in range(start, stop, rows):
+        s1 = min(s0 + rows, stop)
         x64 = ds.x[s0:s1].to(torch.float64)
         sq = ds.sq_norms[s0:s1]
-        g = xq @ x64.T
-        logits = -(qn2[:, None] - 2 * co.alpha[:, None] * g + (co.alpha * co.alpha)[:, None] * sq[None, :])
-        logits = logits * co.inv2s2[:, None]
+        logits = xq @ x64.T  # becomes the logits in place
+        logits.mul_(2 * co.alpha[:, None]).sub_(qn2[:, None]).addr_(a2, sq, alpha=-1).mul_(co.inv2s2[:, None])
         if ds.log_weights is not None:
-            logits = logits + ds.log_weights[s0:s1][None, :]
+            logits.add_(ds.log_weights[s0:s1][None, :])
         rmax = sq.max().sqrt()
         logit_err = torch.maximum(logit_err, (d + 3) * U64 * (qnorm + co.alpha * rmax) ** 2 * co.inv2s2)
         index = torch.arange(s0, s1, device=dev)
-        state = state.merge(Partials.from_logits(logits, index, top_k, x64))
+        state.merge_into(None, Partials.from_logits(logits, index, top_k, x64))
     refined = torch.tensor(b * (stop - start), dtype=torch.int64, device=dev)
     return _PassResult(state, logit_err, refined, torch.zeros(b, dtype=torch.bool, device=dev))
 
@@ -354,7 +368,7 @@ def _fast_pass(
         s1 = min(s0 + chunk_rows, stop)
         lt, err = _screen_chunk(ds, xs, co, allq, s0, s1, sdtype, gamma, qnorm)
         index = torch.arange(s0, s1, device=dev)
-        state = state.merge(Partials.from_logits(lt.to(torch.float64), index, top_k, ds.x[s0:s1].to(acc_dtype)))
+        state.merge_into(None, Partials.from_logits(lt, index, top_k, ds.x[s0:s1].to(acc_dtype)))
         logit_err = torch.maximum(logit_err, err)
     refined = torch.zeros((), dtype=torch.int64, device=dev)
     return _PassResult(state, logit_err, refined, torch.zeros(b, dtype=torch.bool, device=dev))
@@ -462,7 +476,7 @@ def _posterior(
             screen=screen,
         )
         refined += r
-        post = part.finalize()
+        post = part.finalize(consume=True)
         del part
         idx = post.topk_indices
         idx = torch.where(idx >= 0, ds.original_index[idx.clamp(min=0)], idx)

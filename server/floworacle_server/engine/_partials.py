@@ -65,9 +65,9 @@ class Partials:
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, index: torch.Tensor, top_k: int, x: torch.Tensor) -> Partials:
-        """Partials of one dense block: ``logits`` (B, n) float64 with -inf for excluded samples,
-        ``index`` (n,) data set rows of the columns, ``x`` (n, D) the samples (v = P @ x is
-        computed in x's dtype and promoted to float64)."""
+        """Partials of one dense block: ``logits`` (B, n) with -inf for excluded samples (float64,
+        or float32 for the fast mode), ``index`` (n,) data set rows of the columns, ``x`` (n, D) the
+        samples (v = P @ x is computed in x's dtype and promoted to float64)."""
         m, p, z = cls.probabilities(logits)
         v = (p.to(x.dtype) @ x).to(torch.float64)
         return cls.assemble(m, p, z, v, logits, index, top_k)
@@ -91,12 +91,17 @@ class Partials:
         index: torch.Tensor,
         top_k: int,
     ) -> Partials:
-        s = p.sum(dim=1)
-        h = torch.where(p > 0, p * z, torch.zeros_like(p)).sum(dim=1)
-        q = (p * p).sum(dim=1)
+        """Partials from a block's row maxima m, probabilities p = exp(z), z = l - m (consumed:
+        clamped in place), weighted sums v (B, D) float64 and the logits (for the top-k)."""
+        f64 = torch.float64
+        s = p.sum(dim=1, dtype=f64)
+        z.clamp_(min=torch.finfo(z.dtype).min)  # 0 * -inf would be NaN; the weight there is 0
+        h = torch.linalg.vecdot(p, z, dim=1).to(f64)
+        q = torch.linalg.vecdot(p, p, dim=1).to(f64)
         k = min(top_k, logits.shape[1])
         if k > 0:
             tl, ti = torch.topk(logits, k, dim=1)
+            tl = tl.to(f64)
             idx = index.expand_as(logits) if index.ndim == 1 else index
             tidx = torch.gather(idx, 1, ti)
             tidx = torch.where(torch.isfinite(tl), tidx, torch.full_like(tidx, -1))
@@ -105,41 +110,67 @@ class Partials:
                 tl = torch.cat([tl, tl.new_full((tl.shape[0], pad), -math.inf)], dim=1)
                 tidx = torch.cat([tidx, tidx.new_full((tidx.shape[0], pad), -1)], dim=1)
         else:
-            tl = logits.new_full((logits.shape[0], top_k), -math.inf)
+            tl = torch.full((logits.shape[0], top_k), -math.inf, dtype=f64, device=logits.device)
             tidx = torch.full((logits.shape[0], top_k), -1, dtype=torch.int64, device=logits.device)
-        return cls(m=m, s=s, v=v, h=h, q=q, topk_logits=tl, topk_index=tidx)
+        return cls(m=m.to(f64), s=s, v=v, h=h, q=q, topk_logits=tl, topk_index=tidx)
+
+    @staticmethod
+    def _factors(ma: torch.Tensor, mb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """m = max(ma, mb), and for each side c = exp(m_side - m), d = m_side - m (0 if empty)."""
+        m = torch.maximum(ma, mb)
+        safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        out = [m]
+        for side in (ma, mb):
+            alive = torch.isfinite(side)
+            d = torch.where(alive, side - safe_m, torch.zeros_like(m))
+            out += [torch.where(alive, torch.exp(d), torch.zeros_like(m)), d]
+        return tuple(out)
+
+    def _merged_scalars(self, other: Partials, rows: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        sm, ss, sh, sq = (t if rows is None else t[rows] for t in (self.m, self.s, self.h, self.q))
+        m, ca, da, cb, db = self._factors(sm, other.m)
+        s = ss * ca + other.s * cb
+        h = ca * (sh + da * ss) + cb * (other.h + db * other.s)
+        q = sq * ca * ca + other.q * cb * cb
+        return m, s, h, q, ca, cb
+
+    def _merged_topk(self, other: Partials, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        tl_a = self.topk_logits if rows is None else self.topk_logits[rows]
+        ti_a = self.topk_index if rows is None else self.topk_index[rows]
+        k = tl_a.shape[1]
+        if k == 0:
+            return tl_a, ti_a
+        tl, ti = torch.topk(torch.cat([tl_a, other.topk_logits], dim=1), k, dim=1)
+        return tl, torch.gather(torch.cat([ti_a, other.topk_index], dim=1), 1, ti)
 
     def merge(self, other: Partials) -> Partials:
         """Exact merge of two partials over disjoint subsets of the data (same queries)."""
-        m = torch.maximum(self.m, other.m)
-        finite = torch.isfinite(m)
-        safe_m = torch.where(finite, m, torch.zeros_like(m))
-
-        def scale(part: Partials) -> tuple[torch.Tensor, torch.Tensor]:
-            alive = torch.isfinite(part.m)
-            d = torch.where(alive, part.m - safe_m, torch.zeros_like(m))
-            c = torch.where(alive, torch.exp(d), torch.zeros_like(m))
-            return c, d
-
-        ca, da = scale(self)
-        cb, db = scale(other)
-        s = self.s * ca + other.s * cb
-        v = self.v * ca[:, None] + other.v * cb[:, None]
-        h = ca * (self.h + da * self.s) + cb * (other.h + db * other.s)
-        q = self.q * ca * ca + other.q * cb * cb
-        k = self.topk_logits.shape[1]
-        if k > 0:
-            cat_l = torch.cat([self.topk_logits, other.topk_logits], dim=1)
-            cat_i = torch.cat([self.topk_index, other.topk_index], dim=1)
-            tl, ti = torch.topk(cat_l, k, dim=1)
-            tidx = torch.gather(cat_i, 1, ti)
-        else:
-            tl, tidx = self.topk_logits, self.topk_index
+        m, s, h, q, ca, cb = self._merged_scalars(other, None)
+        v = (self.v * ca[:, None]).addcmul_(other.v, cb[:, None])
+        tl, tidx = self._merged_topk(other, None)
         return Partials(m=m, s=s, v=v, h=h, q=q, topk_logits=tl, topk_index=tidx)
 
-    def finalize(self) -> Posterior:
-        """x1_hat = v / s, entropy = log s - h / s, ESS = s^2 / q, top-k weights exp(l - m) / s."""
-        x1 = self.v / self.s[:, None]
+    def merge_into(self, rows: torch.Tensor | None, other: Partials) -> None:
+        """In place: the queries ``rows`` (None: all) absorb ``other``, a partial of exactly those
+        queries over data disjoint from what they hold. Same arithmetic as :meth:`merge`, with one
+        (rows, D) temporary at most."""
+        m, s, h, q, ca, cb = self._merged_scalars(other, rows)
+        tl, tidx = self._merged_topk(other, rows)
+        if rows is None:
+            self.v.mul_(ca[:, None]).addcmul_(other.v, cb[:, None])
+            self.m, self.s, self.h, self.q, self.topk_logits, self.topk_index = m, s, h, q, tl, tidx
+            return
+        v = self.v.index_select(0, rows).mul_(ca[:, None]).addcmul_(other.v, cb[:, None])
+        self.v.index_copy_(0, rows, v)
+        self.m[rows], self.s[rows], self.h[rows], self.q[rows] = m, s, h, q
+        self.topk_logits[rows], self.topk_index[rows] = tl, tidx
+
+    def finalize(self, consume: bool = False) -> Posterior:
+        """x1_hat = v / s, entropy = log s - h / s, ESS = s^2 / q, top-k weights exp(l - m) / s.
+
+        ``consume``: divide v in place (the partial is not used afterwards), saving a (B, D) copy.
+        """
+        x1 = self.v.div_(self.s[:, None]) if consume else self.v / self.s[:, None]
         entropy = torch.log(self.s) - self.h / self.s
         ess = self.s * self.s / self.q
         w = torch.exp(self.topk_logits - self.m[:, None]) / self.s[:, None]
