@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 #: Suggested wait before retrying a request refused because the queue was full.
 RETRY_PUSHBACK_MS = 50
+#: Longest a stream message waits out a full queue when the call has no deadline.
+STREAM_RETRY_S = 30.0
 
 
 def dataset_info(ds: Dataset, default_name: str | None) -> pb.DatasetInfo:
@@ -238,15 +240,32 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 self.metrics.observe_request("OracleStream", code.name, time.perf_counter() - start)
 
     async def _stream_one(self, req: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleStreamResponse:
-        try:
-            resp = await self._oracle("OracleStream", req, _deadline(context))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            failure = _as_failure(exc)
-            if failure.reason != "other":
-                self.metrics.rejected(failure.reason)
-            return pb.OracleStreamResponse(
-                request_id=req.request_id, error_code=failure.code.value[0], error_message=failure.message
-            )
+        deadline = _deadline(context)
+        # A stream is already back-pressured by its in-flight slots, and its answers carry no retry
+        # hint; so a full queue (a transient state) is waited out here, with backoff, until the
+        # call's deadline (or STREAM_RETRY_S without one), instead of failing the message.
+        give_up = time.monotonic() + STREAM_RETRY_S if deadline is None else deadline
+        backoff = RETRY_PUSHBACK_MS / 1000
+        while True:
+            try:
+                resp = await self._oracle("OracleStream", req, deadline)
+                break
+            except asyncio.CancelledError:
+                raise
+            except QueueFullError as exc:
+                if time.monotonic() + backoff < give_up:
+                    await asyncio.sleep(backoff)
+                    backoff = min(2 * backoff, 1.0)
+                    continue
+                return self._stream_error(req, exc)
+            except Exception as exc:
+                return self._stream_error(req, exc)
         return pb.OracleStreamResponse(request_id=req.request_id, response=resp)
+
+    def _stream_error(self, req: pb.OracleRequest, exc: BaseException) -> pb.OracleStreamResponse:
+        failure = _as_failure(exc)
+        if failure.reason != "other":
+            self.metrics.rejected(failure.reason)
+        return pb.OracleStreamResponse(
+            request_id=req.request_id, error_code=failure.code.value[0], error_message=failure.message
+        )

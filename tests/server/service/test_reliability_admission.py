@@ -134,3 +134,26 @@ def test_sdk_backoff_gets_every_answer_through_the_cap(digits):
     assert refused is not None and refused > 0  # the burst did hit the cap ...
     for (xt, t), got in zip(cases, answers, strict=True):  # ... and every caller got its exact answer
         assert max_rel(got, ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6
+
+
+def test_streams_wait_out_a_full_queue_instead_of_failing(digits):
+    """Three concurrent streams of 12 messages against a queue of 2: every message is answered
+    exactly, none with RESOURCE_EXHAUSTED (a stream has no retry hint, so the server waits)."""
+    x, _ = digits
+    settings = Settings(port=0, metrics_port=-1, max_queue_requests=2, max_queue_delay_ms=0.0, max_batch_rows=4)
+    with serve_in_thread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.FlowOracleStub(ch)
+
+        def one_stream(seed: int):
+            t = np.linspace(0.1, 0.9, 12)
+            xt = noisy_queries(x, t, seed=seed)
+            reqs = [oracle_request(xt[i : i + 1], t[i : i + 1], request_id=f"{seed}-{i}") for i in range(12)]
+            answers = list(stub.OracleStream(iter(reqs), timeout=60))
+            return xt, t, answers
+
+        with ThreadPoolExecutor(3) as pool:
+            results = list(pool.map(one_stream, (11, 12, 13)))
+    for xt, t, answers in results:
+        assert [a.error_code for a in answers] == [0] * 12, [a.error_message for a in answers if a.error_code]
+        got = np.concatenate([_codec.decode(a.response.velocity) for a in answers])
+        assert max_rel(got, ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6
