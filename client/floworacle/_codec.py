@@ -168,6 +168,10 @@ def fill(field: pb.Tensor, x: Any, dtype: str | None = None) -> None:
     field.data = raw
 
 
+_MAX_DIMS = 16
+_MAX_SPAN = 1 << 48
+
+
 def _meta(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...]]:
     """Validated dtype and shape of a wire tensor (its bytes untouched)."""
     wd = _BY_ENUM.get(t.dtype)
@@ -177,6 +181,14 @@ def _meta(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...]]:
     shape = tuple(int(s) for s in t.shape)
     if any(s < 0 for s in shape):
         raise CodecError(f"{field}: shape {list(shape)} has a negative dimension")
+    if len(shape) > _MAX_DIMS:
+        raise CodecError(f"{field}: shape {list(shape)} has {len(shape)} dimensions; at most {_MAX_DIMS} are accepted")
+    span = 1
+    for s in shape:
+        span *= max(s, 1)
+    if span > _MAX_SPAN:
+        # even with a zero dimension (no bytes) such a shape cannot be laid out as an array
+        raise CodecError(f"{field}: shape {list(shape)} is far too large (its non-zero dimensions multiply to {span})")
     return wd, shape
 
 

@@ -368,7 +368,8 @@ def _fast_pass(
         s1 = min(s0 + chunk_rows, stop)
         lt, err = _screen_chunk(ds, xs, co, allq, s0, s1, sdtype, gamma, qnorm)
         index = torch.arange(s0, s1, device=dev)
-        state.merge_into(None, Partials.from_logits(lt, index, top_k, ds.x[s0:s1].to(acc_dtype)))
+        # probabilities in float64, so the top-k weights and their normaliser agree to float64 rounding
+        state.merge_into(None, Partials.from_logits(lt.to(torch.float64), index, top_k, ds.x[s0:s1].to(acc_dtype)))
         logit_err = torch.maximum(logit_err, err)
     refined = torch.zeros((), dtype=torch.int64, device=dev)
     return _PassResult(state, logit_err, refined, torch.zeros(b, dtype=torch.bool, device=dev))
