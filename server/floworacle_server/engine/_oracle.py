@@ -11,14 +11,18 @@ the fast GEMM only to *screen*:
 1. Screening logits ``lt_i = log p_i + c x_t . x_i - h ||x_i||^2`` (c = alpha / sigma^2,
    h = alpha^2 / (2 sigma^2); the per-query ``||x_t||^2`` term is dropped) come from a GEMM in
    the screening precision, whose error is bounded by the standard dot-product bound
-   ``|fl(x . y) - x . y| <= gamma ||x|| ||y||`` with ``gamma = (D + 2) u_acc + 2 u_in``.
+   ``|fl(x . y) - x . y| <= gamma ||x|| ||y||`` (``_screen_gamma``: (D + 2) u of the float32
+   accumulation plus the roundings of the inputs and output), plus float32 rounding of the
+   products and sums that form ``lt``.
 2. Every sample whose screened logit, plus its bound, can come within ``ln(N) + 37`` nats of a
    proven lower bound of the maximum is a candidate; all the others together weigh less than
    ``N e^(-ln N - 37) = e^-37`` (below float64's epsilon) relative to the maximum.
-3. Candidates get exact logits from differences in float64 and are merged into float64
-   partials (:class:`Partials`). Queries with many candidates in a chunk (the navigation stage,
-   where sigma is large and the logits are benign) instead take a dense float64 pass whose
-   logit error bound is checked; if that bound is too loose they are recomputed from differences.
+3. Candidates get exact logits from differences ``||x_t - alpha x_i||^2`` in float64 and are
+   merged into float64 partials (:class:`Partials`). In the refinement stage they are among the
+   few screened rows kept per chunk in the first pass, so no second GEMM runs. Queries with more
+   candidates than a gather is worth (the navigation stage, where sigma is large and the logits
+   are benign) take a dense float64 pass instead, whose own logit error bound is checked; if that
+   bound is too loose they are recomputed from differences after all.
 
 Only torch is imported; the same code runs on CPU and CUDA.
 """
@@ -137,8 +141,8 @@ def _screen_chunk(
     error bound per query valid for the whole chunk.
 
     ``lt = c G - h ||x_i||^2 (+ log p)``; its error is the GEMM bound ``c gamma ||x_t|| max||x_i||``
-    plus float32 rounding of the products and sums, ``4 u (c ||x_t|| max||x_i|| + h max||x_i||^2
-    + max|log p|)``.
+    plus float32 rounding of the factors, products and sums, ``6 u (c ||x_t|| max||x_i|| +
+    h max||x_i||^2 + max|log p|)`` (each term is rounded at most five times on its way).
     """
     f32 = torch.float32
     chunk = ds.x[s0:s1]
@@ -148,12 +152,12 @@ def _screen_chunk(
     lt = lt.to(f32) if lt.dtype != f32 else lt
     lt.mul_(co.c[q, None].to(f32)).addr_(co.half[q].to(f32), sq.to(f32), alpha=-1)
     cq = co.c[q] * qnorm * sq_max.sqrt()
-    err = gamma * cq + 4 * 2.0**-24 * (1.02 * cq + co.half[q] * sq_max)
+    err = gamma * cq + 6 * 2.0**-24 * (1.02 * cq + co.half[q] * sq_max)
     if ds.log_weights is not None:
         logw = ds.log_weights[s0:s1]
         lt.add_(logw.to(f32)[None, :])
         finite_w = logw[torch.isfinite(logw)]
-        err = err + 4 * 2.0**-24 * (finite_w.abs().max() if finite_w.numel() else 0.0)
+        err = err + 6 * 2.0**-24 * (finite_w.abs().max() if finite_w.numel() else 0.0)
     return lt, err
 
 
