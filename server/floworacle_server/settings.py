@@ -78,6 +78,14 @@ class Settings(BaseSettings):
         default="float32", description="Storage dtype of the resident data (exactness is relative to it)."
     )
     chunk_rows: int | None = Field(default=None, ge=1, description="Engine chunk size in data rows; None = default.")
+    screen: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description=(
+            "Precision of the engine's screening GEMM. bfloat16 / float16 use a GPU's tensor cores; the "
+            "exact mode stays exact (its error bound widens the candidate set), the fast mode's bound grows. "
+            "CPUs always screen in float32."
+        ),
+    )
     max_message_bytes: int = Field(
         default=DEFAULT_MAX_MESSAGE_BYTES, ge=1, le=2**31 - 1, description="gRPC message size limit (both ways)."
     )

@@ -57,8 +57,9 @@ class OracleRunner:
     path and dtypes.
     """
 
-    def __init__(self, chunk_rows: int | None = None) -> None:
+    def __init__(self, chunk_rows: int | None = None, screen: str = "float32") -> None:
         self.chunk_rows = chunk_rows
+        self.screen = screen
         #: Seconds of the last engine call alone (without merging and response encoding); the
         #: end-to-end benchmark splits a call's time into compute and transport with it.
         self.last_engine_seconds = 0.0
@@ -91,7 +92,7 @@ class OracleRunner:
             precision=jobs[0].precision,
         )
         start_engine = time.perf_counter()
-        res = oracle(ds, query, chunk_rows=self.chunk_rows)
+        res = oracle(ds, query, chunk_rows=self.chunk_rows, screen=self.screen)
         self.last_engine_seconds = time.perf_counter() - start_engine
         out: list[pb.OracleResponse] = []
         start = 0

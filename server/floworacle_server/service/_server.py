@@ -201,6 +201,7 @@ class OracleServer:
             self.metrics,
             limits=Limits(max_request_rows=s.max_request_rows),
             chunk_rows=s.chunk_rows,
+            screen=s.screen,
             max_stream_inflight=s.max_stream_inflight,
         )
         self._servicer = servicer

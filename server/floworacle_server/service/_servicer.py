@@ -101,6 +101,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         *,
         limits: Limits,
         chunk_rows: int | None = None,
+        screen: str = "float32",
         max_stream_inflight: int = 64,
     ) -> None:
         self.store = store
@@ -108,7 +109,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         self.metrics = metrics
         self.limits = limits
         self.max_stream_inflight = max_stream_inflight
-        self._oracle_runner = OracleRunner(chunk_rows)
+        self._oracle_runner = OracleRunner(chunk_rows, screen)
         self._nearest_runner = NearestRunner()
         self._active = 0
         self._idle = asyncio.Event()

@@ -45,6 +45,11 @@ def register(sub: Any) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto; digits default to cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="storage dtype (default float32)")
     p.add_argument("--chunk-rows", type=int, help="engine chunk size in data rows (default: engine's choice)")
+    p.add_argument(
+        "--screen",
+        choices=["float32", "bfloat16", "float16"],
+        help="screening GEMM precision (GPU tensor cores: bfloat16; exact answers either way)",
+    )
     p.add_argument("--max-batch-rows", type=int, help="rows merged into one engine call (default 4096)")
     p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for requests to merge with (default 2)")
     p.add_argument("--max-queue-requests", type=int, help="bounded queue length (default 1024)")
