@@ -571,6 +571,8 @@ def _groups_by_label(
         start, stop = ds.class_rows(int(y))
         if stop == start:
             raise ValueError(f"class {y} has no samples in data set {ds.name!r}")
+        if ds.log_weights is not None and not bool(torch.isfinite(ds.log_weights[start:stop]).any()):
+            raise ValueError(f"every sample of class {y} in data set {ds.name!r} has weight 0: its posterior is empty")
         out.append((rows[lab == y], (start, stop)))
     return out
 

@@ -287,6 +287,16 @@ def test_bad_queries_raise_actionable_errors(kw: dict, msg: str) -> None:
         oracle(ds, OracleQuery(x_t=torch.zeros(2, 4), coeffs=c, **kw))
 
 
+def test_class_whose_weights_are_all_zero_is_refused_not_nan() -> None:
+    X = np.random.default_rng(3).standard_normal((6, 3)).astype(np.float32)
+    ds = Dataset.from_arrays("w", X, labels=[0, 0, 0, 1, 1, 1], weights=[1, 2, 3, 0, 0, 0])
+    c = get_path("linear").coefficients(np.array([0.5]))
+    with pytest.raises(ValueError, match="weight 0"):
+        oracle(ds, OracleQuery(x_t=torch.zeros(1, 3), coeffs=c, labels=torch.tensor([1])))
+    ok = oracle(ds, OracleQuery(x_t=torch.zeros(1, 3), coeffs=c, labels=torch.tensor([0])))
+    assert torch.isfinite(ok.velocity).all()
+
+
 def test_shape_nan_and_singular_end_policy() -> None:
     ds = Dataset.from_arrays("r", np.ones((3, 4), dtype=np.float32))
     c = get_path("linear").coefficients(np.array([0.5]))
