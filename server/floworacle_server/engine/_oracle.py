@@ -667,6 +667,13 @@ def _assemble_result(
     from floworacle.paths import eps_from_x1, score_from_x1
 
     dev = xq.device
+    bad = ~torch.isfinite(x1).all(dim=1)
+    if bool(bad.any()):  # never hand back a silently wrong answer
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"x_t[{i}] (max |value| {float(xq[i].abs().max()):.3g}) is too large for the oracle's float32 "
+            "screening to stay finite; scale queries and data to ordinary magnitudes (|values| below ~1e15)"
+        )
     a_t = torch.as_tensor(coeffs.velocity_x1, dtype=torch.float64, device=dev)
     b_t = torch.as_tensor(coeffs.velocity_xt, dtype=torch.float64, device=dev)
     outputs = set(query.outputs)

@@ -304,6 +304,8 @@ def test_shape_nan_and_singular_end_policy() -> None:
         oracle(ds, OracleQuery(x_t=torch.zeros(1, 5), coeffs=c))
     with pytest.raises(ValueError, match="NaN or Inf"):
         oracle(ds, OracleQuery(x_t=torch.tensor([[0.0, math.nan, 0, 0]]), coeffs=c))
+    with pytest.raises(ValueError, match="too large"):  # finite, but past float32's range once screened
+        oracle(ds, OracleQuery(x_t=torch.full((1, 4), 3e38, dtype=torch.float64), coeffs=c))
     with pytest.raises(ValueError, match="singular"):
         get_path("linear").coefficients(np.array([1.0]))
     assert get_path("linear").t_max == pytest.approx(0.9999)

@@ -191,3 +191,18 @@ def test_expired_deadline_is_deadline_exceeded(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.Oracle(_req(), timeout=1e-6)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_values_too_large_for_screening_are_refused_and_the_server_keeps_answering(stub, digits):
+    """Finite float32 queries near float32's maximum would overflow the screening GEMM: the answer
+    is INVALID_ARGUMENT naming the row, never NaN, and the next request is answered exactly."""
+    x, _ = digits
+    huge = np.full((2, 64), 3e38, dtype=np.float32)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Oracle(oracle_request(huge, np.array([0.5, 0.5])), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "too large" in info.value.details()
+    t = np.array([0.3, 0.8])
+    xt = noisy_queries(x, t, seed=41)
+    resp = stub.Oracle(oracle_request(xt, t, dtype="float64"), timeout=30)
+    assert max_rel(_codec.decode(resp.velocity), ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6
