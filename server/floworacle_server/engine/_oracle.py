@@ -77,7 +77,6 @@ class _Coef:
     """Per-query float64 tensors derived from the path coefficients (shape (B,))."""
 
     alpha: torch.Tensor
-    sigma: torch.Tensor
     c: torch.Tensor  # alpha / sigma^2
     half: torch.Tensor  # alpha^2 / (2 sigma^2)
     inv2s2: torch.Tensor  # 1 / (2 sigma^2)
@@ -85,10 +84,10 @@ class _Coef:
     @classmethod
     def build(cls, alpha: torch.Tensor, sigma: torch.Tensor) -> _Coef:
         s2 = sigma * sigma
-        return cls(alpha, sigma, alpha / s2, alpha * alpha / (2 * s2), 1.0 / (2 * s2))
+        return cls(alpha, alpha / s2, alpha * alpha / (2 * s2), 1.0 / (2 * s2))
 
     def take(self, rows: torch.Tensor) -> _Coef:
-        return _Coef(self.alpha[rows], self.sigma[rows], self.c[rows], self.half[rows], self.inv2s2[rows])
+        return _Coef(self.alpha[rows], self.c[rows], self.half[rows], self.inv2s2[rows])
 
 
 @dataclass

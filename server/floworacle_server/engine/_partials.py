@@ -176,18 +176,6 @@ class Partials:
         w = torch.exp(self.topk_logits - self.m[:, None]) / self.s[:, None]
         return Posterior(x1_hat=x1, entropy=entropy, ess=ess, topk_indices=self.topk_index, topk_weights=w)
 
-    def take(self, rows: torch.Tensor) -> Partials:
-        """The partials of a subset of the queries."""
-        return Partials(
-            m=self.m[rows],
-            s=self.s[rows],
-            v=self.v[rows],
-            h=self.h[rows],
-            q=self.q[rows],
-            topk_logits=self.topk_logits[rows],
-            topk_index=self.topk_index[rows],
-        )
-
     def put(self, rows: torch.Tensor, part: Partials) -> None:
         """Overwrite the state of the queries ``rows`` with ``part`` (in place)."""
         self.m[rows] = part.m
