@@ -22,6 +22,23 @@ class Reference:
     ess: np.ndarray
 
 
+def posterior_weights(
+    data: np.ndarray, x_t: np.ndarray, alpha: np.ndarray, sigma: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """(B, N) posterior weights ``softmax_i(log p_i - ||x_t - alpha x_i||^2 / (2 sigma^2))``, query by query."""
+    X = np.asarray(data, dtype=np.float64).reshape(len(data), -1)
+    xt = np.asarray(x_t, dtype=np.float64).reshape(len(x_t), -1)
+    with np.errstate(divide="ignore"):  # zero weights give log p = -inf, i.e. excluded
+        logp = np.zeros(len(X)) if weights is None else np.log(np.asarray(weights, dtype=np.float64) / np.sum(weights))
+    out = []
+    for b in range(len(xt)):
+        diff = xt[b][None, :] - alpha[b] * X
+        logits = logp - np.einsum("nd,nd->n", diff, diff) / (2.0 * sigma[b] ** 2)
+        g = np.exp(logits - logits.max())
+        out.append(g / g.sum())
+    return np.array(out)
+
+
 def oracle_reference(
     data: np.ndarray,
     x_t: np.ndarray,
@@ -34,19 +51,8 @@ def oracle_reference(
     """data (N, D), x_t (B, D), coefficients (B,); optional sample weights (N,)."""
     X = np.asarray(data, dtype=np.float64).reshape(len(data), -1)
     xt = np.asarray(x_t, dtype=np.float64).reshape(len(x_t), -1)
-    with np.errstate(divide="ignore"):  # zero weights give log p = -inf, i.e. excluded
-        logp = np.zeros(len(X)) if weights is None else np.log(np.asarray(weights, dtype=np.float64) / np.sum(weights))
-    x1s, ws = [], []
-    for b in range(len(xt)):
-        diff = xt[b][None, :] - alpha[b] * X
-        logits = logp - np.einsum("nd,nd->n", diff, diff) / (2.0 * sigma[b] ** 2)
-        logits = logits - logits.max()
-        g = np.exp(logits)
-        g = g / g.sum()
-        ws.append(g)
-        x1s.append(g @ X)
-    x1 = np.array(x1s)
-    w = np.array(ws)
+    w = posterior_weights(X, xt, alpha, sigma, weights)
+    x1 = w @ X
     a, s, da, ds = (np.asarray(v, dtype=np.float64)[:, None] for v in (alpha, sigma, d_alpha, d_sigma))
     eps = (xt - a * x1) / s
     vel = da * x1 + ds * eps

@@ -7,17 +7,25 @@ import numpy as np
 
 from floworacle import _codec
 from floworacle.v1 import oracle_pb2 as pb
+from oracle_reference import posterior_weights
 
 
 def ref_posterior(data: np.ndarray, x_t: np.ndarray, alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """(B, N) posterior weights gamma_i = softmax(-||x_t - alpha x_i||^2 / (2 sigma^2)), float64."""
-    X = np.asarray(data, np.float64).reshape(len(data), -1)
-    xt = np.asarray(x_t, np.float64).reshape(len(x_t), -1)
-    d2 = ((xt[:, None, :] - alpha[:, None, None] * X[None, :, :]) ** 2).sum(-1)
-    logits = -d2 / (2.0 * sigma[:, None] ** 2)
-    logits -= logits.max(axis=1, keepdims=True)
-    w = np.exp(logits)
-    return w / w.sum(axis=1, keepdims=True)
+    """(B, N) posterior weights gamma_i = softmax(-||x_t - alpha x_i||^2 / (2 sigma^2)), float64
+    (the tests' one reference, tests/oracle_reference.py)."""
+    return posterior_weights(data, x_t, alpha, sigma)
+
+
+class FakeJob:
+    """A batcher job for tests that need no engine: ``rows`` rows carrying one integer."""
+
+    def __init__(self, rows: int, value: int, fail: bool = False) -> None:
+        self.rows, self.value, self.fail = rows, value, fail
+
+
+def double_values(jobs: list[FakeJob]) -> tuple[list[int], int]:
+    """A batcher runner: doubles each job's value (no float64 refinement work)."""
+    return [2 * j.value for j in jobs], 0
 
 
 def ref_oracle(

@@ -12,7 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
+from service_helpers import (
+    FakeJob,
+    double_values,
+    linear_coeffs,
+    max_rel,
+    noisy_queries,
+    oracle_request,
+    ref_oracle,
+)
 
 from floworacle import OracleClient, _codec
 from floworacle._protocol import RetryPolicy
@@ -22,29 +30,20 @@ from floworacle_server.service.testing import serve_in_thread
 from floworacle_server.settings import Settings
 
 
-class _Job:
-    def __init__(self, rows: int, value: int) -> None:
-        self.rows, self.value = rows, value
-
-
-def _double(jobs):
-    return [2 * j.value for j in jobs], 0
-
-
 async def test_inflight_row_cap_counts_queued_and_computing_rows():
     b = DynamicBatcher(max_batch_rows=100, max_queue_delay_s=0.2, max_queue_requests=100, max_inflight_rows=10)
     b.start()
-    first = [asyncio.ensure_future(b.submit("k", 4, _Job(4, i), _double)) for i in range(2)]
+    first = [asyncio.ensure_future(b.submit("k", 4, FakeJob(4, i), double_values)) for i in range(2)]
     await asyncio.sleep(0.01)
     assert b.inflight_rows == 8
     with pytest.raises(InflightFullError, match="max_inflight_rows") as info:
-        await b.submit("k", 4, _Job(4, 9), _double)
+        await b.submit("k", 4, FakeJob(4, 9), double_values)
     assert isinstance(info.value, QueueFullError)  # answered like a full queue: with a retry hint
-    assert await b.submit("k", 2, _Job(2, 5), _double) == 10  # fits exactly: 8 + 2 = 10
+    assert await b.submit("k", 2, FakeJob(2, 5), double_values) == 10  # fits exactly: 8 + 2 = 10
     assert [await f for f in first] == [0, 2]
     assert b.inflight_rows == 0
     # with nothing in flight, a request larger than the cap is still admitted (it runs alone)
-    assert await b.submit("k", 50, _Job(50, 7), _double) == 14
+    assert await b.submit("k", 50, FakeJob(50, 7), double_values) == 14
     assert b.inflight_rows == 0
     await b.close()
 
@@ -57,21 +56,21 @@ async def test_cancelled_caller_keeps_its_rows_until_its_engine_call_ends():
     def slow(jobs):
         started.set()
         release.wait(10)
-        return _double(jobs)
+        return double_values(jobs)
 
-    caller = asyncio.ensure_future(b.submit("k", 4, _Job(4, 1), slow))
+    caller = asyncio.ensure_future(b.submit("k", 4, FakeJob(4, 1), slow))
     assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
     caller.cancel()
     await asyncio.sleep(0.01)
     assert b.inflight_rows == 4  # still on the device
     with pytest.raises(InflightFullError):
-        await b.submit("k", 4, _Job(4, 2), _double)
+        await b.submit("k", 4, FakeJob(4, 2), double_values)
     release.set()
     deadline = time.monotonic() + 10
     while b.inflight_rows and time.monotonic() < deadline:
         await asyncio.sleep(0.005)
     assert b.inflight_rows == 0
-    assert await b.submit("k", 4, _Job(4, 3), _double) == 6
+    assert await b.submit("k", 4, FakeJob(4, 3), double_values) == 6
     await b.close()
 
 

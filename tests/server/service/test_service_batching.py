@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
+from service_helpers import FakeJob, linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
 
 from floworacle import _codec
 from floworacle.v1 import oracle_pb2 as pb
@@ -25,11 +25,6 @@ from floworacle_server.service._batcher import (
 )
 from floworacle_server.service.testing import serve_in_thread
 from floworacle_server.settings import Settings
-
-
-class _Job:
-    def __init__(self, rows: int, value: int, fail: bool = False) -> None:
-        self.rows, self.value, self.fail = rows, value, fail
 
 
 class _Runner:
@@ -53,7 +48,7 @@ async def test_merges_up_to_max_rows_and_keeps_keys_apart():
     b = DynamicBatcher(max_batch_rows=10, max_queue_delay_s=0.05, max_queue_requests=100)
     b.start()
     run = _Runner()
-    jobs = [("a", _Job(4, i)) for i in range(5)] + [("b", _Job(1, 100 + i)) for i in range(3)]
+    jobs = [("a", FakeJob(4, i)) for i in range(5)] + [("b", FakeJob(1, 100 + i)) for i in range(3)]
     out = await asyncio.gather(*(b.submit(k, j.rows, j, run) for k, j in jobs))
     assert out == [2 * j.value for _, j in jobs]
     # key "a": 5 x 4 rows under a 10-row cap -> [0, 1], [2, 3], [4]; key "b" in one call
@@ -67,7 +62,7 @@ async def test_oversized_item_runs_alone():
     b = DynamicBatcher(max_batch_rows=4, max_queue_delay_s=0.0, max_queue_requests=10)
     b.start()
     run = _Runner()
-    assert await b.submit("k", 50, _Job(50, 3), run) == 6
+    assert await b.submit("k", 50, FakeJob(50, 3), run) == 6
     assert run.calls == [[3]]
     await b.close()
 
@@ -77,9 +72,9 @@ async def test_failing_request_does_not_fail_its_batch_mates():
     b.start()
     run = _Runner()
     res = await asyncio.gather(
-        b.submit("k", 1, _Job(1, 1), run),
-        b.submit("k", 1, _Job(1, 2, fail=True), run),
-        b.submit("k", 1, _Job(1, 3), run),
+        b.submit("k", 1, FakeJob(1, 1), run),
+        b.submit("k", 1, FakeJob(1, 2, fail=True), run),
+        b.submit("k", 1, FakeJob(1, 3), run),
         return_exceptions=True,
     )
     assert res[0] == 2 and res[2] == 6 and isinstance(res[1], ValueError)
@@ -91,13 +86,13 @@ async def test_queue_full_deadline_and_cancel_are_not_computed():
     b = DynamicBatcher(max_batch_rows=100, max_queue_delay_s=0.2, max_queue_requests=3)
     b.start()
     run = _Runner()
-    keep = asyncio.ensure_future(b.submit("k", 1, _Job(1, 1), run))
-    expired = asyncio.ensure_future(b.submit("k", 1, _Job(1, 2), run, deadline=time.monotonic() + 0.01))
-    cancelled = asyncio.ensure_future(b.submit("k", 1, _Job(1, 3), run))
+    keep = asyncio.ensure_future(b.submit("k", 1, FakeJob(1, 1), run))
+    expired = asyncio.ensure_future(b.submit("k", 1, FakeJob(1, 2), run, deadline=time.monotonic() + 0.01))
+    cancelled = asyncio.ensure_future(b.submit("k", 1, FakeJob(1, 3), run))
     await asyncio.sleep(0.02)
     assert b.queue_depth == 3
     with pytest.raises(QueueFullError, match="retry"):
-        await b.submit("k", 1, _Job(1, 4), run)
+        await b.submit("k", 1, FakeJob(1, 4), run)
     cancelled.cancel()
     assert await keep == 2
     with pytest.raises(DeadlineExpiredError):
@@ -109,13 +104,13 @@ async def test_queue_full_deadline_and_cancel_are_not_computed():
 async def test_close_fails_waiting_items():
     b = DynamicBatcher(max_batch_rows=100, max_queue_delay_s=5.0, max_queue_requests=3)
     b.start()
-    waiting = asyncio.ensure_future(b.submit("k", 1, _Job(1, 1), _Runner()))
+    waiting = asyncio.ensure_future(b.submit("k", 1, FakeJob(1, 1), _Runner()))
     await asyncio.sleep(0.01)
     await b.close()
     with pytest.raises(BatcherClosedError):
         await waiting
     with pytest.raises(BatcherClosedError):
-        await b.submit("k", 1, _Job(1, 1), _Runner())
+        await b.submit("k", 1, FakeJob(1, 1), _Runner())
 
 
 def test_concurrent_requests_merge_and_stay_exact(digits):
