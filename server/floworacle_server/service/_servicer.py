@@ -136,6 +136,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
     async def _unary(self, method: str, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        observed = False
         with self._track(method):
             try:
                 return await fn()
@@ -149,10 +150,15 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                     self.metrics.rejected(failure.reason)
                 if failure.trailing:
                     context.set_trailing_metadata(failure.trailing)
+                # Count the failure before abort() sends the status: a client that reads the
+                # metrics right after its error must already see it.
+                self.metrics.observe_request(method, code.name, time.perf_counter() - start)
+                observed = True
                 await context.abort(failure.code, failure.message)
                 raise  # unreachable: abort raises
             finally:
-                self.metrics.observe_request(method, code.name, time.perf_counter() - start)
+                if not observed:
+                    self.metrics.observe_request(method, code.name, time.perf_counter() - start)
 
     async def _oracle(self, method: str, request: pb.OracleRequest, deadline: float | None) -> pb.OracleResponse:
         job = parse_oracle(request, self.store, self.limits)
