@@ -6,6 +6,7 @@ pass ``convention="reversed"`` for code where s = 1 is noise (SD3, Flux, diffuse
 """
 
 from floworacle import paths
+from floworacle._alloc import tune_allocator
 from floworacle._client import OracleClient
 from floworacle._codec import CodecError
 from floworacle._errors import OracleError
@@ -23,5 +24,6 @@ __all__ = [
     "Neighbors",
     "DatasetInfo",
     "paths",
+    "tune_allocator",
 ]
 __version__ = "0.1.0"

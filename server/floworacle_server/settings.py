@@ -133,6 +133,11 @@ class Settings(BaseSettings):
         description="On SIGTERM: how long health reports NOT_SERVING while still accepting RPCs, so load "
         "balancers stop routing before the port closes.",
     )
+    tune_allocator: bool = Field(
+        default=True,
+        description="Pin glibc's mmap and trim thresholds at start-up so MB-sized request, response and "
+        "engine buffers are reused instead of page-faulted in fresh on every call (floworacle.tune_allocator).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Logging level.")
 
     @model_validator(mode="before")

@@ -74,6 +74,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--grace-period-s", type=float, help="seconds in-flight requests get on SIGTERM (default 30)")
     p.add_argument("--shutdown-delay-s", type=float, help="seconds NOT_SERVING before the port closes (default 0)")
+    p.add_argument(
+        "--tune-allocator",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="pin glibc's malloc thresholds so large buffers are reused across calls (default on)",
+    )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--config", metavar="FILE", help=f"YAML settings file (or {CONFIG_ENV})")
     p.set_defaults(func=_main)
@@ -106,6 +112,10 @@ async def serve(settings: Settings) -> int:
     from floworacle_server.service._server import create_server
 
     loop = asyncio.get_running_loop()
+    if settings.tune_allocator:
+        from floworacle import tune_allocator
+
+        log.info("allocator thresholds pinned: %s", "yes" if tune_allocator() else "no (not glibc)")
     server = create_server(settings)  # loading data may take a while; nothing is bound yet
     await server.start()
     for ds in server.store:

@@ -4,6 +4,7 @@ from settings, and `floworacle serve` as a real process: serves, logs, drains on
 from __future__ import annotations
 
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -51,6 +52,13 @@ def test_env_lists_and_flags_lists():
     args = build_parser().parse_args(["serve", "--data", "p.npy", "--data", "q=r.npy", "--no-reflection"])
     s = load_settings(args, env={})
     assert s.data == ["p.npy", "q=r.npy"] and not s.reflection
+
+
+def test_tune_allocator_flag_and_environment():
+    assert load_settings(None, env={}).tune_allocator
+    assert not load_settings({}, env={"FLOWORACLE_TUNE_ALLOCATOR": "false"}).tune_allocator
+    args = build_parser().parse_args(["serve", "--no-tune-allocator"])
+    assert not load_settings(args, env={"FLOWORACLE_TUNE_ALLOCATOR": "true"}).tune_allocator
 
 
 @pytest.mark.parametrize(
@@ -134,6 +142,8 @@ def test_serve_command_logs_serves_and_drains_on_sigterm(tmp_path: Path):
         assert port, "".join(lines)
         log = "".join(lines)
         assert "digits (default): 1797 x [64] float32 on cpu, sha256:" in log
+        pinned = "yes" if platform.libc_ver()[0] == "glibc" else "no (not glibc)"
+        assert f"allocator thresholds pinned: {pinned}" in log
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             names = [
                 d.name for d in pb_grpc.FlowOracleStub(ch).ListDatasets(pb.ListDatasetsRequest(), timeout=10).datasets
