@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 import torch
 
-from floworacle import AsyncOracleClient, OracleClient
+from floworacle import AsyncOracleClient, OracleClient, _wire, tune_allocator
 from floworacle._channel import server_options
 from floworacle.paths import get_path
 from floworacle.v1 import oracle_pb2 as pb
@@ -117,18 +117,18 @@ def single_client(args: argparse.Namespace, store: DatasetStore, ds: Dataset) ->
                 plan = client._plan_oracle(
                     x_t, t, dataset=None, fingerprint=None, wire_dtype=None, outputs=("velocity",)
                 )
-                req = plan.requests[0]
-                stub_resp = client._unary("Oracle", req, None, None)
-                req_bytes, resp_bytes = req.ByteSize(), stub_resp.ByteSize()
-                resp_raw = stub_resp.SerializeToString()
+                req_raw = _wire.serialize(plan.requests[0])
+                answer = client._unary("Oracle", plan.requests[0], None, None)
+                resp_raw = getattr(answer, "message", answer).SerializeToString()
+                req_bytes, resp_bytes = len(req_raw), len(resp_raw)
 
                 def sdk_side(client: OracleClient = client, resp_raw: bytes = resp_raw) -> None:
                     # what the SDK does per call besides waiting: encode, serialize, parse, decode
                     pl = client._plan_oracle(
                         x_t, t, dataset=None, fingerprint=None, wire_dtype=None, outputs=("velocity",)
                     )
-                    pl.requests[0].SerializeToString()
-                    pl.finish([pb.OracleResponse.FromString(resp_raw)])
+                    _wire.serialize(pl.requests[0])
+                    pl.finish([_wire.parse(pb.OracleResponse, resp_raw)])
 
                 sdk = timed(sdk_side, args.reps)
                 runner = srv.server._servicer._oracle_runner  # type: ignore[union-attr]
@@ -246,13 +246,24 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--client-batch", type=int, default=4)
     p.add_argument("--calls", type=int, default=15, help="calls per client in part 2")
+    p.add_argument(
+        "--no-tune-allocator",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (floworacle serve pins them; see floworacle.tune_allocator)",
+    )
     args = p.parse_args()
+    # Server and client share this process; `floworacle serve` pins the thresholds at start-up
+    # and a training job may call floworacle.tune_allocator() too.
+    tuned = False if args.no_tune_allocator else tune_allocator()
 
     torch.manual_seed(0)
     x = np.random.default_rng(0).standard_normal((args.n, args.dim)).astype(np.float32)
     ds = Dataset.from_arrays("bench", x)
     store = DatasetStore([ds, Dataset.from_arrays("tiny", x[:1])])
-    print(f"data: N = {args.n}, D = {args.dim} float32 (CPU, torch threads = {torch.get_num_threads()})")
+    print(
+        f"data: N = {args.n}, D = {args.dim} float32 (CPU, torch threads = {torch.get_num_threads()}); "
+        f"allocator thresholds pinned (client and server): {'yes' if tuned else 'no'}"
+    )
 
     print(f"\n1) one client, B = {args.batch}, velocity only, exact mode (medians of {args.reps} calls)")
     print(

@@ -16,8 +16,8 @@ from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
 from floworacle._protocol import Plan, deadline_error, parse_dataset_info
 from floworacle._results import DatasetInfo, Neighbors, Prediction
+from floworacle._wire import Stub, serialize
 from floworacle.v1 import oracle_pb2 as pb
-from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 
 __all__ = ["OracleClient"]
 
@@ -56,10 +56,7 @@ class OracleClient(ClientBase):
             else:
                 ch = grpc.insecure_channel(addr, options=list(cfg.options))
             self._channels.append(ch)
-        self._stubs = [
-            pb_grpc.FlowOracleStub(grpc.intercept_channel(ch, *interceptors) if interceptors else ch)
-            for ch in self._channels
-        ]
+        self._stubs = [Stub(grpc.intercept_channel(ch, *interceptors) if interceptors else ch) for ch in self._channels]
         self._turn = itertools.count()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -86,13 +83,14 @@ class OracleClient(ClientBase):
         self._check_open()
         policy = self._config.retry
         metadata = self._config.metadata or None
+        payload = serialize(request)  # once, for every attempt
         attempt = 0
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise deadline_error(timeout)
             try:
-                return getattr(self._stub(), method)(request, timeout=remaining, metadata=metadata)
+                return getattr(self._stub(), method)(payload, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
             left = math.inf if deadline is None else deadline - time.monotonic()
@@ -299,8 +297,8 @@ class OracleClient(ClientBase):
                         while not slots.acquire(timeout=0.05):
                             if stop.is_set():
                                 return
-                        req.request_id = f"{n}.{j}"
-                        yield req
+                        req.message.request_id = f"{n}.{j}"
+                        yield req.serialize()  # now: the payloads are the caller's arrays
             except Exception as exc:  # reported to the caller after the answers already due
                 failed.append(exc)
 

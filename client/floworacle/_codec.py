@@ -22,6 +22,7 @@ __all__ = [
     "dtype_by_name",
     "encode",
     "encode_raw",
+    "encode_array",
     "fill",
     "decode",
     "decode_torch",
@@ -124,6 +125,15 @@ def encode(x: Any, dtype: str | None = None) -> pb.Tensor:
 def encode_raw(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int, ...], bytes]:
     """:func:`encode` without building the message: (wire dtype, shape, raw bytes). Lets a
     caller fill a tensor field of a larger message directly (one copy of the data fewer)."""
+    wd, shape, arr = encode_array(x, dtype)
+    return wd, shape, arr.tobytes()
+
+
+def encode_array(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int, ...], np.ndarray]:
+    """(wire dtype, shape, C-contiguous numpy array holding the wire bytes): what
+    :func:`encode_raw` returns before its final copy into ``bytes``. The array may share memory
+    with ``x`` (a numpy array or CPU tensor already in the wire dtype), so use it before ``x``
+    changes; :class:`floworacle._wire.Outgoing` copies it once, into the message it sends."""
     name = dtype or _source_name(x)
     if name in ("int32", "int16", "int8", "uint8") and dtype is None:
         name = "int64"
@@ -137,25 +147,25 @@ def encode_raw(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int, 
         if t.device.type != "cpu":
             t = t.to(getattr(torch, wd.torch)).cpu()  # convert on the device: fewer bytes to copy back
         if t.dtype == torch.bfloat16 and wd.name == "bfloat16":
-            raw = t.contiguous().view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+            arr = np.ascontiguousarray(t.contiguous().view(torch.int16).numpy(), dtype="<i2")
         else:
             a = _torch_cpu_numpy(t)
             with np.errstate(over="ignore"):  # overflow to inf, as torch converts, without a warning
                 if wd.name == "bfloat16":
-                    raw = _bf16_bits(a.astype(np.float32, copy=False)).tobytes()
+                    arr = np.ascontiguousarray(_bf16_bits(a.astype(np.float32, copy=False)), dtype="<u2")
                 else:
-                    raw = np.ascontiguousarray(a, dtype=wd.numpy).tobytes()
+                    arr = np.ascontiguousarray(a, dtype=wd.numpy)
         shape = tuple(t.shape)
     else:
         a = np.asarray(x)
         if a.dtype.kind not in "fiub":
             raise CodecError(f"cannot encode an array of dtype {a.dtype}; send floats or integers")
         if wd.name == "bfloat16":
-            raw = _bf16_bits(a.astype(np.float32, copy=False)).tobytes()
+            arr = np.ascontiguousarray(_bf16_bits(a.astype(np.float32, copy=False)), dtype="<u2")
         else:
-            raw = np.ascontiguousarray(a, dtype=wd.numpy).tobytes()
+            arr = np.ascontiguousarray(a, dtype=wd.numpy)
         shape = a.shape
-    return wd, tuple(int(d) for d in shape), raw
+    return wd, tuple(int(d) for d in shape), arr
 
 
 def fill(field: pb.Tensor, x: Any, dtype: str | None = None) -> None:

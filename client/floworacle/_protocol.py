@@ -17,9 +17,10 @@ import grpc
 import numpy as np
 
 from floworacle import paths
-from floworacle._codec import CodecError, WireDType, _is_torch, dtype_by_name, encode, encode_raw, to_like
+from floworacle._codec import CodecError, WireDType, _is_torch, dtype_by_name, encode, encode_array, to_like
 from floworacle._errors import OracleError
 from floworacle._results import DatasetInfo, Neighbors, Prediction
+from floworacle._wire import Outgoing, string_field
 from floworacle.v1 import oracle_pb2 as pb
 
 __all__ = ["RetryPolicy", "Plan", "build_oracle", "build_nearest", "parse_dataset_info", "OUTPUT_NAMES"]
@@ -95,6 +96,18 @@ class Plan(Generic[R]):
     requests: list[Any]
     finish: Callable[[list[Any]], R]
     pin: Callable[[Any, Any], None] = field(default=lambda req, first: None)
+
+    def pinned(self, request: Any, payload: bytes, first: Any) -> bytes:
+        """``payload`` (``request`` serialized earlier) with ``pin`` applied: the fingerprint
+        field is appended, as the last occurrence of a field wins in protobuf."""
+        msg: Any = request.message if isinstance(request, Outgoing) else request
+        before = getattr(msg, "fingerprint", None)
+        self.pin(request, first)
+        after = getattr(msg, "fingerprint", None)
+        if not after or after == before:
+            return payload
+        number = msg.DESCRIPTOR.fields_by_name["fingerprint"].number
+        return payload + string_field(number, after)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,17 +245,14 @@ def _slice_rows(t: pb.Tensor, start: int, stop: int) -> pb.Tensor:
     return pb.Tensor(dtype=t.dtype, shape=[stop - start, *t.shape[1:]], data=t.data[start * row : stop * row])
 
 
-def _fill_rows(field: Any, raw: tuple[WireDType, tuple[int, ...], bytes], start: int, stop: int) -> None:
-    """Set a message's tensor field to rows [start, stop) of encoded data: the bytes go into the
-    message once (building a Tensor first and copying it in would copy them twice)."""
-    wd, shape, data = raw
-    field.dtype = wd.enum
-    field.shape.extend([stop - start, *shape[1:]])
-    if start == 0 and stop == shape[0]:
-        field.data = data
-    else:
-        row = len(data) // shape[0] if shape[0] else 0
-        field.data = data[start * row : stop * row]
+def _attach_rows(
+    out: Outgoing, field: str, enc: tuple[WireDType, tuple[int, ...], np.ndarray], start: int, stop: int
+) -> None:
+    """Make ``out``'s tensor ``field`` rows [start, stop) of encoded data, by reference: the bytes
+    are copied once, when the message is serialized (see :mod:`floworacle._wire`)."""
+    wd, shape, arr = enc
+    rows = arr if start == 0 and stop == shape[0] else arr[start:stop]
+    out.put(field, wd.enum, [stop - start, *shape[1:]], rows)
 
 
 def _join_rows(parts: list[pb.Tensor], field_name: str) -> pb.Tensor:
@@ -261,8 +271,9 @@ def _join_rows(parts: list[pb.Tensor], field_name: str) -> pb.Tensor:
 
 
 def _pin(request: Any, first: Any) -> None:
-    if not request.fingerprint:
-        request.fingerprint = first.fingerprint
+    msg: Any = request.message if isinstance(request, Outgoing) else request
+    if not msg.fingerprint:
+        msg.fingerprint = first.fingerprint
 
 
 def _check_same_fingerprint(responses: list[Any]) -> None:
@@ -347,7 +358,7 @@ def build_oracle(
 
     wire = _wire_name(arr, wire_dtype)
     wd = dtype_by_name(wire)
-    x_raw = encode_raw(arr, wire)
+    x_enc = encode_array(arr, wire)
     dim = math.prod(int(s) for s in arr.shape[1:])
     n_float = sum(o in _FLOAT_OUTPUTS for o in outs)
     request_row = dim * wd.itemsize + 8 + 8 + 32
@@ -379,14 +390,15 @@ def build_oracle(
             precision=_PRECISIONS[precision],
             output_dtype=wd.enum,  # type: ignore[arg-type]
         )
-        _fill_rows(req.x_t, x_raw, start, stop)
+        out = Outgoing(req)
+        _attach_rows(out, "x_t", x_enc, start, stop)
         if t_wire is not None:
             req.t.CopyFrom(_slice_rows(t_wire, start, stop))
         if lab_wire is not None:
             req.labels.CopyFrom(_slice_rows(lab_wire, start, stop))
         if guide is not None:
             req.guidance.CopyFrom(guide)
-        requests.append(req)
+        requests.append(out)
 
     negate = convention == "reversed"
 
@@ -445,7 +457,7 @@ def build_nearest(
         _path_spec(batch, tv, path, sigma_min, coefficients) if (tv is not None or coefficients is not None) else None
     )
     wire = _wire_name(arr, None)
-    x_raw = encode_raw(arr, wire)
+    x_enc = encode_array(arr, wire)
     dim = math.prod(int(s) for s in arr.shape[1:])
     request_row = dim * dtype_by_name(wire).itemsize + 8 + 32
     response_row = int(k) * 24
@@ -461,7 +473,8 @@ def build_nearest(
     for start in range(0, max(batch, 1), rows):
         stop = min(batch, start + rows)
         req = pb.NearestRequest(dataset=dataset, fingerprint=fingerprint, k=int(k))
-        _fill_rows(req.x, x_raw, start, stop)
+        out = Outgoing(req)
+        _attach_rows(out, "x", x_enc, start, stop)
         if t_wire is not None:
             req.t.CopyFrom(_slice_rows(t_wire, start, stop))
         if spec is not None:
@@ -474,7 +487,7 @@ def build_nearest(
                 )
             else:
                 req.path.CopyFrom(spec)
-        requests.append(req)
+        requests.append(out)
 
     def finish(responses: list[Any]) -> Neighbors:
         _check_same_fingerprint(responses)

@@ -17,8 +17,8 @@ from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
 from floworacle._protocol import Plan, deadline_error, parse_dataset_info
 from floworacle._results import DatasetInfo, Neighbors, Prediction
+from floworacle._wire import Stub, serialize
 from floworacle.v1 import oracle_pb2 as pb
-from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 
 __all__ = ["AsyncOracleClient"]
 
@@ -38,7 +38,7 @@ class AsyncOracleClient(ClientBase):
             else:
                 ch = grpc.aio.insecure_channel(addr, options=list(cfg.options), interceptors=inter)
             self._channels.append(ch)
-        self._stubs = [pb_grpc.FlowOracleStub(ch) for ch in self._channels]
+        self._stubs = [Stub(ch) for ch in self._channels]
         self._turn = itertools.count()
 
     async def close(self) -> None:
@@ -62,13 +62,14 @@ class AsyncOracleClient(ClientBase):
         self._check_open()
         policy = self._config.retry
         metadata = self._config.metadata or None
+        payload = serialize(request)  # once, for every attempt
         attempt = 0
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise deadline_error(timeout)
             try:
-                return await getattr(self._stub(), method)(request, timeout=remaining, metadata=metadata)
+                return await getattr(self._stub(), method)(payload, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
             left = math.inf if deadline is None else deadline - time.monotonic()
@@ -80,10 +81,12 @@ class AsyncOracleClient(ClientBase):
 
     async def _run(self, plan: Plan[Any], timeout: float | None) -> Any:
         used, deadline = self._config.deadline(timeout)
-        first = await self._unary(plan.method, plan.requests[0], deadline, used)
-        rest = plan.requests[1:]
-        for request in rest:
-            plan.pin(request, first)
+        # Serialized before the first await: the requests reference the caller's arrays, which
+        # other tasks could change while this call waits. Later chunks get the first answer's
+        # fingerprint appended (the last occurrence of a field wins in protobuf).
+        payloads = [serialize(r) for r in plan.requests]
+        first = await self._unary(plan.method, payloads[0], deadline, used)
+        rest = [plan.pinned(plan.requests[i], p, first) for i, p in enumerate(payloads[1:], 1)]
         others = await asyncio.gather(*(self._unary(plan.method, r, deadline, used) for r in rest))
         return plan.finish([first, *others])
 
@@ -224,8 +227,8 @@ class AsyncOracleClient(ClientBase):
                     order.append(n)
                     for j, req in enumerate(plan.requests):
                         await slots.acquire()
-                        req.request_id = f"{n}.{j}"
-                        yield req
+                        req.message.request_id = f"{n}.{j}"
+                        yield req.serialize()  # now: the payloads are the caller's arrays
                     n += 1
             except Exception as exc:  # reported to the caller after the answers already due
                 failed.append(exc)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import pickle
+import platform
 import random
+import subprocess
+import sys
 
 import grpc
 import numpy as np
 import pytest
 
-from floworacle import OracleError, RetryPolicy
+from floworacle import OracleError, RetryPolicy, tune_allocator
 from floworacle._config import make_config
 from floworacle._errors import error_from_code, retry_hint_seconds, translate_rpc_error
 from floworacle._protocol import build_oracle
+from floworacle._wire import serialize
+from floworacle.v1 import oracle_pb2 as pb
 
 
 def test_retry_policy_backoff_and_hint() -> None:
@@ -82,16 +87,57 @@ def test_target_parsing() -> None:
 
 
 def test_split_rows_and_pin() -> None:
-    x = np.zeros((10, 100), np.float32)  # 400 bytes a row, 448 with t, labels and coefficients
+    x = np.arange(1000, dtype=np.float32).reshape(10, 100)  # 400 bytes a row, 448 with t, labels, coefficients
     plan = build_oracle(
         x, 0.5, dataset="d", fingerprint="", max_message_bytes=4096 + 1 + 3 * 448 + 10, max_request_rows=100
     )
-    assert [r.x_t.shape[0] for r in plan.requests] == [3, 3, 3, 1]
-    assert b"".join(r.x_t.data for r in plan.requests) == x.tobytes()
-    assert [r.t.shape[0] for r in plan.requests] == [3, 3, 3, 1]
-    first = type(plan.requests[0])()
-    first.fingerprint = "sha256:abc"
+    # what goes on the wire, read back by plain protobuf
+    sent = [pb.OracleRequest.FromString(serialize(r)) for r in plan.requests]
+    assert [r.x_t.shape[0] for r in sent] == [3, 3, 3, 1]
+    assert b"".join(r.x_t.data for r in sent) == x.tobytes()
+    assert [r.t.shape[0] for r in sent] == [3, 3, 3, 1]
+    assert all(len(serialize(r)) <= 4096 + 1 + 3 * 448 + 10 for r in plan.requests)
+    first = pb.OracleResponse(fingerprint="sha256:abc")
     plan.pin(plan.requests[1], first)
-    assert plan.requests[1].fingerprint == "sha256:abc"
+    assert pb.OracleRequest.FromString(serialize(plan.requests[1])).fingerprint == "sha256:abc"
+    # pinning a request serialized earlier appends the field; protobuf reads the last occurrence
+    early = serialize(plan.requests[2])
+    pinned = plan.pinned(plan.requests[2], early, first)
+    assert pb.OracleRequest.FromString(pinned).fingerprint == "sha256:abc"
+    assert pb.OracleRequest.FromString(pinned).x_t.data == x[6:9].tobytes()
     plan = build_oracle(x, 0.5, dataset="d", fingerprint="", max_message_bytes=1 << 20, max_request_rows=4)
-    assert [r.x_t.shape[0] for r in plan.requests] == [4, 4, 2]
+    assert [pb.OracleRequest.FromString(serialize(r)).x_t.shape[0] for r in plan.requests] == [4, 4, 2]
+
+
+_MMAP_PROBE = """
+import ctypes, sys
+from floworacle import tune_allocator
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "tuned":
+    assert tune_allocator() is True
+before = libc.mallinfo2().hblks
+buf = bytearray(3 << 20)  # one request-sized buffer
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt thresholds are glibc's")
+def test_tune_allocator_serves_request_sized_blocks_from_the_heap() -> None:
+    # In a child process: the thresholds are process-wide. Untuned, glibc maps a fresh 3 MB block
+    # (one more mmapped block); tuned, the block comes from the heap and is reused after free.
+    def mmapped_blocks(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _MMAP_PROBE, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert mmapped_blocks("default") == 1
+    assert mmapped_blocks("tuned") == 0
+
+
+def test_tune_allocator_refuses_negative_thresholds() -> None:
+    assert tune_allocator(mmap_threshold=-1) is False

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from floworacle import _codec
+from floworacle._wire import Outgoing
 from floworacle.paths import PathCoefficients
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle_server.engine import OracleQuery, Precision
@@ -64,7 +65,7 @@ class OracleRunner:
         #: end-to-end benchmark splits a call's time into compute and transport with it.
         self.last_engine_seconds = 0.0
 
-    def __call__(self, jobs: Sequence[OracleJob]) -> tuple[list[pb.OracleResponse], int]:
+    def __call__(self, jobs: Sequence[OracleJob]) -> tuple[list[Outgoing], int]:
         from floworacle_server.engine import oracle
 
         ds = jobs[0].dataset
@@ -94,7 +95,7 @@ class OracleRunner:
         start_engine = time.perf_counter()
         res = oracle(ds, query, chunk_rows=self.chunk_rows, screen=self.screen)
         self.last_engine_seconds = time.perf_counter() - start_engine
-        out: list[pb.OracleResponse] = []
+        out: list[Outgoing] = []
         start = 0
         for job in jobs:
             sl = slice(start, start + job.rows)
@@ -105,11 +106,15 @@ class OracleRunner:
                 precision=_PRECISION_ENUM[job.precision],
                 request_id=job.request_id,
             )
+            packed = Outgoing(resp)
             for name in _VECTOR_OUTPUTS:
                 value = getattr(res, name)
                 if name in job.outputs and value is not None:
+                    # the (rows, D) answers go out by reference: one conversion to the wire
+                    # dtype here, one copy into the message when gRPC serializes it
                     block = value[sl].detach().cpu().reshape(job.rows, *job.out_shape)
-                    _codec.fill(getattr(resp, name), block, job.out_dtype)
+                    wd, shape, arr = _codec.encode_array(block, job.out_dtype)
+                    packed.put(name, wd.enum, shape, arr)
             if "topk" in job.outputs and res.topk_indices is not None and res.topk_weights is not None:
                 _codec.fill(resp.topk_indices, res.topk_indices[sl, : job.top_k].cpu(), "int64")
                 _codec.fill(resp.topk_weights, res.topk_weights[sl, : job.top_k].cpu(), "float64")
@@ -121,7 +126,7 @@ class OracleRunner:
                 value = getattr(res, name)
                 if value is not None:
                     _codec.fill(getattr(resp, name), value[sl].cpu(), "float64")
-            out.append(resp)
+            out.append(packed)
         return out, int(res.refined)
 
 

@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from floworacle import _wire
 from floworacle._channel import server_options
 from floworacle.v1 import oracle_pb2 as pb
-from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset, load_digits
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
@@ -205,7 +205,7 @@ class OracleServer:
             max_stream_inflight=s.max_stream_inflight,
         )
         self._servicer = servicer
-        pb_grpc.add_FlowOracleServicer_to_server(servicer, server)
+        _wire.add_servicer(servicer, server)  # tensor payloads without protobuf's copies
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if s.reflection:
             from grpc_reflection.v1alpha import reflection

@@ -14,6 +14,7 @@ from typing import TypeVar
 import grpc
 
 from floworacle import _codec
+from floworacle._wire import Outgoing
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.data import Dataset, DatasetStore
@@ -160,15 +161,15 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 if not observed:
                     self.metrics.observe_request(method, code.name, time.perf_counter() - start)
 
-    async def _oracle(self, method: str, request: pb.OracleRequest, deadline: float | None) -> pb.OracleResponse:
+    async def _oracle(self, method: str, request: pb.OracleRequest, deadline: float | None) -> Outgoing:
         job = parse_oracle(request, self.store, self.limits)
-        resp: pb.OracleResponse = await self.batcher.submit(job.key, job.rows, job, self._oracle_runner, deadline)
+        resp: Outgoing = await self.batcher.submit(job.key, job.rows, job, self._oracle_runner, deadline)
         self.metrics.add_rows(method, job.rows)
         return resp
 
     # -- RPCs -----------------------------------------------------------------------------------
-    async def Oracle(self, request: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleResponse:
-        async def run() -> pb.OracleResponse:
+    async def Oracle(self, request: pb.OracleRequest, context: grpc.aio.ServicerContext) -> Outgoing:
+        async def run() -> Outgoing:
             return await self._oracle("Oracle", request, _deadline(context))
 
         return await self._unary("Oracle", context, run)
@@ -202,14 +203,14 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
 
     async def OracleStream(
         self, request_iterator: AsyncIterator[pb.OracleRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.OracleStreamResponse]:
+    ) -> AsyncIterator[Outgoing | pb.OracleStreamResponse]:
         """Pipelined oracle: each message is validated and queued as soon as it arrives (up to
         ``max_stream_inflight`` at once); answers go back in request order; a failed message is
         answered with its status inside the stream, which stays open."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         slots = asyncio.Semaphore(self.max_stream_inflight)
-        answers: asyncio.Queue[asyncio.Task[pb.OracleStreamResponse] | None] = asyncio.Queue()
+        answers: asyncio.Queue[asyncio.Task[Outgoing | pb.OracleStreamResponse] | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         async def read() -> None:
@@ -246,7 +247,9 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                         leftover.cancel()
                 self.metrics.observe_request("OracleStream", code.name, time.perf_counter() - start)
 
-    async def _stream_one(self, req: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleStreamResponse:
+    async def _stream_one(
+        self, req: pb.OracleRequest, context: grpc.aio.ServicerContext
+    ) -> Outgoing | pb.OracleStreamResponse:
         deadline = _deadline(context)
         # A stream is already back-pressured by its in-flight slots, and its answers carry no retry
         # hint; so a full queue (a transient state) is waited out here, with backoff, until the
@@ -267,7 +270,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 return self._stream_error(req, exc)
             except Exception as exc:
                 return self._stream_error(req, exc)
-        return pb.OracleStreamResponse(request_id=req.request_id, response=resp)
+        return resp.wrapped(pb.OracleStreamResponse(request_id=req.request_id), "response")
 
     def _stream_error(self, req: pb.OracleRequest, exc: BaseException) -> pb.OracleStreamResponse:
         failure = _as_failure(exc)
