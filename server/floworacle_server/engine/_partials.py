@@ -170,7 +170,10 @@ class Partials:
 
         ``consume``: divide v in place (the partial is not used afterwards), saving a (B, D) copy.
         """
-        x1 = self.v.div_(self.s[:, None]) if consume else self.v / self.s[:, None]
+        if consume and bool((self.s == 1).all()):
+            x1 = self.v  # v / 1 == v: one sample per query (the refinement stage), no (B, D) pass
+        else:
+            x1 = self.v.div_(self.s[:, None]) if consume else self.v / self.s[:, None]
         entropy = torch.log(self.s) - self.h / self.s
         ess = self.s * self.s / self.q
         w = torch.exp(self.topk_logits - self.m[:, None]) / self.s[:, None]
