@@ -178,7 +178,8 @@ def _exact_pairs(
 
     ``qi`` must be sorted (pairs grouped by query). Returns (queries, their partial, per-pair
     logit error bound): logits ``log p_i - ||x_t - alpha x_i||^2 / (2 sigma^2)`` with the error
-    of a float64 sum of D squares, ``(D + 4) u ||x_t - alpha x_i||^2 / (2 sigma^2)``.
+    of a float64 sum of D squares, ``(D + 4) u ||x_t - alpha x_i||^2 / (2 sigma^2)``, plus that of
+    rounding ``alpha x_i`` before the subtraction, ``2 u |alpha| ||x_i|| ||x_t - alpha x_i|| / (2 sigma^2)``.
 
     Pairs go in blocks of ``_gather_block`` rows, and no (pairs, D) temporary is made: each block's
     rows are converted to float64 once, ``x_t - alpha x_i`` is formed with one fused op and squared
@@ -220,7 +221,12 @@ def _exact_pairs(
     val = -d2 * inv
     if ds.log_weights is not None:
         val = val + ds.log_weights[rows]
-    pair_err = (d + 4) * U64 * d2 * inv
+    # Error of the computed d2: (D + 4) u d2 from rounding the squares and their sum, plus the
+    # rounding of alpha x_i before the subtraction where it is not fused (it is absolute, not
+    # relative to the difference): sum_j 2 u |alpha x_ij| |c_j| <= 2 u |alpha| ||x_i|| sqrt(d2)
+    # by Cauchy-Schwarz, and its square as the second-order term (slack 1.01 for the rest).
+    ax = co.alpha[qi].abs() * ds.sq_norms[rows].sqrt()
+    pair_err = ((d + 4) * U64 * d2 + 2.02 * U64 * ax * d2.sqrt() + 2.0 * U64 * U64 * ax * ax) * inv
     if single:
         logits, index = val[:, None], rows[:, None]
     else:

@@ -179,3 +179,30 @@ def test_float32_queries_screened_as_sent_give_the_float64_queries_answer(precis
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert torch.equal(a.topk_indices, b.topk_indices)
         assert torch.equal(a.velocity_error_bound, b.velocity_error_bound)
+
+
+def test_pair_logit_bound_covers_an_unfused_subtraction_near_t_1() -> None:
+    # At t -> 1 the difference x_t - alpha x_i is tiny next to alpha x_i, so rounding alpha x_i
+    # before the subtraction (no fused multiply-add) is an error absolute in |alpha x_i|, not
+    # relative to the difference. Form d2 that way in float64 and check it against an extended
+    # precision value: the engine's per-pair logit bound must cover it.
+    rng = np.random.default_rng(3)
+    n_data, d, b = 50, 3072, 16
+    X = (100 * rng.standard_normal((n_data, d))).astype(np.float32)  # |x| / sigma large
+    ds = Dataset.from_arrays("p", X)
+    t = np.full(b, 0.9999)
+    c = get_path("linear").coefficients(t)
+    co = eng._Coef.build(torch.from_numpy(c.alpha), torch.from_numpy(c.sigma))
+    rows = torch.from_numpy(rng.integers(0, n_data, b))
+    xq = torch.from_numpy(t[:, None] * X[rows.numpy()] + (1 - t[:, None]) * rng.standard_normal((b, d)))
+    qi = torch.arange(b)
+    _, part, pair_err = eng._exact_pairs(ds, xq, co, qi, rows, 1)
+    xs, xt, a = X[rows.numpy()].astype(np.float64), xq.numpy(), c.alpha[:, None]
+    unfused = ((xt - a * xs) ** 2).sum(axis=1)  # numpy: multiply rounded, then subtract
+    exact = ((xt.astype(np.longdouble) - a.astype(np.longdouble) * xs.astype(np.longdouble)) ** 2).sum(axis=1)
+    inv = co.inv2s2.numpy()
+    err = np.abs((unfused - exact) * inv).astype(np.float64)
+    assert (err <= pair_err.numpy()).all(), (err / pair_err.numpy()).max()
+    # the old bound, (D + 4) u d2 / (2 sigma^2) alone, is what the unfused rounding can exceed
+    old = (d + 4) * 2.0**-53 * unfused * inv
+    assert np.finfo(np.longdouble).eps < 2.0**-60 and (err > old).any()
