@@ -222,9 +222,12 @@ def decode(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
     """Wire tensor -> numpy array (native byte order). bfloat16 decodes exactly to float32.
 
     Other dtypes come back as a read-only view of the message's bytes (no copy on a
-    little-endian machine); copy it to write to it."""
+    little-endian machine, when the payload is aligned in the message as the SDK and the server
+    send it); copy it to write to it."""
     wd, shape, data = _check(t, field)
     a = np.frombuffer(data, dtype=wd.numpy).reshape(shape)
+    if not a.flags.aligned:  # a sender that did not align the payload: numpy is ~10x slower on it
+        a = a.copy()
     if wd.name == "bfloat16":
         return _widen_bf16(a)
     return a.astype(np.dtype(wd.numpy).newbyteorder("="), copy=False)

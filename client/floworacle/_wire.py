@@ -161,17 +161,31 @@ class Outgoing:
 
     def serialize(self) -> bytes:
         parts: list[Any] = [self.message.SerializeToString()]
+        offset = len(parts[0])
         for numbers, data in self._payloads:
             view = memoryview(data).cast("B")
-            head = _key(_DATA) + _varint(view.nbytes)
-            size = len(head) + view.nbytes  # of the innermost level so far
-            for number in reversed(numbers):
-                level = _key(number) + _varint(size)
-                head = level + head
-                size += len(level)
+            dtype = self._dtype(numbers)
+            # Pad so the payload starts ALIGN bytes into the message: the receiver's views of it
+            # are then aligned (numpy runs ~10x slower on misaligned float data).
+            pad = 0
+            for _ in range(4):
+                head = _prefix(numbers, view.nbytes, pad, dtype)
+                miss = (offset + len(head)) % ALIGN
+                if miss == 0:
+                    break
+                pad += ALIGN - miss
+                if pad == 1:  # the smallest padding field is two bytes
+                    pad += ALIGN
             parts.append(head)
             parts.append(view)
+            offset += len(head) + view.nbytes
         return b"".join(parts)
+
+    def _dtype(self, numbers: tuple[int, ...]) -> int:
+        field: Any = self.message
+        for number in numbers:
+            field = getattr(field, field.DESCRIPTOR.fields_by_number[number].name)
+        return int(field.dtype)
 
     def ByteSize(self) -> int:
         return len(self.serialize())
@@ -253,6 +267,42 @@ def _field_numbers(desc: Any, path: str) -> tuple[int, ...]:
     if desc is not _TENSOR:
         raise ValueError(f"{path!r} does not name a floworacle.v1.Tensor field")
     return tuple(numbers)
+
+
+#: Payload alignment within a message sent by :class:`Outgoing` (gRPC hands the receiver the
+#: message in a buffer at least this aligned, so its views of the payload are aligned too).
+ALIGN = 16
+_DTYPE = _TENSOR.fields_by_name["dtype"].number
+
+
+def _prefix(numbers: tuple[int, ...], nbytes: int, pad: int, dtype: int) -> bytes:
+    """The bytes before a payload of ``nbytes``: the nested field keys and lengths down to the
+    tensor, ``pad`` bytes of padding there, then the ``data`` key and length."""
+    head = _padding(pad, dtype) + _key(_DATA) + _varint(nbytes)
+    size = len(head) + nbytes  # of the innermost level so far
+    for number in reversed(numbers):
+        level = _key(number) + _varint(size)
+        head = level + head
+        size += len(level)
+    return head
+
+
+def _padding(pad: int, dtype: int) -> bytes:
+    """``pad`` (0 or >= 2) bytes that change nothing: occurrences of the tensor's ``dtype`` field
+    with its own value (the last occurrence wins), each 2 to 11 bytes long through a varint that
+    is longer than it needs to be (protobuf parsers accept up to 10 varint bytes)."""
+    if not 0 <= dtype < 0x80:  # not one byte: no padding (the receiver copies what is misaligned)
+        return b""
+    out = bytearray()
+    while pad > 0:
+        take = min(pad, 11)
+        if pad - take == 1:
+            take -= 1
+        n = take - 1  # bytes of the varint
+        value = bytes([dtype]) if n == 1 else bytes([dtype | 0x80] + [0x80] * (n - 2) + [0x00])
+        out += _varint(_DTYPE << 3) + value
+        pad -= take
+    return bytes(out)
 
 
 def string_field(number: int, value: str) -> bytes:
