@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from floworacle import tune_allocator
 from floworacle.paths import get_path
 from floworacle_server.data import Dataset
 from floworacle_server.engine import OracleQuery, Precision, oracle
@@ -201,14 +202,22 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="float32", help="storage dtype: float32, float16, bfloat16")
     ap.add_argument("--screen", default="float32", help="screening GEMM precision: float32, bfloat16, float16")
+    ap.add_argument(
+        "--no-tune-allocator",
+        action="store_true",
+        help="time with glibc's default malloc thresholds (floworacle serve pins them at start-up)",
+    )
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         _memory_child(json.loads(args.memory_child))
         return
+    # Timed as the server runs the engine: `floworacle serve` pins the allocator's thresholds
+    # (floworacle.tune_allocator); the memory is measured in children with their own settings.
+    tuned = False if args.no_tune_allocator else tune_allocator()
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, allocator thresholds pinned: {tuned}")
     for name, (n, d) in CASES.items():
         if args.case == name or (args.case == "all" and name != "imagenet"):
             run_case(n, d, args.batch, device, args.repeat, rng, args.dtype, args.screen)
