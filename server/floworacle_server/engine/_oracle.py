@@ -411,7 +411,10 @@ def _dense_pass(
         rmax = sq.max().sqrt()
         logit_err = torch.maximum(logit_err, (d + 3) * U64 * (qnorm + co.alpha * rmax) ** 2 * co.inv2s2)
         index = torch.arange(s0, s1, device=dev)
-        state = _merged(state, Partials.from_logits(logits, index, top_k, x64))
+        if state is None:
+            state = Partials.from_logits(logits, index, top_k, x64)
+        else:  # the block's weighted sum goes straight into the state (no (B, D) temporary)
+            state.absorb_logits(logits, index, x64)
     refined = torch.tensor(b * (stop - start), dtype=torch.int64, device=dev)
     assert state is not None  # the row range is not empty
     return _PassResult(state, logit_err, refined, torch.zeros(b, dtype=torch.bool, device=dev))

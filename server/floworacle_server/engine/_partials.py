@@ -165,6 +165,17 @@ class Partials:
         self.m[rows], self.s[rows], self.h[rows], self.q[rows] = m, s, h, q
         self.topk_logits[rows], self.topk_index[rows] = tl, tidx
 
+    def absorb_logits(self, logits: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> None:
+        """In place, for all queries: :meth:`merge_into` of ``from_logits(logits, index, k, x)``
+        without that block's (B, D) weighted sum: ``v <- c_a v + (c_b p) @ x`` accumulates the
+        GEMM straight into v. ``logits`` (B, n) float64 (consumed), ``x`` (n, D) float64."""
+        mb, p, z = self.probabilities(logits)
+        block = Partials.assemble(mb, p, z, p.new_empty(0), logits, index, self.topk_logits.shape[1])
+        m, s, h, q, ca, cb = self._merged_scalars(block, None)
+        tl, tidx = self._merged_topk(block, None)
+        self.v.mul_(ca[:, None]).addmm_(p.mul_(cb[:, None]), x)
+        self.m, self.s, self.h, self.q, self.topk_logits, self.topk_index = m, s, h, q, tl, tidx
+
     def finalize(self, consume: bool = False) -> Posterior:
         """x1_hat = v / s, entropy = log s - h / s, ESS = s^2 / q, top-k weights exp(l - m) / s.
 

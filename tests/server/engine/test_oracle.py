@@ -10,7 +10,7 @@ import torch
 
 from floworacle.paths import PathCoefficients, custom_coefficients, get_path
 from floworacle_server.data import Dataset
-from floworacle_server.engine import Guidance, OracleQuery, Precision, compute_partials, oracle
+from floworacle_server.engine import Guidance, OracleQuery, Partials, Precision, compute_partials, oracle
 from oracle_reference import oracle_reference, rel_err
 
 ALL = ("velocity", "x1_hat", "eps_hat", "score", "topk", "entropy", "ess")
@@ -202,6 +202,28 @@ def test_merge_of_partials_equals_whole() -> None:
     # the reach (weight < e^-37 of the top) a slot may hold -1 with weight 0
     clear = (w.topk_weights > 1e-12) & torch.from_numpy(t > 0)[:, None]
     assert torch.equal(m.topk_indices[clear], w.topk_indices[clear])
+
+
+def test_absorbing_a_dense_block_equals_merging_its_partial() -> None:
+    # Partials.absorb_logits (the dense pass's in-place accumulation) against merge_into of the
+    # block's own partial, with -inf logits (excluded samples), top-k slots and an empty start.
+    rng = np.random.default_rng(11)
+    b, n, d = 7, 40, 5
+    x = torch.from_numpy(rng.standard_normal((2 * n, d)))
+    logits = torch.from_numpy(rng.normal(0, 3, (b, 2 * n)))
+    logits[0, :n] = -math.inf  # query 0 sees nothing in the first block
+    logits[1, 5:17] = -math.inf
+    idx = torch.arange(2 * n)
+    first = Partials.from_logits(logits[:, :n].clone(), idx[:n], 4, x[:n])
+    ref = Partials.from_logits(logits[:, :n].clone(), idx[:n], 4, x[:n])
+    ref.merge_into(None, Partials.from_logits(logits[:, n:].clone(), idx[n:], 4, x[n:]))
+    first.absorb_logits(logits[:, n:].clone(), idx[n:], x[n:])
+    got, want = first.finalize(), ref.finalize()
+    for name in ("x1_hat", "entropy", "ess", "topk_weights"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-13, atol=1e-15)
+    assert torch.equal(got.topk_indices, want.topk_indices)
+    whole = Partials.from_logits(logits.clone(), idx, 4, x).finalize()
+    torch.testing.assert_close(got.x1_hat, whole.x1_hat, rtol=1e-13, atol=1e-15)
 
 
 def _labelled(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
