@@ -50,6 +50,12 @@ def _queries(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     return torch.from_numpy(_cat(arrays))
 
 
+def _put(packed: Outgoing, field: str, value: torch.Tensor, dtype: str) -> None:
+    """Answer tensor ``field`` of ``packed`` by reference (k up to 1,024 columns: MB-sized too)."""
+    wd, shape, arr = _codec.encode_array(value.detach().cpu(), dtype)
+    packed.put(field, wd.enum, shape, arr)
+
+
 class OracleRunner:
     """Runs merged :class:`OracleJob` batches (all with the same batcher key) through the engine.
 
@@ -116,8 +122,8 @@ class OracleRunner:
                     wd, shape, arr = _codec.encode_array(block, job.out_dtype)
                     packed.put(name, wd.enum, shape, arr)
             if "topk" in job.outputs and res.topk_indices is not None and res.topk_weights is not None:
-                _codec.fill(resp.topk_indices, res.topk_indices[sl, : job.top_k].cpu(), "int64")
-                _codec.fill(resp.topk_weights, res.topk_weights[sl, : job.top_k].cpu(), "float64")
+                _put(packed, "topk_indices", res.topk_indices[sl, : job.top_k], "int64")
+                _put(packed, "topk_weights", res.topk_weights[sl, : job.top_k], "float64")
             for name in ("entropy", "ess"):
                 value = getattr(res, name)
                 if name in job.outputs and value is not None:
@@ -134,7 +140,7 @@ class NearestRunner:
     """Runs merged :class:`NearestJob` batches (same data set) with the largest k; each job keeps
     its own first k columns (nearest first)."""
 
-    def __call__(self, jobs: Sequence[NearestJob]) -> tuple[list[pb.NearestResponse], int]:
+    def __call__(self, jobs: Sequence[NearestJob]) -> tuple[list[Outgoing], int]:
         from floworacle_server.engine import nearest
 
         ds = jobs[0].dataset
@@ -142,15 +148,15 @@ class NearestRunner:
         x = torch.from_numpy(jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs], axis=0))
         k = max(j.k for j in jobs)
         res = nearest(ds, x, k)
-        out: list[pb.NearestResponse] = []
+        out: list[Outgoing] = []
         start = 0
         for job in jobs:
             sl = slice(start, start + job.rows)
             start += job.rows
-            resp = pb.NearestResponse(dataset=ds.name, fingerprint=ds.fingerprint)
-            _codec.fill(resp.indices, res.indices[sl, : job.k].cpu(), "int64")
-            _codec.fill(resp.distances, res.distances[sl, : job.k].cpu(), "float64")
+            packed = Outgoing(pb.NearestResponse(dataset=ds.name, fingerprint=ds.fingerprint))
+            _put(packed, "indices", res.indices[sl, : job.k], "int64")
+            _put(packed, "distances", res.distances[sl, : job.k], "float64")
             if res.labels is not None:
-                _codec.fill(resp.labels, res.labels[sl, : job.k].cpu(), "int64")
-            out.append(resp)
+                _put(packed, "labels", res.labels[sl, : job.k], "int64")
+            out.append(packed)
         return out, 0

@@ -174,11 +174,11 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
 
         return await self._unary("Oracle", context, run)
 
-    async def Nearest(self, request: pb.NearestRequest, context: grpc.aio.ServicerContext) -> pb.NearestResponse:
-        async def run() -> pb.NearestResponse:
+    async def Nearest(self, request: pb.NearestRequest, context: grpc.aio.ServicerContext) -> Outgoing:
+        async def run() -> Outgoing:
             deadline = _deadline(context)
             job = parse_nearest(request, self.store, self.limits)
-            resp: pb.NearestResponse = await self.batcher.submit(job.key, job.rows, job, self._nearest_runner, deadline)
+            resp: Outgoing = await self.batcher.submit(job.key, job.rows, job, self._nearest_runner, deadline)
             self.metrics.add_rows("Nearest", job.rows)
             return resp
 
