@@ -241,7 +241,9 @@ def _exact_pairs(
             for p0 in range(0, n, block):
                 gather(p0, min(p0 + block, n))
         v = xr
-        if not bool((p == 1).all()):  # a zero weight (-inf logit) or worse: weigh as usual
+        # a zero weight (-inf logit) or worse: weigh as usual. On a GPU always (exact for
+        # p == 1): one small kernel is cheaper than the host sync of the check.
+        if dev.type != "cpu" or not bool((p == 1).all()):
             v.mul_(p)
     else:
         pw = p[local, col]

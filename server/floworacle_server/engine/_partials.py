@@ -181,8 +181,10 @@ class Partials:
 
         ``consume``: divide v in place (the partial is not used afterwards), saving a (B, D) copy.
         """
-        if consume and bool((self.s == 1).all()):
-            x1 = self.v  # v / 1 == v: one sample per query (the refinement stage), no (B, D) pass
+        if consume and self.v.device.type == "cpu" and bool((self.s == 1).all()):
+            # v / 1 == v: one sample per query (the refinement stage), no (B, D) pass; on a GPU
+            # the division is cheaper than the host sync of this check
+            x1 = self.v
         else:
             x1 = self.v.div_(self.s[:, None]) if consume else self.v / self.s[:, None]
         entropy = torch.log(self.s) - self.h / self.s
