@@ -148,6 +148,9 @@ def encode_array(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int
             t = t.to(getattr(torch, wd.torch)).cpu()  # convert on the device: fewer bytes to copy back
         if t.dtype == torch.bfloat16 and wd.name == "bfloat16":
             arr = np.ascontiguousarray(t.contiguous().view(torch.int16).numpy(), dtype="<i2")
+        elif wd.name == "bfloat16" and t.dtype in (torch.float32, torch.float64):
+            # torch rounds to bfloat16 in one pass, numpy needs several (the same bits: tested)
+            arr = np.ascontiguousarray(t.to(torch.bfloat16).view(torch.int16).numpy(), dtype="<i2")
         else:
             a = _torch_cpu_numpy(t)
             with np.errstate(over="ignore"):  # overflow to inf, as torch converts, without a warning
@@ -160,10 +163,11 @@ def encode_array(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int
         a = np.asarray(x)
         if a.dtype.kind not in "fiub":
             raise CodecError(f"cannot encode an array of dtype {a.dtype}; send floats or integers")
-        if wd.name == "bfloat16":
-            arr = np.ascontiguousarray(_bf16_bits(a.astype(np.float32, copy=False)), dtype="<u2")
-        else:
-            arr = np.ascontiguousarray(a, dtype=wd.numpy)
+        with np.errstate(over="ignore"):  # overflow to inf, as in the torch branch, without a warning
+            if wd.name == "bfloat16":
+                arr = np.ascontiguousarray(_bf16_bits(a.astype(np.float32, copy=False)), dtype="<u2")
+            else:
+                arr = np.ascontiguousarray(a, dtype=wd.numpy)
         shape = a.shape
     return wd, tuple(int(d) for d in shape), arr
 

@@ -59,6 +59,21 @@ def test_bfloat16_rounding_pinned(f32: int, bf16: int) -> None:
     assert encode(torch.from_numpy(x.copy()), "bfloat16").data == want
 
 
+def test_bfloat16_from_torch_equals_numpy_rounding() -> None:
+    # torch tensors are rounded by torch (one pass), numpy arrays by the codec's own bit
+    # arithmetic: the same bits, float64 included (both round to float32 first), NaN and inf too
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(4096) * np.exp(rng.uniform(-30, 30, 4096))
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF818000, 0x7F7FFFFF], dtype="<u4").view("<f4")
+    x = np.concatenate([x, ties.astype(np.float64), [np.inf, -np.inf, 1e39, -1e39]])
+    for dtype in (np.float64, np.float32):
+        with np.errstate(over="ignore"):
+            a = x.astype(dtype)
+        assert encode(torch.from_numpy(a), "bfloat16").data == encode(a, "bfloat16").data
+    nan = encode(torch.tensor([np.nan, 1.0], dtype=torch.float64), "bfloat16")
+    assert np.isnan(decode(nan)[0]) and decode(nan)[1] == 1.0
+
+
 def test_bfloat16_nan_stays_nan() -> None:
     t = encode(np.array([np.nan], dtype=np.float32), "bfloat16")
     assert np.isnan(decode(t)).all()
