@@ -24,7 +24,7 @@ either end also talks to peers that use plain protobuf.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -338,16 +338,15 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _split(buf: memoryview, pos: int, end: int, plan: dict[int, tuple[str, Any]]) -> tuple[list[Any], dict[str, Any]]:
-    """The fields in ``buf[pos:end]`` with every tensor's ``data`` taken out (as a list of byte
-    pieces) and the payloads found, by field name (nested dicts for nested messages)."""
-    pieces: list[Any] = []
-    blobs: dict[str, Any] = {}
+def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """The fields in ``buf[pos:end]``: (start, end of the key, number, body start for
+    length-delimited fields else -1, end). Raises :class:`_Irregular` on what it does not handle."""
     while pos < end:
         start = pos
         key, pos = _read_varint(buf, pos, end)
         key_end = pos
         number, wire = key >> 3, key & 7
+        body = -1
         if number == 0:
             raise _Irregular
         if wire == 0:
@@ -357,32 +356,38 @@ def _split(buf: memoryview, pos: int, end: int, plan: dict[int, tuple[str, Any]]
         elif wire == 5:
             pos += 4
         elif wire == _LEN:
-            length, pos = _read_varint(buf, pos, end)
-            body, pos = pos, pos + length
-            if pos > end:
-                raise _Irregular
-            entry = plan.get(number)
-            if entry is not None:
-                name, sub = entry
-                if sub is None:
-                    inner, data = _split_tensor(buf, body, pos)
-                    if data is not None:
-                        blobs[name] = data  # a later occurrence's data replaces an earlier one
-                else:
-                    inner, nested = _split(buf, body, pos, sub)
-                    if nested:
-                        merged = blobs.get(name)
-                        blobs[name] = _merge(merged, nested) if isinstance(merged, dict) else nested
-                size = sum(len(p) for p in inner)
-                pieces.append(buf[start:key_end])
-                pieces.append(_varint(size))
-                pieces.extend(inner)
-                continue
+            length, body = _read_varint(buf, pos, end)
+            pos = body + length
         else:  # groups (deprecated) and invalid wire types
             raise _Irregular
         if pos > end:
             raise _Irregular
-        pieces.append(buf[start:pos])
+        yield start, key_end, number, body, pos
+
+
+def _split(buf: memoryview, pos: int, end: int, plan: dict[int, tuple[str, Any]]) -> tuple[list[Any], dict[str, Any]]:
+    """The fields in ``buf[pos:end]`` with every tensor's ``data`` taken out (as a list of byte
+    pieces) and the payloads found, by field name (nested dicts for nested messages)."""
+    pieces: list[Any] = []
+    blobs: dict[str, Any] = {}
+    for start, key_end, number, body, stop in _fields(buf, pos, end):
+        entry = plan.get(number) if body >= 0 else None
+        if entry is None:
+            pieces.append(buf[start:stop])
+            continue
+        name, sub = entry
+        if sub is None:
+            inner, data = _split_tensor(buf, body, stop)
+            if data is not None:
+                blobs[name] = data  # a later occurrence's data replaces an earlier one
+        else:
+            inner, nested = _split(buf, body, stop, sub)
+            if nested:
+                merged = blobs.get(name)
+                blobs[name] = _merge(merged, nested) if isinstance(merged, dict) else nested
+        pieces.append(buf[start:key_end])
+        pieces.append(_varint(sum(len(p) for p in inner)))
+        pieces.extend(inner)
     return pieces, blobs
 
 
@@ -397,31 +402,11 @@ def _split_tensor(buf: memoryview, pos: int, end: int) -> tuple[list[Any], memor
     """A Tensor's fields without ``data``, and the last ``data`` payload (None if absent)."""
     pieces: list[Any] = []
     data: memoryview | None = None
-    while pos < end:
-        start = pos
-        key, pos = _read_varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise _Irregular
-        if wire == 0:
-            _, pos = _read_varint(buf, pos, end)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == _LEN:
-            length, pos = _read_varint(buf, pos, end)
-            body, pos = pos, pos + length
-            if pos > end:
-                raise _Irregular
-            if number == _DATA:
-                data = buf[body:pos]
-                continue
+    for start, _, number, body, stop in _fields(buf, pos, end):
+        if number == _DATA and body >= 0:
+            data = buf[body:stop]
         else:
-            raise _Irregular
-        if pos > end:
-            raise _Irregular
-        pieces.append(buf[start:pos])
+            pieces.append(buf[start:stop])
     return pieces, data
 
 
