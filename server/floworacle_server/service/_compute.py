@@ -10,6 +10,7 @@ was measured an order of magnitude slower than numpy for a 3 MB dtype conversion
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +24,10 @@ from floworacle_server.engine import OracleQuery, Precision
 from floworacle_server.service._requests import NearestJob, OracleJob
 
 __all__ = ["OracleRunner", "NearestRunner"]
+
+# The runner hands the engine read-only views of received messages (see _queries); torch warns
+# about those once, though the engine never writes to its input.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 _PRECISION_ENUM = {Precision.EXACT: pb.PRECISION_EXACT, Precision.FAST: pb.PRECISION_FAST}
 _VECTOR_OUTPUTS = ("velocity", "x1_hat", "eps_hat", "score")
@@ -39,12 +44,16 @@ def _cat(arrays: list[np.ndarray]) -> np.ndarray:
 def _queries(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     """The merged (B, D) queries for the engine, in one pass over the wire data.
 
-    The engine computes in float64. For data on the CPU the rows are converted here, exactly, in
-    numpy (the engine's own ``.to(float64)`` then has nothing to do); for a GPU they keep their
-    wire dtype so fewer bytes cross to the device, and the engine converts there.
+    The engine computes in float64 and screens float32 queries as they are. For data on the CPU,
+    float32 queries of a single job go to the engine as the view of the received message they
+    are (read-only; the engine makes its own float64 copy and never writes to its input), others
+    are converted here, exactly, in numpy; for a GPU they keep their wire dtype so fewer bytes
+    cross to the device, and the engine converts there.
     """
     if device.type == "cpu":
         if len(arrays) == 1:
+            if arrays[0].dtype == np.float32:
+                return torch.from_numpy(arrays[0])
             return torch.from_numpy(arrays[0].astype(np.float64))  # a copy: the wire buffer is read-only
         return torch.from_numpy(np.concatenate(arrays, axis=0, dtype=np.float64))
     return torch.from_numpy(_cat(arrays))
