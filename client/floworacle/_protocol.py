@@ -100,7 +100,7 @@ class Plan(Generic[R]):
     def pinned(self, request: Any, payload: bytes, first: Any) -> bytes:
         """``payload`` (``request`` serialized earlier) with ``pin`` applied: the fingerprint
         field is appended, as the last occurrence of a field wins in protobuf."""
-        msg: Any = request.message if isinstance(request, Outgoing) else request
+        msg = _message(request)
         before = getattr(msg, "fingerprint", None)
         self.pin(request, first)
         after = getattr(msg, "fingerprint", None)
@@ -270,8 +270,13 @@ def _join_rows(parts: list[pb.Tensor], field_name: str) -> pb.Tensor:
     )
 
 
+def _message(request: Any) -> Any:
+    """The protobuf message of a planned request (an :class:`Outgoing` or a message)."""
+    return request.message if isinstance(request, Outgoing) else request
+
+
 def _pin(request: Any, first: Any) -> None:
-    msg: Any = request.message if isinstance(request, Outgoing) else request
+    msg = _message(request)
     if not msg.fingerprint:
         msg.fingerprint = first.fingerprint
 

@@ -67,9 +67,6 @@ class TensorView:
         self.shape = shape
         self.data = data
 
-    def HasField(self, name: str) -> bool:
-        return False
-
 
 class Received:
     """A parsed message whose tensor payloads stayed in the received bytes.
@@ -103,9 +100,6 @@ class Received:
         out.CopyFrom(self._msg)
         _fill(out, self._blobs)
         return out
-
-    def ByteSize(self) -> int:
-        return int(self.message.ByteSize())
 
     def __repr__(self) -> str:
         return f"Received({type(self._msg).__name__}, tensors={sorted(self._blobs)})"
@@ -186,9 +180,6 @@ class Outgoing:
         for number in numbers:
             field = getattr(field, field.DESCRIPTOR.fields_by_number[number].name)
         return int(field.dtype)
-
-    def ByteSize(self) -> int:
-        return len(self.serialize())
 
 
 def serialize(message: Any) -> bytes:

@@ -60,7 +60,8 @@ def _queries(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
 
 
 def _put(packed: Outgoing, field: str, value: torch.Tensor, dtype: str) -> None:
-    """Answer tensor ``field`` of ``packed`` by reference (k up to 1,024 columns: MB-sized too)."""
+    """Answer tensor ``field`` of ``packed`` by reference (the (rows, D) outputs, and top-k or
+    nearest columns up to 1,024 wide, are MB-sized)."""
     wd, shape, arr = _codec.encode_array(value.detach().cpu(), dtype)
     packed.put(field, wd.enum, shape, arr)
 
@@ -125,11 +126,9 @@ class OracleRunner:
             for name in _VECTOR_OUTPUTS:
                 value = getattr(res, name)
                 if name in job.outputs and value is not None:
-                    # the (rows, D) answers go out by reference: one conversion to the wire
-                    # dtype here, one copy into the message when gRPC serializes it
-                    block = value[sl].detach().cpu().reshape(job.rows, *job.out_shape)
-                    wd, shape, arr = _codec.encode_array(block, job.out_dtype)
-                    packed.put(name, wd.enum, shape, arr)
+                    # one conversion to the wire dtype here, one copy into the message when
+                    # gRPC serializes it
+                    _put(packed, name, value[sl].reshape(job.rows, *job.out_shape), job.out_dtype)
             if "topk" in job.outputs and res.topk_indices is not None and res.topk_weights is not None:
                 _put(packed, "topk_indices", res.topk_indices[sl, : job.top_k], "int64")
                 _put(packed, "topk_weights", res.topk_weights[sl, : job.top_k], "float64")
