@@ -26,12 +26,19 @@ class Output(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_TOPK: _ClassVar[Output]
     OUTPUT_ENTROPY: _ClassVar[Output]
     OUTPUT_ESS: _ClassVar[Output]
+    OUTPUT_VARIANCE: _ClassVar[Output]
 
 class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PRECISION_UNSPECIFIED: _ClassVar[Precision]
     PRECISION_EXACT: _ClassVar[Precision]
     PRECISION_FAST: _ClassVar[Precision]
+
+class Space(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPACE_UNSPECIFIED: _ClassVar[Space]
+    SPACE_DATA: _ClassVar[Space]
+    SPACE_FEATURES: _ClassVar[Space]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
@@ -46,9 +53,13 @@ OUTPUT_SCORE: Output
 OUTPUT_TOPK: Output
 OUTPUT_ENTROPY: Output
 OUTPUT_ESS: Output
+OUTPUT_VARIANCE: Output
 PRECISION_UNSPECIFIED: Precision
 PRECISION_EXACT: Precision
 PRECISION_FAST: Precision
+SPACE_UNSPECIFIED: Space
+SPACE_DATA: Space
+SPACE_FEATURES: Space
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -99,7 +110,7 @@ class Guidance(_message.Message):
     def __init__(self, scale: _Optional[float] = ..., t_lo: _Optional[float] = ..., t_hi: _Optional[float] = ...) -> None: ...
 
 class OracleRequest(_message.Message):
-    __slots__ = ("dataset", "fingerprint", "x_t", "t", "path", "outputs", "labels", "guidance", "top_k", "precision", "output_dtype", "request_id")
+    __slots__ = ("dataset", "fingerprint", "x_t", "t", "path", "outputs", "labels", "guidance", "top_k", "precision", "output_dtype", "request_id", "exclude")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     X_T_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +123,7 @@ class OracleRequest(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     fingerprint: str
     x_t: Tensor
@@ -124,10 +136,11 @@ class OracleRequest(_message.Message):
     precision: Precision
     output_dtype: DType
     request_id: str
-    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., x_t: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., path: _Optional[_Union[PathSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., top_k: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    exclude: Tensor
+    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., x_t: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., path: _Optional[_Union[PathSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., top_k: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., request_id: _Optional[str] = ..., exclude: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OracleResponse(_message.Message):
-    __slots__ = ("dataset", "fingerprint", "velocity", "x1_hat", "eps_hat", "score", "topk_indices", "topk_weights", "entropy", "ess", "precision", "x1_hat_error_bound", "velocity_error_bound", "request_id")
+    __slots__ = ("dataset", "fingerprint", "velocity", "x1_hat", "eps_hat", "score", "topk_indices", "topk_weights", "entropy", "ess", "precision", "x1_hat_error_bound", "velocity_error_bound", "request_id", "variance", "variance_error_bound")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VELOCITY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +155,8 @@ class OracleResponse(_message.Message):
     X1_HAT_ERROR_BOUND_FIELD_NUMBER: _ClassVar[int]
     VELOCITY_ERROR_BOUND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    VARIANCE_ERROR_BOUND_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     fingerprint: str
     velocity: Tensor
@@ -156,7 +171,9 @@ class OracleResponse(_message.Message):
     x1_hat_error_bound: Tensor
     velocity_error_bound: Tensor
     request_id: str
-    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., velocity: _Optional[_Union[Tensor, _Mapping]] = ..., x1_hat: _Optional[_Union[Tensor, _Mapping]] = ..., eps_hat: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[_Union[Tensor, _Mapping]] = ..., topk_indices: _Optional[_Union[Tensor, _Mapping]] = ..., topk_weights: _Optional[_Union[Tensor, _Mapping]] = ..., entropy: _Optional[_Union[Tensor, _Mapping]] = ..., ess: _Optional[_Union[Tensor, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., x1_hat_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., velocity_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    variance: Tensor
+    variance_error_bound: Tensor
+    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., velocity: _Optional[_Union[Tensor, _Mapping]] = ..., x1_hat: _Optional[_Union[Tensor, _Mapping]] = ..., eps_hat: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[_Union[Tensor, _Mapping]] = ..., topk_indices: _Optional[_Union[Tensor, _Mapping]] = ..., topk_weights: _Optional[_Union[Tensor, _Mapping]] = ..., entropy: _Optional[_Union[Tensor, _Mapping]] = ..., ess: _Optional[_Union[Tensor, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., x1_hat_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., velocity_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., variance_error_bound: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OracleStreamResponse(_message.Message):
     __slots__ = ("request_id", "response", "error_code", "error_message")
@@ -171,37 +188,69 @@ class OracleStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[OracleResponse, _Mapping]] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class NearestRequest(_message.Message):
-    __slots__ = ("dataset", "fingerprint", "x", "k", "t", "path")
+    __slots__ = ("dataset", "fingerprint", "x", "k", "t", "path", "exclude", "exact", "nprobe", "space")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     T_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    EXACT_FIELD_NUMBER: _ClassVar[int]
+    NPROBE_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     fingerprint: str
     x: Tensor
     k: int
     t: Tensor
     path: PathSpec
-    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., path: _Optional[_Union[PathSpec, _Mapping]] = ...) -> None: ...
+    exclude: Tensor
+    exact: bool
+    nprobe: int
+    space: Space
+    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., path: _Optional[_Union[PathSpec, _Mapping]] = ..., exclude: _Optional[_Union[Tensor, _Mapping]] = ..., exact: _Optional[bool] = ..., nprobe: _Optional[int] = ..., space: _Optional[_Union[Space, str]] = ...) -> None: ...
 
 class NearestResponse(_message.Message):
-    __slots__ = ("dataset", "fingerprint", "indices", "distances", "labels")
+    __slots__ = ("dataset", "fingerprint", "indices", "distances", "labels", "approximate", "similarities")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     DISTANCES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    APPROXIMATE_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITIES_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     fingerprint: str
     indices: Tensor
     distances: Tensor
     labels: Tensor
-    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    approximate: bool
+    similarities: Tensor
+    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., distances: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., approximate: _Optional[bool] = ..., similarities: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class NearestIndexInfo(_message.Message):
+    __slots__ = ("space", "kind", "params", "recall", "recall_k", "default_nprobe", "device", "bytes")
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
+    RECALL_K_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_NPROBE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    space: Space
+    kind: str
+    params: str
+    recall: float
+    recall_k: int
+    default_nprobe: int
+    device: str
+    bytes: int
+    def __init__(self, space: _Optional[_Union[Space, str]] = ..., kind: _Optional[str] = ..., params: _Optional[str] = ..., recall: _Optional[float] = ..., recall_k: _Optional[int] = ..., default_nprobe: _Optional[int] = ..., device: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "num_samples", "sample_shape", "dim", "storage_dtype", "num_classes", "has_weights", "scale_factor", "device", "resident_bytes", "is_default")
+    __slots__ = ("name", "fingerprint", "num_samples", "sample_shape", "dim", "storage_dtype", "num_classes", "has_weights", "scale_factor", "device", "resident_bytes", "is_default", "nearest_backend", "nearest_backend_reason", "exact_nearest_max_samples", "nearest_indexes", "feature_dim", "feature_metric")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +263,12 @@ class DatasetInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_BACKEND_REASON_FIELD_NUMBER: _ClassVar[int]
+    EXACT_NEAREST_MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NEAREST_INDEXES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_METRIC_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     num_samples: int
@@ -226,7 +281,13 @@ class DatasetInfo(_message.Message):
     device: str
     resident_bytes: int
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., num_samples: _Optional[int] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dim: _Optional[int] = ..., storage_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., has_weights: _Optional[bool] = ..., scale_factor: _Optional[float] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    nearest_backend: str
+    nearest_backend_reason: str
+    exact_nearest_max_samples: int
+    nearest_indexes: _containers.RepeatedCompositeFieldContainer[NearestIndexInfo]
+    feature_dim: int
+    feature_metric: str
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., num_samples: _Optional[int] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dim: _Optional[int] = ..., storage_dtype: _Optional[_Union[DType, str]] = ..., num_classes: _Optional[int] = ..., has_weights: _Optional[bool] = ..., scale_factor: _Optional[float] = ..., device: _Optional[str] = ..., resident_bytes: _Optional[int] = ..., is_default: _Optional[bool] = ..., nearest_backend: _Optional[str] = ..., nearest_backend_reason: _Optional[str] = ..., exact_nearest_max_samples: _Optional[int] = ..., nearest_indexes: _Optional[_Iterable[_Union[NearestIndexInfo, _Mapping]]] = ..., feature_dim: _Optional[int] = ..., feature_metric: _Optional[str] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ()

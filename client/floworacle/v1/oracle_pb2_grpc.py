@@ -79,7 +79,7 @@ class FlowOracleServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Nearest(self, request, context):
-        """k nearest training samples (exact L2).
+        """k nearest training samples (exact L2 by default; an index or the feature space on request).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
