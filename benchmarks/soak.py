@@ -38,8 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from floworacle import OracleClient, OracleError
-from floworacle._protocol import RetryPolicy
+from floworacle import OracleClient, OracleError, RetryPolicy
 
 # Relative error allowed against the float64 reference (max |got - ref| / max |ref|), by the dtype
 # the answer travelled in: the engine is float64-accurate, so this is the output rounding.

@@ -5,25 +5,27 @@ Convention: t = 0 is noise, t = 1 is data, ``x_t = alpha_t x1 + sigma_t x0`` (se
 pass ``convention="reversed"`` for code where s = 1 is noise (SD3, Flux, diffusers).
 """
 
-from floworacle import paths
+from floworacle import paths, protocol
 from floworacle._alloc import tune_allocator
 from floworacle._client import OracleClient
-from floworacle._codec import CodecError
-from floworacle._errors import OracleError
-from floworacle._protocol import RetryPolicy
-from floworacle._results import DatasetInfo, Neighbors, Prediction
+from floworacle._plans import RetryPolicy
+from floworacle._results import DatasetInfo, NearestIndexInfo, Neighbors, Prediction
 from floworacle.aio import AsyncOracleClient
+from floworacle.protocol import CodecError, OracleError, RequestError
 
 __all__ = [
     "OracleClient",
     "AsyncOracleClient",
     "OracleError",
+    "RequestError",
     "CodecError",
     "RetryPolicy",
     "Prediction",
     "Neighbors",
     "DatasetInfo",
+    "NearestIndexInfo",
     "paths",
+    "protocol",
     "tune_allocator",
 ]
 __version__ = "0.1.0"

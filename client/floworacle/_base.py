@@ -1,5 +1,5 @@
 """What the sync and asyncio clients have in common apart from transport: construction of the
-configuration and the planning of each call (see ``_protocol``)."""
+configuration and the planning of each call (see ``_plans``)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import grpc
+
 from floworacle._config import DEFAULT_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT, ClientConfig, make_config
-from floworacle._protocol import Plan, RetryPolicy, build_nearest, build_oracle
+from floworacle._plans import Plan, RetryPolicy, build_nearest, build_oracle
 from floworacle._results import Neighbors, Prediction
+from floworacle.protocol import DEFAULT_MAX_REQUEST_ROWS, OUTPUT_NAMES, OracleError, RequestError
 
 __all__ = ["ClientBase", "stream_item", "ALL_OUTPUTS"]
 
-ALL_OUTPUTS = ("velocity", "x1_hat", "eps_hat", "score", "topk", "entropy", "ess")
+#: ``predict``'s default: every output.
+ALL_OUTPUTS = OUTPUT_NAMES
 
 
 class ClientBase:
@@ -29,7 +33,7 @@ class ClientBase:
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         max_message_bytes: int = DEFAULT_MESSAGE_BYTES,
-        max_request_rows: int = 16384,
+        max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS,
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
@@ -106,18 +110,18 @@ class ClientBase:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError("this client is closed; create a new one")
+            raise OracleError(grpc.StatusCode.CANCELLED, "this client is closed; create a new one")
 
 
 def stream_item(item: Any) -> dict[str, Any]:
     """One element of a stream's input: ``(x_t, t)``, ``(x_t, t, labels)`` or a mapping with
-    ``x_t``, ``t`` and optionally ``labels`` / ``coefficients``."""
+    ``x_t``, ``t`` and optionally ``labels`` / ``exclude`` / ``coefficients``."""
     if isinstance(item, Mapping):
-        allowed = {"x_t", "t", "labels", "coefficients"}
+        allowed = {"x_t", "t", "labels", "exclude", "coefficients"}
         extra = set(item) - allowed
         if extra or "x_t" not in item:
-            raise ValueError(
-                f"a stream item mapping takes x_t and optionally t, labels, coefficients; got {sorted(item)}"
+            raise RequestError(
+                f"a stream item mapping takes x_t and optionally t, labels, exclude, coefficients; got {sorted(item)}"
             )
         return {"t": None, **item}
     if isinstance(item, tuple) and len(item) in (2, 3):
@@ -125,4 +129,6 @@ def stream_item(item: Any) -> dict[str, Any]:
         if len(item) == 3:
             out["labels"] = item[2]
         return out
-    raise ValueError("a stream item is (x_t, t), (x_t, t, labels) or a mapping with x_t, t, labels, coefficients")
+    raise RequestError(
+        "a stream item is (x_t, t), (x_t, t, labels) or a mapping with x_t, t, labels, exclude, coefficients"
+    )

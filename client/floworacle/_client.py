@@ -14,10 +14,9 @@ import grpc
 
 from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
-from floworacle._protocol import Plan, deadline_error, parse_dataset_info
+from floworacle._plans import Plan, deadline_error, parse_dataset_info
 from floworacle._results import DatasetInfo, Neighbors, Prediction
-from floworacle._wire import Stub, serialize
-from floworacle.v1 import oracle_pb2 as pb
+from floworacle.protocol import RequestError, pb, pb_grpc
 
 __all__ = ["OracleClient"]
 
@@ -56,7 +55,10 @@ class OracleClient(ClientBase):
             else:
                 ch = grpc.insecure_channel(addr, options=list(cfg.options))
             self._channels.append(ch)
-        self._stubs = [Stub(grpc.intercept_channel(ch, *interceptors) if interceptors else ch) for ch in self._channels]
+        self._stubs = [
+            pb_grpc.FlowOracleStub(grpc.intercept_channel(ch, *interceptors) if interceptors else ch)
+            for ch in self._channels
+        ]
         self._turn = itertools.count()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -83,14 +85,13 @@ class OracleClient(ClientBase):
         self._check_open()
         policy = self._config.retry
         metadata = self._config.metadata or None
-        payload = serialize(request)  # once, for every attempt
         attempt = 0
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise deadline_error(timeout)
             try:
-                return getattr(self._stub(), method)(payload, timeout=remaining, metadata=metadata)
+                return getattr(self._stub(), method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
             left = math.inf if deadline is None else deadline - time.monotonic()
@@ -121,6 +122,7 @@ class OracleClient(ClientBase):
         sigma_min: float = 0.0,
         coefficients: Any = None,
         labels: Any = None,
+        exclude: Any = None,
         guidance: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         precision: str = "exact",
@@ -150,7 +152,7 @@ class OracleClient(ClientBase):
         """
         plan = self._plan_oracle(
             x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, labels=labels, guidance=guidance, guidance_interval=guidance_interval,
+            coefficients=coefficients, labels=labels, exclude=exclude, guidance=guidance, guidance_interval=guidance_interval,
             precision=precision, convention=convention, outputs=("velocity",),
         )  # fmt: skip
         return self._run(plan, timeout).velocity
@@ -167,6 +169,7 @@ class OracleClient(ClientBase):
         sigma_min: float = 0.0,
         coefficients: Any = None,
         labels: Any = None,
+        exclude: Any = None,
         guidance: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         precision: str = "exact",
@@ -181,7 +184,7 @@ class OracleClient(ClientBase):
         top = top_k if "topk" in outputs else 0
         plan = self._plan_oracle(
             x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, labels=labels, guidance=guidance, guidance_interval=guidance_interval,
+            coefficients=coefficients, labels=labels, exclude=exclude, guidance=guidance, guidance_interval=guidance_interval,
             precision=precision, convention=convention, outputs=tuple(outputs), top_k=top,
         )  # fmt: skip
         return self._run(plan, timeout)  # type: ignore[no-any-return]
@@ -197,6 +200,10 @@ class OracleClient(ClientBase):
         sigma_min: float = 0.0,
         coefficients: Any = None,
         convention: str = "standard",
+        exclude: Any = None,
+        exact: bool | None = None,
+        nprobe: int = 0,
+        space: str = "data",
         fingerprint: str | None = None,
         timeout: float | None = None,
     ) -> Neighbors:
@@ -207,7 +214,8 @@ class OracleClient(ClientBase):
         """
         plan = self._plan_nearest(
             x, k, dataset=dataset, fingerprint=fingerprint, t=t, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, convention=convention,
+            coefficients=coefficients, convention=convention, exclude=exclude, exact=exact, nprobe=nprobe,
+            space=space,
         )  # fmt: skip
         return self._run(plan, timeout)  # type: ignore[no-any-return]
 
@@ -253,7 +261,7 @@ class OracleClient(ClientBase):
         """
         self._check_open()
         if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+            raise RequestError(f"max_in_flight must be >= 1, got {max_in_flight}")
         top = top_k if "topk" in outputs else 0
 
         def plan_of(item: Any) -> Plan[Prediction]:
@@ -297,8 +305,8 @@ class OracleClient(ClientBase):
                         while not slots.acquire(timeout=0.05):
                             if stop.is_set():
                                 return
-                        req.message.request_id = f"{n}.{j}"
-                        yield req.serialize()  # now: the payloads are the caller's arrays
+                        req.request_id = f"{n}.{j}"
+                        yield req
             except Exception as exc:  # reported to the caller after the answers already due
                 failed.append(exc)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import grpc
 
-from floworacle._channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
-from floworacle._protocol import RetryPolicy
+from floworacle._plans import RetryPolicy
+from floworacle.protocol import DEFAULT_MAX_MESSAGE_BYTES, FLOAT_DTYPES, RequestError, channel_options
 
 __all__ = ["ClientConfig", "make_config"]
 
@@ -56,8 +56,8 @@ class ClientConfig:
         used = self.timeout if timeout is None else timeout
         if used is None:
             return None, None
-        if used <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {used}")
+        if not used > 0:
+            raise RequestError(f"timeout must be > 0 seconds, got {used}")
         return used, time.monotonic() + used
 
 
@@ -86,8 +86,8 @@ def make_config(
         targets = tuple(target)
     if not targets or any(not t for t in targets):
         raise ValueError(f"target must be 'host:port', 'dns:///host:port' or a list of addresses, got {target!r}")
-    if wire_dtype not in (None, "float32", "float16", "bfloat16", "float64"):
-        raise ValueError(f"wire_dtype must be None, 'float32', 'float16', 'bfloat16' or 'float64', got {wire_dtype!r}")
+    if wire_dtype is not None and wire_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"wire_dtype must be None or one of {list(FLOAT_DTYPES)}, got {wire_dtype!r}")
     if max_request_rows < 1:
         raise ValueError(f"max_request_rows must be >= 1, got {max_request_rows}")
     if (private_key is None) != (certificate_chain is None):

@@ -1,10 +1,13 @@
-"""The SDK's one exception type and the one place where gRPC failures are translated into it."""
+"""The one place where gRPC failures are translated into the SDK's one exception type,
+:class:`~floworacle.OracleError` (defined in :mod:`floworacle.protocol`, shared with the server)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import grpc
+
+from floworacle.protocol import OracleError
 
 __all__ = ["OracleError", "translate_rpc_error", "error_from_code", "retry_hint_seconds"]
 
@@ -14,25 +17,6 @@ RETRY_HINT_KEYS_MS = ("grpc-retry-pushback-ms", "retry-after-ms")
 RETRY_HINT_KEYS_S = ("retry-after",)
 
 _CODE_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
-
-
-class OracleError(Exception):
-    """A failed Flow Oracle call.
-
-    Attributes:
-        code: the gRPC status code (``grpc.StatusCode``), e.g. ``INVALID_ARGUMENT`` or ``UNAVAILABLE``.
-        details: the server's (or transport's) message saying what went wrong.
-        retry_after: seconds the server asked the caller to wait before retrying, if it said so.
-    """
-
-    def __init__(self, code: grpc.StatusCode, details: str, retry_after: float | None = None) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-        self.retry_after = retry_after
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.code, self.details, self.retry_after))
 
 
 def retry_hint_seconds(metadata: Any) -> float | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Prediction", "Neighbors", "DatasetInfo"]
+__all__ = ["Prediction", "Neighbors", "DatasetInfo", "NearestIndexInfo"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,8 @@ class Prediction:
         topk_weights: (B, k) float64 those weights, by decreasing weight.
         entropy: (B,) float64 ``-sum_i gamma_i log gamma_i``.
         ess: (B,) float64 effective sample size ``1 / sum_i gamma_i^2``.
+        variance: (B,) float64 posterior variance ``sum_i gamma_i ||x_i - x1_hat||^2``.
+        variance_error_bound: (B,) float64 bound on the absolute error of ``variance``.
         dataset: name of the data set that answered.
         fingerprint: its fingerprint (pin it with ``fingerprint=`` to detect a changed data set).
         precision: "exact" or "fast".
@@ -37,6 +39,8 @@ class Prediction:
     topk_weights: Any = None
     entropy: Any = None
     ess: Any = None
+    variance: Any = None
+    variance_error_bound: Any = None
     dataset: str = ""
     fingerprint: str = ""
     precision: str = "exact"
@@ -52,6 +56,9 @@ class Neighbors:
         indices: (B, k) int64 data set indices, nearest first.
         distances: (B, k) float64 Euclidean distances (to ``x / alpha_t`` when t was given).
         labels: (B, k) int64 labels of the neighbours, or None when the data set has no labels.
+        similarities: (B, k) float64 cosine similarities when the searched space's metric is cosine.
+        approximate: True when an index proposed the candidates (re-ranked exactly, but a true
+            neighbour may be missing; the index's build-time recall is in :class:`DatasetInfo`).
         dataset: name of the data set that answered.
         fingerprint: its fingerprint.
     """
@@ -59,8 +66,24 @@ class Neighbors:
     indices: Any
     distances: Any
     labels: Any = None
+    similarities: Any = None
+    approximate: bool = False
     dataset: str = ""
     fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class NearestIndexInfo:
+    """A faiss index stored with a data set (mirrors ``floworacle.v1.NearestIndexInfo``)."""
+
+    space: str
+    kind: str
+    params: str
+    recall: float
+    recall_k: int
+    default_nprobe: int
+    device: str
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -79,3 +102,9 @@ class DatasetInfo:
     device: str
     resident_bytes: int
     is_default: bool
+    nearest_backend: str = ""
+    nearest_backend_reason: str = ""
+    exact_nearest_max_samples: int = 0
+    nearest_indexes: tuple[NearestIndexInfo, ...] = ()
+    feature_dim: int = 0
+    feature_metric: str = ""

@@ -15,10 +15,9 @@ import grpc.aio
 
 from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
-from floworacle._protocol import Plan, deadline_error, parse_dataset_info
+from floworacle._plans import Plan, deadline_error, parse_dataset_info
 from floworacle._results import DatasetInfo, Neighbors, Prediction
-from floworacle._wire import Stub, serialize
-from floworacle.v1 import oracle_pb2 as pb
+from floworacle.protocol import RequestError, pb, pb_grpc
 
 __all__ = ["AsyncOracleClient"]
 
@@ -38,7 +37,7 @@ class AsyncOracleClient(ClientBase):
             else:
                 ch = grpc.aio.insecure_channel(addr, options=list(cfg.options), interceptors=inter)
             self._channels.append(ch)
-        self._stubs = [Stub(ch) for ch in self._channels]
+        self._stubs = [pb_grpc.FlowOracleStub(ch) for ch in self._channels]
         self._turn = itertools.count()
 
     async def close(self) -> None:
@@ -62,14 +61,13 @@ class AsyncOracleClient(ClientBase):
         self._check_open()
         policy = self._config.retry
         metadata = self._config.metadata or None
-        payload = serialize(request)  # once, for every attempt
         attempt = 0
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise deadline_error(timeout)
             try:
-                return await getattr(self._stub(), method)(payload, timeout=remaining, metadata=metadata)
+                return await getattr(self._stub(), method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
             left = math.inf if deadline is None else deadline - time.monotonic()
@@ -81,12 +79,13 @@ class AsyncOracleClient(ClientBase):
 
     async def _run(self, plan: Plan[Any], timeout: float | None) -> Any:
         used, deadline = self._config.deadline(timeout)
-        # Serialized before the first await: the requests reference the caller's arrays, which
-        # other tasks could change while this call waits. Later chunks get the first answer's
-        # fingerprint appended (the last occurrence of a field wins in protobuf).
-        payloads = [serialize(r) for r in plan.requests]
-        first = await self._unary(plan.method, payloads[0], deadline, used)
-        rest = [plan.pinned(plan.requests[i], p, first) for i, p in enumerate(payloads[1:], 1)]
+        # The requests hold copies of the caller's arrays (made while planning), so other tasks may
+        # change those arrays while this call waits. Later chunks are pinned to the first answer's
+        # fingerprint and sent concurrently.
+        first = await self._unary(plan.method, plan.requests[0], deadline, used)
+        rest = plan.requests[1:]
+        for request in rest:
+            plan.pin(request, first)
         others = await asyncio.gather(*(self._unary(plan.method, r, deadline, used) for r in rest))
         return plan.finish([first, *others])
 
@@ -102,6 +101,7 @@ class AsyncOracleClient(ClientBase):
         sigma_min: float = 0.0,
         coefficients: Any = None,
         labels: Any = None,
+        exclude: Any = None,
         guidance: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         precision: str = "exact",
@@ -113,7 +113,7 @@ class AsyncOracleClient(ClientBase):
         """See :meth:`floworacle.OracleClient.velocity`."""
         plan = self._plan_oracle(
             x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, labels=labels, guidance=guidance, guidance_interval=guidance_interval,
+            coefficients=coefficients, labels=labels, exclude=exclude, guidance=guidance, guidance_interval=guidance_interval,
             precision=precision, convention=convention, outputs=("velocity",),
         )  # fmt: skip
         return (await self._run(plan, timeout)).velocity
@@ -130,6 +130,7 @@ class AsyncOracleClient(ClientBase):
         sigma_min: float = 0.0,
         coefficients: Any = None,
         labels: Any = None,
+        exclude: Any = None,
         guidance: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         precision: str = "exact",
@@ -142,7 +143,7 @@ class AsyncOracleClient(ClientBase):
         top = top_k if "topk" in outputs else 0
         plan = self._plan_oracle(
             x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, labels=labels, guidance=guidance, guidance_interval=guidance_interval,
+            coefficients=coefficients, labels=labels, exclude=exclude, guidance=guidance, guidance_interval=guidance_interval,
             precision=precision, convention=convention, outputs=tuple(outputs), top_k=top,
         )  # fmt: skip
         return await self._run(plan, timeout)  # type: ignore[no-any-return]
@@ -158,13 +159,18 @@ class AsyncOracleClient(ClientBase):
         sigma_min: float = 0.0,
         coefficients: Any = None,
         convention: str = "standard",
+        exclude: Any = None,
+        exact: bool | None = None,
+        nprobe: int = 0,
+        space: str = "data",
         fingerprint: str | None = None,
         timeout: float | None = None,
     ) -> Neighbors:
         """See :meth:`floworacle.OracleClient.nearest`."""
         plan = self._plan_nearest(
             x, k, dataset=dataset, fingerprint=fingerprint, t=t, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, convention=convention,
+            coefficients=coefficients, convention=convention, exclude=exclude, exact=exact, nprobe=nprobe,
+            space=space,
         )  # fmt: skip
         return await self._run(plan, timeout)  # type: ignore[no-any-return]
 
@@ -199,7 +205,7 @@ class AsyncOracleClient(ClientBase):
         """See :meth:`floworacle.OracleClient.predict_stream`; ``items`` may be an async iterable."""
         self._check_open()
         if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+            raise RequestError(f"max_in_flight must be >= 1, got {max_in_flight}")
         top = top_k if "topk" in outputs else 0
         slots = asyncio.Semaphore(max_in_flight)
         plans: dict[int, Plan[Any]] = {}
@@ -227,8 +233,8 @@ class AsyncOracleClient(ClientBase):
                     order.append(n)
                     for j, req in enumerate(plan.requests):
                         await slots.acquire()
-                        req.message.request_id = f"{n}.{j}"
-                        yield req.serialize()  # now: the payloads are the caller's arrays
+                        req.request_id = f"{n}.{j}"
+                        yield req
                     n += 1
             except Exception as exc:  # reported to the caller after the answers already due
                 failed.append(exc)

@@ -23,7 +23,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.sources.providers.env import parse_env_vars
 
-from floworacle._channel import DEFAULT_MAX_MESSAGE_BYTES
+from floworacle.protocol import DEFAULT_MAX_MESSAGE_BYTES
 
 __all__ = ["Settings", "load_settings", "ENV_PREFIX", "CONFIG_ENV"]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from floworacle._codec import CodecError, decode, decode_torch, encode, to_like
+from floworacle.protocol import CodecError, decode, decode_torch, encode, to_like
 from floworacle.v1 import oracle_pb2 as pb
 
 GOLDEN = [

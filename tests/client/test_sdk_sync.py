@@ -233,8 +233,9 @@ def test_closed_client_refuses(server: RunningServer, data: Data) -> None:
     c = OracleClient(server.address)
     c.close()
     c.close()
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(OracleError, match="closed") as e:
         c.datasets()
+    assert e.value.code == grpc.StatusCode.CANCELLED
 
 
 def test_numpy_only_without_torch(server: RunningServer, data: Data) -> None:

@@ -15,8 +15,7 @@ import pytest
 from floworacle import OracleError, RetryPolicy, tune_allocator
 from floworacle._config import make_config
 from floworacle._errors import error_from_code, retry_hint_seconds, translate_rpc_error
-from floworacle._protocol import build_oracle
-from floworacle._wire import serialize
+from floworacle._plans import build_oracle
 from floworacle.v1 import oracle_pb2 as pb
 
 
@@ -87,26 +86,21 @@ def test_target_parsing() -> None:
 
 
 def test_split_rows_and_pin() -> None:
-    x = np.arange(1000, dtype=np.float32).reshape(10, 100)  # 400 bytes a row, 448 with t, labels, coefficients
-    plan = build_oracle(
-        x, 0.5, dataset="d", fingerprint="", max_message_bytes=4096 + 1 + 3 * 448 + 10, max_request_rows=100
-    )
+    # 400 bytes a row, 488 with room for t, labels, exclude and the four coefficients
+    x = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    limit = 4096 + 1 + 3 * 488 + 10
+    plan = build_oracle(x, 0.5, dataset="d", fingerprint="", max_message_bytes=limit, max_request_rows=100)
     # what goes on the wire, read back by plain protobuf
-    sent = [pb.OracleRequest.FromString(serialize(r)) for r in plan.requests]
+    sent = [pb.OracleRequest.FromString(r.SerializeToString()) for r in plan.requests]
     assert [r.x_t.shape[0] for r in sent] == [3, 3, 3, 1]
     assert b"".join(r.x_t.data for r in sent) == x.tobytes()
     assert [r.t.shape[0] for r in sent] == [3, 3, 3, 1]
-    assert all(len(serialize(r)) <= 4096 + 1 + 3 * 448 + 10 for r in plan.requests)
+    assert all(r.ByteSize() <= limit for r in plan.requests)
     first = pb.OracleResponse(fingerprint="sha256:abc")
     plan.pin(plan.requests[1], first)
-    assert pb.OracleRequest.FromString(serialize(plan.requests[1])).fingerprint == "sha256:abc"
-    # pinning a request serialized earlier appends the field; protobuf reads the last occurrence
-    early = serialize(plan.requests[2])
-    pinned = plan.pinned(plan.requests[2], early, first)
-    assert pb.OracleRequest.FromString(pinned).fingerprint == "sha256:abc"
-    assert pb.OracleRequest.FromString(pinned).x_t.data == x[6:9].tobytes()
+    assert pb.OracleRequest.FromString(plan.requests[1].SerializeToString()).fingerprint == "sha256:abc"
     plan = build_oracle(x, 0.5, dataset="d", fingerprint="", max_message_bytes=1 << 20, max_request_rows=4)
-    assert [pb.OracleRequest.FromString(serialize(r)).x_t.shape[0] for r in plan.requests] == [4, 4, 2]
+    assert [r.x_t.shape[0] for r in plan.requests] == [4, 4, 2]
 
 
 _MMAP_PROBE = """

@@ -32,7 +32,7 @@ import yaml
 from deploy_support import ADAPTER_VALUES, DASHBOARD, RULES_FILE, require_tool
 
 from floworacle import OracleClient, OracleError
-from floworacle._codec import encode
+from floworacle.protocol import encode
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.service.testing import serve_in_thread

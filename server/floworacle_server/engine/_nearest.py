@@ -380,7 +380,12 @@ def nearest(
 
 
 def _compat(options: dict[str, Any]) -> None:  # TEMP-COMPAT
-    if options.get("exclude") is not None or options.get("exact") is False or options.get("nprobe") or options.get("space", "data") != "data":
+    if (
+        options.get("exclude") is not None
+        or options.get("exact") is False
+        or options.get("nprobe")
+        or options.get("space", "data") != "data"
+    ):
         raise NotImplementedError("TEMP-COMPAT: not built yet")
 
 

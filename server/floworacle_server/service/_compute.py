@@ -16,39 +16,27 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from floworacle import _codec
-from floworacle._wire import Outgoing
 from floworacle.paths import PathCoefficients
-from floworacle.v1 import oracle_pb2 as pb
-from floworacle_server.engine import OracleQuery, Precision
+from floworacle.protocol import BOUND_FIELDS, OUTPUTS, PRECISIONS, fill, pb
+from floworacle_server.data import Dataset
+from floworacle_server.engine import NearestResult, OracleQuery, OracleResult
 from floworacle_server.service._requests import NearestJob, OracleJob
 
-__all__ = ["OracleRunner", "NearestRunner"]
+__all__ = ["OracleRunner", "NearestRunner", "empty_oracle_response", "empty_nearest_response"]
 
 # The runner hands the engine read-only views of received messages (see _queries); torch warns
 # about those once, though the engine never writes to its input.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-
-_PRECISION_ENUM = {Precision.EXACT: pb.PRECISION_EXACT, Precision.FAST: pb.PRECISION_FAST}
-_VECTOR_OUTPUTS = ("velocity", "x1_hat", "eps_hat", "score")
-
-
-def _cat(arrays: list[np.ndarray]) -> np.ndarray:
-    # One copy in the promoted dtype (float16 + float32 -> float32, both exact); the copy is
-    # also what makes the (read-only) wire buffers safe to hand to torch.
-    if len(arrays) == 1:
-        return np.array(arrays[0], copy=True)
-    return np.concatenate(arrays, axis=0)
 
 
 def _queries(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     """The merged (B, D) queries for the engine, in one pass over the wire data.
 
     The engine computes in float64 and screens float32 queries as they are. For data on the CPU,
-    float32 queries of a single job go to the engine as the view of the received message they
-    are (read-only; the engine makes its own float64 copy and never writes to its input), others
-    are converted here, exactly, in numpy; for a GPU they keep their wire dtype so fewer bytes
-    cross to the device, and the engine converts there.
+    float32 queries of a single job go to the engine as the array protobuf's bytes hold (read-only;
+    the engine makes its own float64 copy and never writes to its input), others are converted
+    here, exactly, in numpy; for a GPU they keep their wire dtype so fewer bytes cross to the
+    device, and the engine converts there.
     """
     if device.type == "cpu":
         if len(arrays) == 1:
@@ -56,14 +44,72 @@ def _queries(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
                 return torch.from_numpy(arrays[0])
             return torch.from_numpy(arrays[0].astype(np.float64))  # a copy: the wire buffer is read-only
         return torch.from_numpy(np.concatenate(arrays, axis=0, dtype=np.float64))
-    return torch.from_numpy(_cat(arrays))
+    if len(arrays) == 1:
+        return torch.from_numpy(np.array(arrays[0], copy=True))  # writable, in its wire dtype
+    return torch.from_numpy(np.concatenate(arrays, axis=0))  # the promoted dtype (exact)
 
 
-def _put(packed: Outgoing, field: str, value: torch.Tensor, dtype: str) -> None:
-    """Answer tensor ``field`` of ``packed`` by reference (the (rows, D) outputs, and top-k or
-    nearest columns up to 1,024 wide, are MB-sized)."""
-    wd, shape, arr = _codec.encode_array(value.detach().cpu(), dtype)
-    packed.put(field, wd.enum, shape, arr)
+def _vector(jobs: Sequence[OracleJob | NearestJob], name: str, fill_value: int) -> torch.Tensor | None:
+    """The jobs' (B,) int64 vectors ``name`` merged, ``fill_value`` for jobs without one; None if none has it."""
+    parts: list[np.ndarray | None] = [getattr(j, name) for j in jobs]
+    if all(p is None for p in parts):
+        return None
+    filled = [p if p is not None else np.full(j.rows, fill_value, np.int64) for p, j in zip(parts, jobs, strict=True)]
+    return torch.from_numpy(np.concatenate(filled))
+
+
+def _response(job: OracleJob, res: OracleResult, sl: slice) -> pb.OracleResponse:
+    """The answer of ``job`` from rows ``sl`` of the merged result: each requested output, in its
+    wire dtype, and the error bounds."""
+    ds = job.dataset
+    resp = pb.OracleResponse(
+        dataset=ds.name,
+        fingerprint=ds.fingerprint,
+        precision=PRECISIONS[job.precision.value],  # type: ignore[arg-type]
+        request_id=job.request_id,
+    )
+    for spec in job.outputs:
+        for name in spec.fields:
+            value = getattr(res, name)
+            if value is None:
+                raise RuntimeError(f"the engine did not compute the requested {name}")
+            part = value[sl]
+            if spec.kind == "sample":
+                fill(getattr(resp, name), part.reshape(job.rows, *job.out_shape).detach().cpu(), job.out_dtype)
+            elif spec.kind == "topk":
+                fill(getattr(resp, name), part[:, : job.top_k].detach().cpu(), None)
+            else:
+                fill(getattr(resp, name), part.detach().cpu(), "float64")
+    for name in BOUND_FIELDS:
+        value = getattr(res, name)
+        if value is not None:
+            fill(getattr(resp, name), value[sl].detach().cpu(), "float64")
+    return resp
+
+
+def _empty_result(ds: Dataset, top_k: int) -> OracleResult:
+    f64 = torch.float64
+    vec = torch.zeros(0, dtype=f64)
+    sample = torch.zeros(0, ds.dim, dtype=f64)
+    return OracleResult(
+        x1_hat=sample,
+        velocity=sample,
+        eps_hat=sample,
+        score=sample,
+        topk_indices=torch.zeros(0, top_k, dtype=torch.int64),
+        topk_weights=torch.zeros(0, top_k, dtype=f64),
+        entropy=vec,
+        ess=vec,
+        variance=vec,
+        variance_error_bound=vec,
+        x1_hat_error_bound=vec,
+        velocity_error_bound=vec,
+    )
+
+
+def empty_oracle_response(job: OracleJob) -> pb.OracleResponse:
+    """The answer to a batch of no queries: every requested output with 0 rows, in its shape."""
+    return _response(job, _empty_result(job.dataset, job.top_k), slice(0, 0))
 
 
 class OracleRunner:
@@ -71,7 +117,7 @@ class OracleRunner:
 
     Jobs may differ in outputs (the union is computed), top_k (the largest; each job keeps its
     first k, which are sorted by weight), labels (rows without labels are unconditional, -1),
-    path and dtypes.
+    exclusions (rows without one exclude nothing, -1), path and dtypes.
     """
 
     def __init__(self, chunk_rows: int | None = None, screen: str = "float32") -> None:
@@ -81,7 +127,7 @@ class OracleRunner:
         #: end-to-end benchmark splits a call's time into compute and transport with it.
         self.last_engine_seconds = 0.0
 
-    def __call__(self, jobs: Sequence[OracleJob]) -> tuple[list[Outgoing], int]:
+    def __call__(self, jobs: Sequence[OracleJob]) -> tuple[list[pb.OracleResponse], int]:
         from floworacle_server.engine import oracle
 
         ds = jobs[0].dataset
@@ -92,79 +138,75 @@ class OracleRunner:
         t = None
         if all(j.t is not None for j in jobs):
             t = torch.from_numpy(np.concatenate([j.t for j in jobs if j.t is not None]))
-        labels = None
-        if any(j.labels is not None for j in jobs):
-            labels = torch.from_numpy(
-                np.concatenate([j.labels if j.labels is not None else np.full(j.rows, -1, np.int64) for j in jobs])
-            )
-        outputs = tuple(dict.fromkeys(o for j in jobs for o in j.outputs))
+        names = {n for j in jobs for n in j.output_names}
         query = OracleQuery(
             x_t=x,
             coeffs=coeffs,
             t=t,
-            labels=labels,
+            labels=_vector(jobs, "labels", -1),
+            exclude=_vector(jobs, "exclude", -1),
             guidance=jobs[0].guidance,
-            outputs=outputs,
+            outputs=tuple(o.name for o in OUTPUTS if o.name in names),
             top_k=max(j.top_k for j in jobs),
             precision=jobs[0].precision,
         )
         start_engine = time.perf_counter()
         res = oracle(ds, query, chunk_rows=self.chunk_rows, screen=self.screen)
         self.last_engine_seconds = time.perf_counter() - start_engine
-        out: list[Outgoing] = []
+        out: list[pb.OracleResponse] = []
         start = 0
         for job in jobs:
-            sl = slice(start, start + job.rows)
+            out.append(_response(job, res, slice(start, start + job.rows)))
             start += job.rows
-            resp = pb.OracleResponse(
-                dataset=ds.name,
-                fingerprint=ds.fingerprint,
-                precision=_PRECISION_ENUM[job.precision],
-                request_id=job.request_id,
-            )
-            packed = Outgoing(resp)
-            for name in _VECTOR_OUTPUTS:
-                value = getattr(res, name)
-                if name in job.outputs and value is not None:
-                    # one conversion to the wire dtype here, one copy into the message when
-                    # gRPC serializes it
-                    _put(packed, name, value[sl].reshape(job.rows, *job.out_shape), job.out_dtype)
-            if "topk" in job.outputs and res.topk_indices is not None and res.topk_weights is not None:
-                _put(packed, "topk_indices", res.topk_indices[sl, : job.top_k], "int64")
-                _put(packed, "topk_weights", res.topk_weights[sl, : job.top_k], "float64")
-            for name in ("entropy", "ess"):
-                value = getattr(res, name)
-                if name in job.outputs and value is not None:
-                    _codec.fill(getattr(resp, name), value[sl].cpu(), "float64")
-            for name in ("x1_hat_error_bound", "velocity_error_bound"):
-                value = getattr(res, name)
-                if value is not None:
-                    _codec.fill(getattr(resp, name), value[sl].cpu(), "float64")
-            out.append(packed)
         return out, int(res.refined)
 
 
-class NearestRunner:
-    """Runs merged :class:`NearestJob` batches (same data set) with the largest k; each job keeps
-    its own first k columns (nearest first)."""
+def _nearest_response(job: NearestJob, res: NearestResult, sl: slice) -> pb.NearestResponse:
+    ds = job.dataset
+    resp = pb.NearestResponse(dataset=ds.name, fingerprint=ds.fingerprint, approximate=bool(res.approximate))
+    fill(resp.indices, res.indices[sl, : job.k].cpu(), "int64")
+    fill(resp.distances, res.distances[sl, : job.k].cpu(), "float64")
+    if res.labels is not None:
+        fill(resp.labels, res.labels[sl, : job.k].cpu(), "int64")
+    if res.similarities is not None:
+        fill(resp.similarities, res.similarities[sl, : job.k].cpu(), "float64")
+    return resp
 
-    def __call__(self, jobs: Sequence[NearestJob]) -> tuple[list[Outgoing], int]:
-        from floworacle_server.engine import nearest
+
+def empty_nearest_response(job: NearestJob) -> pb.NearestResponse:
+    """The answer to a batch of no points: (0, k) columns."""
+    ds = job.dataset
+    labels = torch.zeros(0, job.k, dtype=torch.int64) if ds.labels is not None else None
+    res = NearestResult(
+        indices=torch.zeros(0, job.k, dtype=torch.int64),
+        distances=torch.zeros(0, job.k, dtype=torch.float64),
+        labels=labels,
+    )
+    return _nearest_response(job, res, slice(0, 0))
+
+
+class NearestRunner:
+    """Runs merged :class:`NearestJob` batches (same data set and search mode) with the largest k;
+    each job keeps its own first k columns (nearest first)."""
+
+    def __call__(self, jobs: Sequence[NearestJob]) -> tuple[list[pb.NearestResponse], int]:
+        from floworacle_server.engine import nearest, posterior_nearest
 
         ds = jobs[0].dataset
-        # A job's points are its own writable float64 array already (parse_nearest made them).
-        x = torch.from_numpy(jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs], axis=0))
+        x = torch.from_numpy(np.concatenate([j.x for j in jobs], axis=0, dtype=np.float64))
         k = max(j.k for j in jobs)
-        res = nearest(ds, x, k)
-        out: list[Outgoing] = []
+        first = jobs[0]  # every job of the batch has the same search mode (it is in the key)
+        exclude = _vector(jobs, "exclude", -1)
+        nprobe = first.nprobe or None
+        if first.alpha is not None:
+            alpha = torch.from_numpy(np.concatenate([j.alpha for j in jobs if j.alpha is not None]))
+            sigma = torch.from_numpy(np.concatenate([j.sigma for j in jobs if j.sigma is not None]))
+            res = posterior_nearest(ds, x, alpha, sigma, k=k, exclude=exclude, exact=first.exact, nprobe=nprobe)
+        else:
+            res = nearest(ds, x, k, space=first.space, exclude=exclude, exact=first.exact, nprobe=nprobe)
+        out: list[pb.NearestResponse] = []
         start = 0
         for job in jobs:
-            sl = slice(start, start + job.rows)
+            out.append(_nearest_response(job, res, slice(start, start + job.rows)))
             start += job.rows
-            packed = Outgoing(pb.NearestResponse(dataset=ds.name, fingerprint=ds.fingerprint))
-            _put(packed, "indices", res.indices[sl, : job.k], "int64")
-            _put(packed, "distances", res.distances[sl, : job.k], "float64")
-            if res.labels is not None:
-                _put(packed, "labels", res.labels[sl, : job.k], "int64")
-            out.append(packed)
         return out, 0

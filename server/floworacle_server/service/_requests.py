@@ -1,27 +1,27 @@
-"""Request validation: wire messages to checked, engine-ready jobs, or an :class:`RpcFailure` that
-carries the precise gRPC status code and a message saying how to fix the request.
+"""Request validation: wire messages to checked, engine-ready jobs, in one pass per request.
 
-Everything here is explicit (never ``assert``) and runs before a request reaches the batcher, so
-one bad request cannot fail the others it would have been merged with.
+Every rule is one of :mod:`floworacle.protocol`'s (``rules``), applied here with the data set's
+facts (N, D, classes); a broken rule raises :class:`~floworacle.protocol.RequestError`, whose code
+and message the servicer sends. Failures that are not about the request's contents (an unknown
+data set, a fingerprint pin that does not match) are :class:`RpcFailure`. Everything runs before
+a request reaches the batcher, so one bad request cannot fail the others it would have been
+merged with; the engine only asserts its invariants.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
-from floworacle import _codec
-from floworacle.paths import PathCoefficients, custom_coefficients, get_path
-from floworacle.v1 import oracle_pb2 as pb
+from floworacle.paths import PathCoefficients
+from floworacle.protocol import CodecError, OutputSpec, RequestError, decode, dtype_by_enum, pb, rules
 from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.engine import Guidance, Precision
 
 __all__ = [
-    "MAX_TOP_K",
     "RpcFailure",
     "Limits",
     "OracleJob",
@@ -29,25 +29,7 @@ __all__ = [
     "resolve_dataset",
     "parse_oracle",
     "parse_nearest",
-    "OUTPUT_NAMES",
 ]
-
-#: Largest k for top-k diagnostics and nearest-sample queries (proto: 1 <= k <= min(N, 1024)).
-MAX_TOP_K = 1024
-
-#: Wire output enum -> engine output name, in the order responses are filled.
-OUTPUT_NAMES: dict[int, str] = {
-    pb.OUTPUT_VELOCITY: "velocity",
-    pb.OUTPUT_X1_HAT: "x1_hat",
-    pb.OUTPUT_EPS_HAT: "eps_hat",
-    pb.OUTPUT_SCORE: "score",
-    pb.OUTPUT_TOPK: "topk",
-    pb.OUTPUT_ENTROPY: "entropy",
-    pb.OUTPUT_ESS: "ess",
-}
-_OUTPUT_ORDER = tuple(OUTPUT_NAMES.values())
-_FLOAT_WIRE = {"float32", "float16", "bfloat16", "float64"}
-_WIRE_NAME = {d.enum: d.name for d in _codec.DTYPES}
 
 
 class RpcFailure(Exception):
@@ -72,10 +54,6 @@ class RpcFailure(Exception):
         self.trailing = trailing
 
 
-def _invalid(message: str) -> RpcFailure:
-    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, message, reason="invalid")
-
-
 @dataclass(frozen=True)
 class Limits:
     """Per-request limits from the settings."""
@@ -92,7 +70,8 @@ class OracleJob:
         coeffs: (B,) float64 path coefficients.
         t: (B,) float64 times or None (custom coefficients without t).
         labels: (B,) int64 labels, -1 = unconditional, or None.
-        outputs: engine output names in canonical order.
+        exclude: (B,) int64 data set indices left out of each query's posterior, -1 = none, or None.
+        outputs: the outputs to compute, in table order.
         out_dtype: wire dtype name of the float outputs.
         out_shape: per-sample shape of the outputs (the request's sample shape or (D,)).
     """
@@ -102,8 +81,9 @@ class OracleJob:
     coeffs: PathCoefficients
     t: np.ndarray | None
     labels: np.ndarray | None
+    exclude: np.ndarray | None
     guidance: Guidance | None
-    outputs: tuple[str, ...]
+    outputs: tuple[OutputSpec, ...]
     top_k: int
     precision: Precision
     out_dtype: str
@@ -115,6 +95,10 @@ class OracleJob:
         return int(self.x.shape[0])
 
     @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.outputs)
+
+    @property
     def key(self) -> Hashable:
         """What must match for two jobs to share one engine call (labels may differ)."""
         g = None if self.guidance is None else (self.guidance.scale, self.guidance.t_lo, self.guidance.t_hi)
@@ -123,13 +107,27 @@ class OracleJob:
 
 @dataclass
 class NearestJob:
-    """One validated nearest request: (B, D) float64 points (already divided by alpha_t for
-    posterior-nearest queries) and k."""
+    """One validated nearest request.
+
+    Attributes:
+        x: (B, D) points as decoded from the wire, or x_t for a posterior-nearest query.
+        alpha, sigma: (B,) float64 path coefficients of a posterior-nearest query (the search
+            ranks samples by posterior weight at x_t), else None.
+        exclude: (B,) int64 data set indices left out of each answer, -1 = none, or None.
+        exact: True / False, or None for the server's choice.
+        nprobe: inverted lists an index search probes (0: the index's default).
+        space: "data" or "features".
+    """
 
     dataset: Dataset
     x: np.ndarray
     k: int
-    out_rows: int
+    alpha: np.ndarray | None
+    sigma: np.ndarray | None
+    exclude: np.ndarray | None
+    exact: bool | None
+    nprobe: int
+    space: str
 
     @property
     def rows(self) -> int:
@@ -137,7 +135,8 @@ class NearestJob:
 
     @property
     def key(self) -> Hashable:
-        return ("nearest", self.dataset.name, id(self.dataset))
+        posterior = self.alpha is not None
+        return ("nearest", self.dataset.name, id(self.dataset), posterior, self.exact, self.nprobe, self.space)
 
 
 def resolve_dataset(store: DatasetStore, name: str, fingerprint: str = "") -> Dataset:
@@ -158,184 +157,114 @@ def resolve_dataset(store: DatasetStore, name: str, fingerprint: str = "") -> Da
     return ds
 
 
-def _decode(t: pb.Tensor, field: str) -> tuple[np.ndarray, str]:
-    try:
-        arr = _codec.decode(t, field)
-    except _codec.CodecError as exc:
-        raise _invalid(str(exc)) from None
-    return arr, _WIRE_NAME[t.dtype]
+def _decode(t: pb.Tensor, field: str, kind: str) -> np.ndarray:
+    """Decode a wire tensor whose dtype must be of ``kind`` ("float" or "int64")."""
+    wd = dtype_by_enum(t.dtype, field)
+    if kind == "float" and not wd.is_float:
+        raise CodecError(f"{field} must be float32, float16, bfloat16 or float64, got {wd.name}")
+    if kind == "int64" and wd.name != "int64":
+        raise CodecError(f"{field} must be int64, got {wd.name}")
+    return decode(t, field)
 
 
-def _decode_float(t: pb.Tensor, field: str) -> tuple[np.ndarray, str]:
-    arr, name = _decode(t, field)
-    if name not in _FLOAT_WIRE:
-        raise _invalid(f"{field} must be float32, float16, bfloat16 or float64, got {name}")
-    return arr, name
-
-
-def _decode_vector(t: pb.Tensor, field: str, b: int) -> np.ndarray:
-    arr, _ = _decode_float(t, field)
-    if arr.shape != (b,):
-        raise _invalid(f"{field} must have shape ({b},), one value per query, got {list(arr.shape)}")
-    return arr.astype(np.float64)
-
-
-def _check_rows(shape: tuple[int, ...], field: str, limits: Limits) -> None:
-    # Checked on the declared shape, before decoding, so an oversized request costs nothing.
-    if shape and shape[0] > limits.max_request_rows:
-        raise RpcFailure(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"{field} has {shape[0]} rows; this server accepts at most {limits.max_request_rows} per request "
-            "(max_request_rows): split the batch (the SDK does this automatically)",
-            reason="rows_cap",
-        )
+def _float_vector(t: pb.Tensor, field: str, b: int) -> np.ndarray:
+    return rules.check_times(_decode(t, field, "float"), b, field)
 
 
 def _queries(t: pb.Tensor, field: str, ds: Dataset, limits: Limits, present: bool) -> tuple[np.ndarray, str, tuple]:
-    """Decode (B, *sample_shape) or (B, D) float queries -> ((B, D) array, wire dtype, out shape)."""
+    """Decode (B, *sample_shape) or (B, D) float queries -> ((B, D) view, wire dtype, out shape)."""
     if not present:
-        raise _invalid(f"{field} is required: a tensor of shape (B, {ds.dim}) or (B, *{list(ds.sample_shape)})")
-    _check_rows(tuple(int(s) for s in t.shape), field, limits)
-    arr, name = _decode_float(t, field)
-    expect = f"(B, {ds.dim}) or (B, {', '.join(str(s) for s in ds.sample_shape)})"
-    if arr.ndim < 2:
-        raise _invalid(
-            f"{field} has shape {list(arr.shape)}; data set {ds.name!r} expects {expect} "
-            "(a single query still needs the batch dimension)"
-        )
-    b = int(arr.shape[0])
-    if b == 0:
-        raise _invalid(f"{field} is an empty batch (B = 0); send at least one query")
-    rest = tuple(int(s) for s in arr.shape[1:])
-    if rest == tuple(ds.sample_shape):
-        out_shape = tuple(ds.sample_shape)
-    elif rest == (ds.dim,):
-        out_shape = (ds.dim,)
-    else:
-        raise _invalid(f"{field} has shape {list(arr.shape)}; data set {ds.name!r} expects {expect}")
-    flat = arr.reshape(b, ds.dim)
-    # Fast path without a temporary: min and max are both finite iff every value is (they
-    # propagate NaN, and +-Inf would be the max or min); only a failing request pays for the
-    # element-wise scan that finds the row to report. A view of the wire bytes, never a copy.
-    if not (np.isfinite(flat.min()) and np.isfinite(flat.max())):
-        finite = np.isfinite(flat).all(axis=1)
-        if not finite.all():
-            row = int(np.flatnonzero(~finite)[0])
-            raise _invalid(f"{field}[{row}] has a NaN or Inf; send finite values")
-    return flat, name, out_shape
+        raise RequestError(f"{field} is required: a tensor of shape (B, {ds.dim}) or (B, *{list(ds.sample_shape)})")
+    declared = tuple(int(s) for s in t.shape)
+    if declared:
+        # on the declared shape, before decoding, so an oversized request costs nothing
+        rules.check_rows(declared[0], field, limits.max_request_rows)
+    arr = _decode(t, field, "float")
+    out_shape = rules.sample_layout(arr.shape, field, ds.name, ds.dim, ds.sample_shape)
+    flat = arr.reshape(arr.shape[0], ds.dim)  # a view of the wire bytes, never a copy
+    rules.check_finite_rows(flat, field)
+    return flat, dtype_by_enum(t.dtype).name, out_shape
 
 
 def _coefficients(
-    path: pb.PathSpec, has_path: bool, t: np.ndarray | None, b: int, *, for_nearest: bool = False
+    req: pb.OracleRequest | pb.NearestRequest, t: np.ndarray | None, b: int, *, for_nearest: bool = False
 ) -> PathCoefficients | None:
-    kind = path.WhichOneof("kind") if has_path else None
+    kind = req.path.WhichOneof("kind") if req.HasField("path") else None
     if kind == "custom":
-        c = path.custom
+        c = req.path.custom
         fields = ("alpha", "sigma", "d_alpha", "d_sigma")
         missing = [f for f in fields if not c.HasField(f)]
         if missing:
-            raise _invalid(f"custom path coefficients need all of {list(fields)}; missing {missing}")
-        values = [_decode_vector(getattr(c, f), f"path.custom.{f}", b) for f in fields]
-        try:
-            return custom_coefficients(*values)
-        except ValueError as exc:
-            raise _invalid(f"path.custom: {exc}") from None
+            raise RequestError(f"custom path coefficients need all of {list(fields)}; missing {missing}")
+        values = [_decode(getattr(c, f), f"path.custom.{f}", "float") for f in fields]
+        return rules.custom_coefficients(values, b)
     name, sigma_min = ("linear", 0.0)
     if kind == "named":
-        name = path.named.name or "linear"
-        sigma_min = float(path.named.sigma_min)
+        name = req.path.named.name or "linear"
+        sigma_min = float(req.path.named.sigma_min)
     if t is None:
         if for_nearest:
             return None
-        raise _invalid(f"t is required for the named path {name!r}: a float tensor of shape ({b},), t in [0, 1]")
-    try:
-        return get_path(name, sigma_min).coefficients(t)
-    except ValueError as exc:
-        raise _invalid(str(exc)) from None
+        raise RequestError(f"t is required for the named path {name!r}: a float tensor of shape ({b},), t in [0, 1]")
+    return rules.named_coefficients(name, sigma_min, t)
 
 
-def _labels(req_labels: pb.Tensor, ds: Dataset, b: int) -> np.ndarray:
-    arr, name = _decode(req_labels, "labels")
-    if name != "int64":
-        raise _invalid(f"labels must be int64, got {name}")
-    if arr.shape != (b,):
-        raise _invalid(f"labels must have shape ({b},), one per query, got {list(arr.shape)}")
-    if ds.num_classes == 0:
-        raise _invalid(f"data set {ds.name!r} has no labels; send no labels (unconditional oracle)")
-    bad = (arr < -1) | (arr >= ds.num_classes)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise _invalid(
-            f"labels[{i}] = {int(arr[i])} is outside the classes 0..{ds.num_classes - 1} of data set "
-            f"{ds.name!r} (-1 means unconditional for that query)"
-        )
-    return arr.astype(np.int64)
+def _labels(req: pb.OracleRequest, ds: Dataset, b: int) -> np.ndarray | None:
+    if not req.HasField("labels"):
+        return None
+    labels = _decode(req.labels, "labels", "int64")
+    rules.check_labels(labels, b, ds.name, ds.num_classes)
+    return labels
+
+
+def _exclude(req: pb.OracleRequest | pb.NearestRequest, ds: Dataset, b: int) -> np.ndarray | None:
+    if not req.HasField("exclude"):
+        return None
+    exclude = _decode(req.exclude, "exclude", "int64")
+    rules.check_exclude(exclude, b, ds.num_samples)
+    return exclude
 
 
 def _guidance(g: pb.Guidance) -> Guidance:
-    values = (g.scale, g.t_lo, g.t_hi)
-    if not all(math.isfinite(v) for v in values):
-        raise _invalid(f"guidance scale and interval must be finite, got scale={g.scale}, t_lo={g.t_lo}, t_hi={g.t_hi}")
     t_lo, t_hi = float(g.t_lo), float(g.t_hi)
-    if t_lo == 0.0 and t_hi == 0.0:
-        # Both unset on the wire (proto3 zeros): guidance on the whole path.
+    if t_lo == 0.0 and t_hi == 0.0:  # both unset on the wire (proto3 zeros): the whole path
         t_hi = 1.0
-    if not 0.0 <= t_lo <= t_hi <= 1.0:
-        raise _invalid(f"guidance interval must satisfy 0 <= t_lo <= t_hi <= 1, got [{t_lo}, {t_hi}]")
-    return Guidance(scale=float(g.scale), t_lo=t_lo, t_hi=t_hi)
+    scale, t_lo, t_hi = rules.check_guidance(float(g.scale), t_lo, t_hi)
+    return Guidance(scale=scale, t_lo=t_lo, t_hi=t_hi)
 
 
 def parse_oracle(req: pb.OracleRequest, store: DatasetStore, limits: Limits) -> OracleJob:
-    """Validate an :class:`OracleRequest` into an :class:`OracleJob` (raises :class:`RpcFailure`)."""
+    """Validate an :class:`OracleRequest` into an :class:`OracleJob` (raises :class:`RpcFailure`
+    or :class:`~floworacle.protocol.RequestError`)."""
     ds = resolve_dataset(store, req.dataset, req.fingerprint)
     x, in_dtype, out_shape = _queries(req.x_t, "x_t", ds, limits, req.HasField("x_t"))
     b = int(x.shape[0])
-    t = _decode_vector(req.t, "t", b) if req.HasField("t") else None
-    if t is not None and not np.isfinite(t).all():
-        i = int(np.flatnonzero(~np.isfinite(t))[0])
-        raise _invalid(f"t[{i}] = {t[i]} is not finite")
-    coeffs = _coefficients(req.path, req.HasField("path"), t, b)
-    if coeffs is None:  # _coefficients raised already for oracle queries without t; kept for the type
-        raise _invalid("t or custom path coefficients are required")
-    labels = _labels(req.labels, ds, b) if req.HasField("labels") else None
+    t = _float_vector(req.t, "t", b) if req.HasField("t") else None
+    coeffs = _coefficients(req, t, b)
+    assert coeffs is not None  # _coefficients raises for oracle queries without t or coefficients
+    labels = _labels(req, ds, b)
+    exclude = _exclude(req, ds, b)
     guidance = None
     if req.HasField("guidance"):
         guidance = _guidance(req.guidance)
         if labels is None:
-            raise _invalid("guidance needs labels: send one class label per query (or drop guidance)")
+            raise RequestError(rules.GUIDANCE_NEEDS_LABELS)
         if t is None:
-            raise _invalid("guidance needs t for its interval: send t (shape (B,)) with custom coefficients")
+            raise RequestError(rules.GUIDANCE_NEEDS_T)
 
-    names: set[str] = set()
-    for o in req.outputs:
-        if o not in OUTPUT_NAMES:
-            raise _invalid(f"unknown output {o}; choose from {sorted(pb.Output.Name(k) for k in OUTPUT_NAMES)}")
-        names.add(OUTPUT_NAMES[o])
-    if not names:
-        names.add("velocity")
     top_k = int(req.top_k)
-    if top_k > 0:
-        names.add("topk")  # a top_k without OUTPUT_TOPK still means "send the top k"
-    if "topk" in names:
-        limit = min(ds.num_samples, MAX_TOP_K)
-        if not 1 <= top_k <= limit:
-            raise _invalid(f"OUTPUT_TOPK needs top_k in 1..{limit} (min(N, {MAX_TOP_K})), got {top_k}")
-
-    if req.precision in (pb.PRECISION_UNSPECIFIED, pb.PRECISION_EXACT):
-        precision = Precision.EXACT
-    elif req.precision == pb.PRECISION_FAST:
-        precision = Precision.FAST
-    else:
-        raise _invalid(f"unknown precision {req.precision}; use PRECISION_EXACT or PRECISION_FAST")
+    outputs = rules.outputs_from_enums(req.outputs, top_k)
+    rules.check_top_k(top_k, any(o.name == "topk" for o in outputs), ds.num_samples)
+    precision = Precision(rules.precision_from_enum(req.precision))
 
     out_dtype = in_dtype
     if req.output_dtype != pb.DTYPE_UNSPECIFIED:
-        try:
-            out_dtype = next(d.name for d in _codec.DTYPES if d.enum == req.output_dtype)
-        except StopIteration:
-            raise _invalid(f"unknown output_dtype {req.output_dtype}") from None
-        if out_dtype not in _FLOAT_WIRE:
-            raise _invalid(f"output_dtype must be a float dtype (float32, float16, bfloat16, float64), got {out_dtype}")
+        wd = dtype_by_enum(req.output_dtype, "output_dtype")
+        if not wd.is_float:
+            raise RequestError(
+                f"output_dtype must be a float dtype (float32, float16, bfloat16, float64), got {wd.name}"
+            )
+        out_dtype = wd.name
 
     return OracleJob(
         dataset=ds,
@@ -343,8 +272,9 @@ def parse_oracle(req: pb.OracleRequest, store: DatasetStore, limits: Limits) -> 
         coeffs=coeffs,
         t=t,
         labels=labels,
+        exclude=exclude,
         guidance=guidance,
-        outputs=tuple(n for n in _OUTPUT_ORDER if n in names),
+        outputs=outputs,
         top_k=top_k,
         precision=precision,
         out_dtype=out_dtype,
@@ -355,25 +285,36 @@ def parse_oracle(req: pb.OracleRequest, store: DatasetStore, limits: Limits) -> 
 
 def parse_nearest(req: pb.NearestRequest, store: DatasetStore, limits: Limits) -> NearestJob:
     """Validate a :class:`NearestRequest`. With t (or custom coefficients) the points are x_t and
-    the search runs for ``x_t / alpha_t`` (posterior-nearest)."""
+    the search ranks samples by posterior weight (the engine's posterior-nearest search)."""
     ds = resolve_dataset(store, req.dataset, req.fingerprint)
     x, _, _ = _queries(req.x, "x", ds, limits, req.HasField("x"))
     b = int(x.shape[0])
-    limit = min(ds.num_samples, MAX_TOP_K)
     k = int(req.k)
-    if not 1 <= k <= limit:
-        raise _invalid(f"k must lie in 1..{limit} (min(N, {MAX_TOP_K})), got {k}")
-    t = _decode_vector(req.t, "t", b) if req.HasField("t") else None
-    coeffs = _coefficients(req.path, req.HasField("path"), t, b, for_nearest=True)
-    if coeffs is None:
-        points = x.astype(np.float64)  # a copy (the wire buffer is read-only): the runner hands it to torch
-    else:
+    rules.check_k(k, ds.num_samples)
+    exact = req.exact if req.HasField("exact") else None
+    nprobe = int(req.nprobe)
+    rules.check_nearest_mode(exact, nprobe)
+    space = rules.space_from_enum(req.space)
+    t = _float_vector(req.t, "t", b) if req.HasField("t") else None
+    coeffs = _coefficients(req, t, b, for_nearest=True)
+    if coeffs is not None:
         zero = coeffs.alpha <= 0
         if zero.any():
             i = int(np.flatnonzero(zero)[0])
-            raise _invalid(
+            raise RequestError(
                 f"alpha_t[{i}] = 0 (pure noise, t = 0): x_t says nothing about which sample it came from; "
                 "use t > 0 for posterior-nearest queries"
             )
-        points = np.divide(x, coeffs.alpha[:, None], dtype=np.float64)  # widen and divide in one pass
-    return NearestJob(dataset=ds, x=points, k=k, out_rows=b)
+        if space != "data":
+            raise RequestError("posterior-nearest queries (with t) search the data space; drop t or space")
+    return NearestJob(
+        dataset=ds,
+        x=x,
+        k=k,
+        alpha=None if coeffs is None else coeffs.alpha,
+        sigma=None if coeffs is None else coeffs.sigma,
+        exclude=_exclude(req, ds, b),
+        exact=exact,
+        nprobe=nprobe,
+        space=space,
+    )

@@ -17,9 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from floworacle import _wire
-from floworacle._channel import server_options
-from floworacle.v1 import oracle_pb2 as pb
+from floworacle.protocol import SERVICE_NAME, pb_grpc, server_options
 from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset, load_digits
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
@@ -31,9 +29,6 @@ from floworacle_server.settings import Settings
 __all__ = ["OracleServer", "create_server", "build_store", "SERVICE_NAME", "dataset_health_name"]
 
 log = logging.getLogger(__name__)
-
-#: Full name of the gRPC service, also its health-check name.
-SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["FlowOracle"].full_name
 
 
 def dataset_health_name(dataset: str) -> str:
@@ -205,7 +200,7 @@ class OracleServer:
             max_stream_inflight=s.max_stream_inflight,
         )
         self._servicer = servicer
-        _wire.add_servicer(servicer, server)  # tensor payloads without protobuf's copies
+        pb_grpc.add_FlowOracleServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if s.reflection:
             from grpc_reflection.v1alpha import reflection

@@ -13,14 +13,16 @@ from typing import TypeVar
 
 import grpc
 
-from floworacle import _codec
-from floworacle._wire import Outgoing
-from floworacle.v1 import oracle_pb2 as pb
-from floworacle.v1 import oracle_pb2_grpc as pb_grpc
+from floworacle.protocol import RequestError, dtype_by_name, pb, pb_grpc
 from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
-from floworacle_server.service._compute import NearestRunner, OracleRunner
+from floworacle_server.service._compute import (
+    NearestRunner,
+    OracleRunner,
+    empty_nearest_response,
+    empty_oracle_response,
+)
 from floworacle_server.service._requests import Limits, RpcFailure, parse_nearest, parse_oracle, resolve_dataset
 
 __all__ = ["FlowOracleServicer", "dataset_info"]
@@ -42,7 +44,7 @@ def dataset_info(ds: Dataset, default_name: str | None) -> pb.DatasetInfo:
         num_samples=ds.num_samples,
         sample_shape=list(ds.sample_shape),
         dim=ds.dim,
-        storage_dtype=_codec.dtype_by_name(ds.storage_dtype).enum,  # type: ignore[arg-type]
+        storage_dtype=dtype_by_name(ds.storage_dtype).enum,  # type: ignore[arg-type]
         num_classes=ds.num_classes,
         has_weights=ds.log_weights is not None,
         scale_factor=ds.scale_factor,
@@ -56,6 +58,9 @@ def _as_failure(exc: BaseException) -> RpcFailure:
     """Translate anything raised below the servicer into the status the caller sees."""
     if isinstance(exc, RpcFailure):
         return exc
+    if isinstance(exc, RequestError):  # a protocol rule, with its code and message
+        reason = "rows_cap" if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED else "invalid"
+        return RpcFailure(exc.code, exc.details, reason=reason)
     if isinstance(exc, QueueFullError):
         return RpcFailure(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -161,24 +166,28 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 if not observed:
                     self.metrics.observe_request(method, code.name, time.perf_counter() - start)
 
-    async def _oracle(self, method: str, request: pb.OracleRequest, deadline: float | None) -> Outgoing:
+    async def _oracle(self, method: str, request: pb.OracleRequest, deadline: float | None) -> pb.OracleResponse:
         job = parse_oracle(request, self.store, self.limits)
-        resp: Outgoing = await self.batcher.submit(job.key, job.rows, job, self._oracle_runner, deadline)
+        if job.rows == 0:  # nothing to compute: the empty answer, in the shapes asked for
+            return empty_oracle_response(job)
+        resp: pb.OracleResponse = await self.batcher.submit(job.key, job.rows, job, self._oracle_runner, deadline)
         self.metrics.add_rows(method, job.rows)
         return resp
 
     # -- RPCs -----------------------------------------------------------------------------------
-    async def Oracle(self, request: pb.OracleRequest, context: grpc.aio.ServicerContext) -> Outgoing:
-        async def run() -> Outgoing:
+    async def Oracle(self, request: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleResponse:
+        async def run() -> pb.OracleResponse:
             return await self._oracle("Oracle", request, _deadline(context))
 
         return await self._unary("Oracle", context, run)
 
-    async def Nearest(self, request: pb.NearestRequest, context: grpc.aio.ServicerContext) -> Outgoing:
-        async def run() -> Outgoing:
+    async def Nearest(self, request: pb.NearestRequest, context: grpc.aio.ServicerContext) -> pb.NearestResponse:
+        async def run() -> pb.NearestResponse:
             deadline = _deadline(context)
             job = parse_nearest(request, self.store, self.limits)
-            resp: Outgoing = await self.batcher.submit(job.key, job.rows, job, self._nearest_runner, deadline)
+            if job.rows == 0:
+                return empty_nearest_response(job)
+            resp: pb.NearestResponse = await self.batcher.submit(job.key, job.rows, job, self._nearest_runner, deadline)
             self.metrics.add_rows("Nearest", job.rows)
             return resp
 
@@ -203,14 +212,14 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
 
     async def OracleStream(
         self, request_iterator: AsyncIterator[pb.OracleRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[Outgoing | pb.OracleStreamResponse]:
+    ) -> AsyncIterator[pb.OracleStreamResponse]:
         """Pipelined oracle: each message is validated and queued as soon as it arrives (up to
         ``max_stream_inflight`` at once); answers go back in request order; a failed message is
         answered with its status inside the stream, which stays open."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         slots = asyncio.Semaphore(self.max_stream_inflight)
-        answers: asyncio.Queue[asyncio.Task[Outgoing | pb.OracleStreamResponse] | None] = asyncio.Queue()
+        answers: asyncio.Queue[asyncio.Task[pb.OracleStreamResponse] | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         async def read() -> None:
@@ -247,9 +256,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                         leftover.cancel()
                 self.metrics.observe_request("OracleStream", code.name, time.perf_counter() - start)
 
-    async def _stream_one(
-        self, req: pb.OracleRequest, context: grpc.aio.ServicerContext
-    ) -> Outgoing | pb.OracleStreamResponse:
+    async def _stream_one(self, req: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleStreamResponse:
         deadline = _deadline(context)
         # A stream is already back-pressured by its in-flight slots, and its answers carry no retry
         # hint; so a full queue (a transient state) is waited out here, with backoff, until the
@@ -270,7 +277,9 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 return self._stream_error(req, exc)
             except Exception as exc:
                 return self._stream_error(req, exc)
-        return resp.wrapped(pb.OracleStreamResponse(request_id=req.request_id), "response")
+        out = pb.OracleStreamResponse(request_id=req.request_id)
+        out.response.CopyFrom(resp)
+        return out
 
     def _stream_error(self, req: pb.OracleRequest, exc: BaseException) -> pb.OracleStreamResponse:
         failure = _as_failure(exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from floworacle import _codec
+from floworacle import protocol
 from floworacle.v1 import oracle_pb2 as pb
 from oracle_reference import posterior_weights
 
@@ -97,9 +97,9 @@ def oracle_request(
     outputs: tuple[int, ...] = (),
     **fields: object,
 ) -> pb.OracleRequest:
-    req = pb.OracleRequest(x_t=_codec.encode(x_t, dtype), outputs=list(outputs), **fields)  # type: ignore[arg-type]
+    req = pb.OracleRequest(x_t=protocol.encode(x_t, dtype), outputs=list(outputs), **fields)  # type: ignore[arg-type]
     if t is not None:
-        req.t.CopyFrom(_codec.encode(np.asarray(t, np.float64)))
+        req.t.CopyFrom(protocol.encode(np.asarray(t, np.float64)))
     return req
 
 

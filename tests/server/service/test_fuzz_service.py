@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from service_helpers import linear_coeffs, max_rel, ref_nearest, ref_oracle
 
-from floworacle import _codec
+from floworacle import protocol
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.data import Dataset, DatasetStore
@@ -100,7 +100,7 @@ def raw_tensors(draw: st.DrawFn) -> pb.Tensor:
 
 def _encode(values: np.ndarray, wire: str) -> pb.Tensor:
     with np.errstate(invalid="ignore", over="ignore"):  # NaN / Inf cast to int64 on purpose
-        return _codec.encode(values, wire)
+        return protocol.encode(values, wire)
 
 
 @st.composite
@@ -180,7 +180,7 @@ def oracle_requests(draw: st.DrawFn, fps: dict[str, str]) -> pb.OracleRequest:
     labels = _pick(draw, wild, ["none", "good"] if labelled else ["none"], ["good", "bad", "raw"])
     if labels == "good":
         values = draw(st.lists(st.integers(-1, 2) if not wild else st.integers(-2, 4), min_size=b, max_size=b))
-        req.labels.CopyFrom(_codec.encode(np.asarray(values, np.int64)))
+        req.labels.CopyFrom(protocol.encode(np.asarray(values, np.int64)))
     elif labels == "bad":
         req.labels.CopyFrom(draw(float_tensors((b,), True)))
     elif labels == "raw":
@@ -226,43 +226,43 @@ def _finite(a: np.ndarray, wire: int) -> bool:
 
 
 def _check_oracle_success(req: pb.OracleRequest, resp: pb.OracleResponse) -> None:
-    x = _codec.decode(req.x_t)
+    x = protocol.decode(req.x_t)
     b = x.shape[0]
     present = [f for f in _VECTOR_FIELDS if resp.HasField(f)]
     assert present or resp.HasField("topk_indices") or resp.HasField("entropy") or resp.HasField("ess")
     for f in present:
         t = getattr(resp, f)
-        a = _codec.decode(t)
+        a = protocol.decode(t)
         assert a.shape == x.shape, (f, a.shape, x.shape)
         assert _finite(a, t.dtype), (f, a)
     if resp.HasField("topk_indices"):
-        idx, w = _codec.decode(resp.topk_indices), _codec.decode(resp.topk_weights)
+        idx, w = protocol.decode(resp.topk_indices), protocol.decode(resp.topk_weights)
         n = len(SMALL_X) if resp.dataset == "small" else len(IMG_X)
         assert idx.shape == w.shape and idx.shape[0] == b and 1 <= idx.shape[1] <= n
         assert ((idx >= -1) & (idx < n)).all() and np.isfinite(w).all() and (w >= 0).all()
         assert (w.sum(axis=1) <= 1 + 1e-9).all()
     for f in ("entropy", "ess", "x1_hat_error_bound", "velocity_error_bound"):
         if resp.HasField(f):
-            a = _codec.decode(getattr(resp, f))
+            a = protocol.decode(getattr(resp, f))
             assert a.shape == (b,) and np.isfinite(a).all(), f
     # exact answer where the float64 reference applies: linear path, exact precision, no guidance
     linear = not req.HasField("path") or (
         req.path.WhichOneof("kind") == "named" and req.path.named.name == "linear" and req.path.named.sigma_min == 0
     )
-    if "velocity" in present and linear and not req.HasField("guidance") and req.precision in (0, 1):
+    if "velocity" in present and linear and not req.HasField("guidance") and req.precision in (0, 1) and b:
         data, dlab = (SMALL_X, SMALL_Y) if resp.dataset == "small" else (IMG_X, None)
-        tv = _codec.decode(req.t).astype(np.float64)
-        labels = _codec.decode(req.labels) if req.HasField("labels") else None
+        tv = protocol.decode(req.t).astype(np.float64)
+        labels = protocol.decode(req.labels) if req.HasField("labels") else None
         ref = ref_oracle(data, x.astype(np.float64), *linear_coeffs(tv), data_labels=dlab, labels=labels)["velocity"]
         tol = {pb.DTYPE_FLOAT16: 2e-3, pb.DTYPE_BFLOAT16: 1e-2}.get(resp.velocity.dtype, 2e-5)
-        assert max_rel(_codec.decode(resp.velocity).reshape(b, -1), ref) <= tol
+        assert max_rel(protocol.decode(resp.velocity).reshape(b, -1), ref) <= tol
         OUTCOMES["Oracle:exact"] += 1
 
 
 def _check_nearest_success(req: pb.NearestRequest, resp: pb.NearestResponse) -> None:
-    x = _codec.decode(req.x)
+    x = protocol.decode(req.x)
     b = x.shape[0]
-    idx, dist = _codec.decode(resp.indices), _codec.decode(resp.distances)
+    idx, dist = protocol.decode(resp.indices), protocol.decode(resp.distances)
     data = SMALL_X if resp.dataset == "small" else IMG_X
     assert idx.shape == dist.shape == (b, req.k)
     assert ((idx >= 0) & (idx < len(data))).all() and np.isfinite(dist).all() and (dist >= 0).all()
@@ -284,10 +284,10 @@ def _fingerprints(stub: pb_grpc.FlowOracleStub) -> dict[str, str]:
 @given(tensor=raw_tensors())
 def test_decoder_returns_the_declared_array_or_raises_value_error(tensor: pb.Tensor):
     try:
-        a = _codec.decode(tensor, "x_t")
+        a = protocol.decode(tensor, "x_t")
     except ValueError:  # the codec's contract for bad wire tensors (the servicer: INVALID_ARGUMENT)
         return
-    wd = {d.enum: d for d in _codec.DTYPES}[tensor.dtype]
+    wd = {d.enum: d for d in protocol.DTYPES}[tensor.dtype]
     assert a.shape == tuple(tensor.shape)
     assert a.size * wd.itemsize == len(tensor.data)
     if wd.name != "bfloat16":
@@ -371,7 +371,7 @@ def test_raw_bytes_fuzz(raw_channel: grpc.Channel, method: str, payload: bytes):
 def test_oversized_message_is_resource_exhausted_and_the_server_goes_on(stub: pb_grpc.FlowOracleStub, raw_channel):
     big = np.zeros((MAX_MESSAGE // 32 + 1, 4), np.float64)  # over the 64 KiB limit
     t = np.full(len(big), 0.5)
-    req = pb.OracleRequest(dataset="small", x_t=_codec.encode(big), t=_codec.encode(t))
+    req = pb.OracleRequest(dataset="small", x_t=protocol.encode(big), t=protocol.encode(t))
     assert req.ByteSize() > MAX_MESSAGE
     with pytest.raises(grpc.RpcError) as info:
         stub.Oracle(req, timeout=30)
@@ -387,12 +387,14 @@ def test_after_fuzzing_answers_are_exact_and_no_internal_error_was_recorded(srv:
     t = np.array([0.1, 0.5, 0.9, 0.99])
     xt = t[:, None] * SMALL_X[rng.integers(0, 40, 4)] + (1 - t[:, None]) * rng.standard_normal((4, 4))
     labels = np.array([-1, 0, 1, 2])
-    req = pb.OracleRequest(dataset="small", x_t=_codec.encode(xt), t=_codec.encode(t), labels=_codec.encode(labels))
+    req = pb.OracleRequest(
+        dataset="small", x_t=protocol.encode(xt), t=protocol.encode(t), labels=protocol.encode(labels)
+    )
     resp = stub.Oracle(req, timeout=30)
     ref = _reference_velocity(SMALL_X, SMALL_Y, xt, t, labels)
-    assert max_rel(_codec.decode(resp.velocity), ref) < 1e-9
-    near = stub.Nearest(pb.NearestRequest(dataset="img", x=_codec.encode(IMG_X[:3] + 0.01), k=3), timeout=30)
-    assert (_codec.decode(near.indices)[:, 0] == np.arange(3)).all()
+    assert max_rel(protocol.decode(resp.velocity), ref) < 1e-9
+    near = stub.Nearest(pb.NearestRequest(dataset="img", x=protocol.encode(IMG_X[:3] + 0.01), k=3), timeout=30)
+    assert (protocol.decode(near.indices)[:, 0] == np.arange(3)).all()
     if OUTCOMES:  # the fuzz tests ran in this session: they reached the engine and each refusal kind
         print(dict(OUTCOMES))
         assert OUTCOMES["Oracle:OK"] >= 10 and OUTCOMES["Nearest:OK"] >= 10 and OUTCOMES["OracleStream:OK"] >= 5

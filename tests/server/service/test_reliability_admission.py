@@ -22,8 +22,7 @@ from service_helpers import (
     ref_oracle,
 )
 
-from floworacle import OracleClient, _codec
-from floworacle._protocol import RetryPolicy
+from floworacle import OracleClient, RetryPolicy, protocol
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.service._batcher import DynamicBatcher, InflightFullError, QueueFullError
 from floworacle_server.service.testing import serve_in_thread
@@ -105,9 +104,9 @@ def test_burst_beyond_the_cap_is_refused_with_a_hint_and_admitted_ones_are_exact
         assert "max_inflight_rows" in err.details() and "retry" in err.details()
         assert ("grpc-retry-pushback-ms", "50") in tuple(err.trailing_metadata())
     for xt, t, resp in ok:
-        assert max_rel(_codec.decode(resp.velocity), ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6
+        assert max_rel(protocol.decode(resp.velocity), ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6
     assert (
-        max_rel(_codec.decode(after.velocity), ref_oracle(x, cases[0][0], *linear_coeffs(cases[0][1]))["velocity"])
+        max_rel(protocol.decode(after.velocity), ref_oracle(x, cases[0][0], *linear_coeffs(cases[0][1]))["velocity"])
         < 1e-6
     )
 
@@ -154,5 +153,5 @@ def test_streams_wait_out_a_full_queue_instead_of_failing(digits):
             results = list(pool.map(one_stream, (11, 12, 13)))
     for xt, t, answers in results:
         assert [a.error_code for a in answers] == [0] * 12, [a.error_message for a in answers if a.error_code]
-        got = np.concatenate([_codec.decode(a.response.velocity) for a in answers])
+        got = np.concatenate([protocol.decode(a.response.velocity) for a in answers])
         assert max_rel(got, ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6

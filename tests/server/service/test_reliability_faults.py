@@ -23,8 +23,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
 
-from floworacle import OracleClient, _codec
-from floworacle._protocol import RetryPolicy
+from floworacle import OracleClient, RetryPolicy, protocol
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.data import Dataset, DatasetStore, build_index
@@ -85,10 +84,10 @@ def test_out_of_memory_splits_the_merged_batch_until_it_fits(digits):
     # 9-row half failed again and split into 6 + 3; then the 6-row half; the lone 12-row request
     assert calls == [15, 9, 6, 3, 6, 12] and splits == 2
     for (xt, t), resp in zip(cases, answers, strict=True):
-        assert max_rel(_codec.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
+        assert max_rel(protocol.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "out of memory" in info.value.details() and "smaller batches" in info.value.details()
-    assert max_rel(_codec.decode(after.velocity), _velocity_ref(x, noisy_queries(x, big_t), big_t)) < 1e-6
+    assert max_rel(protocol.decode(after.velocity), _velocity_ref(x, noisy_queries(x, big_t), big_t)) < 1e-6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a real device out-of-memory error")
@@ -113,7 +112,7 @@ def test_real_cuda_out_of_memory_splits_the_batch(digits):
         answers = [f.result() for f in futures]
     assert calls == [8, 4, 4] and srv.server.batcher.oom_splits == 1
     for (xt, t), resp in zip(cases, answers, strict=True):
-        assert max_rel(_codec.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
+        assert max_rel(protocol.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
 
 
 # -- (b) cancelled and timed-out batch mates ------------------------------------------------------
@@ -142,7 +141,7 @@ def test_cancelled_and_expired_requests_do_not_disturb_their_batch_mates(digits)
         assert batcher.history[-1].requests == 2 and batcher.history[-1].rows == 4  # ... in one merged call
         assert _wait(lambda: batcher.inflight_rows == 0)
     for (xt, t), resp in zip([cases[0], cases[3]], good, strict=True):
-        assert max_rel(_codec.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
+        assert max_rel(protocol.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
 
 
 def test_request_cancelled_while_its_batch_computes_leaves_the_others_exact(digits):
@@ -168,7 +167,7 @@ def test_request_cancelled_while_its_batch_computes_leaves_the_others_exact(digi
         assert srv.server.batcher.history[-1].requests == 3  # it was merged with them
         assert _wait(lambda: srv.server.batcher.inflight_rows == 0 and _gauge(srv, "Oracle") == 0.0)
     for (xt, t), resp in zip([cases[0], cases[2]], good, strict=True):
-        assert max_rel(_codec.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
+        assert max_rel(protocol.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
 
 
 # -- (c) a client that disconnects mid-stream ----------------------------------------------------
@@ -309,7 +308,7 @@ def test_sigterm_drains_the_process_and_finishes_in_flight_work(digits):
             assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE
             assert not inflight.done()  # still waiting in the queue when the port closed ...
             resp = inflight.result(timeout=20)  # ... and answered exactly within the grace period
-        assert max_rel(_codec.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
+        assert max_rel(protocol.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
         rest, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, rest
         assert "draining" in rest and "stopped" in rest

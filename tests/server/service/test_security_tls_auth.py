@@ -24,8 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
 
-from floworacle import AsyncOracleClient, OracleClient, OracleError
-from floworacle._protocol import RetryPolicy
+from floworacle import AsyncOracleClient, OracleClient, OracleError, RetryPolicy
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from service_helpers import FakeJob, linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
 
-from floworacle import _codec
+from floworacle import protocol
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.data import Dataset, DatasetStore
@@ -131,7 +131,7 @@ def test_concurrent_requests_merge_and_stay_exact(digits):
         xt, t, labels, dtype = case
         req = oracle_request(xt, t, dtype=dtype, outputs=(pb.OUTPUT_VELOCITY, pb.OUTPUT_X1_HAT), request_id="q")
         if labels is not None:
-            req.labels.CopyFrom(_codec.encode(labels))
+            req.labels.CopyFrom(protocol.encode(labels))
         return stub.Oracle(req, timeout=30)
 
     with serve_in_thread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
@@ -148,8 +148,8 @@ def test_concurrent_requests_merge_and_stay_exact(digits):
         sent = xt.astype(dtype)
         ref = ref_oracle(x, sent, *linear_coeffs(t), data_labels=y, labels=labels)
         tol = 1e-6 if dtype == "float64" else 2e-6
-        assert max_rel(_codec.decode(resp.velocity), ref["velocity"]) < tol
-        assert max_rel(_codec.decode(resp.x1_hat), ref["x1_hat"]) < tol
+        assert max_rel(protocol.decode(resp.velocity), ref["velocity"]) < tol
+        assert max_rel(protocol.decode(resp.x1_hat), ref["x1_hat"]) < tol
 
 
 def test_queue_full_is_resource_exhausted_with_retry_hint(digits):
@@ -216,7 +216,7 @@ def test_engine_error_fails_only_its_own_request_in_a_merged_batch():
 
     def req(label: int) -> pb.OracleRequest:
         r = oracle_request(xt, t, dtype="float64")
-        r.labels.CopyFrom(_codec.encode(np.array([label, label])))
+        r.labels.CopyFrom(protocol.encode(np.array([label, label])))
         return r
 
     with serve_in_thread(settings, store) as srv, grpc.insecure_channel(srv.address) as ch:
@@ -232,4 +232,4 @@ def test_engine_error_fails_only_its_own_request_in_a_merged_batch():
     assert calls == 4  # one merged call that failed, then each request alone
     for label, resp in zip((0, 2), good, strict=True):
         ref = ref_oracle(data, xt, *linear_coeffs(t), data_labels=labels, labels=np.array([label, label]))
-        assert max_rel(_codec.decode(resp.velocity), ref["velocity"]) < 1e-6
+        assert max_rel(protocol.decode(resp.velocity), ref["velocity"]) < 1e-6

@@ -11,7 +11,7 @@ import pytest
 import torch
 from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_nearest, ref_oracle
 
-from floworacle import _codec
+from floworacle import protocol
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.data import Dataset, DatasetStore
@@ -36,7 +36,7 @@ def test_cuda_server_merges_and_stays_exact():
         xt, t, lab = case
         req = oracle_request(xt.reshape(3, 2, 8, 8), t, dtype="float64", outputs=(pb.OUTPUT_VELOCITY, pb.OUTPUT_ESS))
         if lab is not None:
-            req.labels.CopyFrom(_codec.encode(lab))
+            req.labels.CopyFrom(protocol.encode(lab))
         return stub.Oracle(req, timeout=60)
 
     with serve_in_thread(settings, store) as srv, grpc.insecure_channel(srv.address) as ch:
@@ -48,15 +48,15 @@ def test_cuda_server_merges_and_stays_exact():
             answers = list(pool.map(lambda c: call(stub, c), cases))
         calls = srv.server.batcher.engine_calls - before
         q = rng.standard_normal((4, 128))
-        near = stub.Nearest(pb.NearestRequest(x=_codec.encode(q), k=3), timeout=60)
+        near = stub.Nearest(pb.NearestRequest(x=protocol.encode(q), k=3), timeout=60)
     assert calls <= 4
     for (xt, t, lab), resp in zip(cases, answers, strict=True):
         ref = ref_oracle(data, xt, *linear_coeffs(t), data_labels=labels, labels=lab)
-        v = _codec.decode(resp.velocity)
+        v = protocol.decode(resp.velocity)
         assert v.shape == (3, 2, 8, 8)
         assert max_rel(v.reshape(3, -1), ref["velocity"]) < 1e-5
-        np.testing.assert_allclose(_codec.decode(resp.ess), ref["ess"], rtol=1e-5)
+        np.testing.assert_allclose(protocol.decode(resp.ess), ref["ess"], rtol=1e-5)
     idx, dist = ref_nearest(data, q, 3)
-    np.testing.assert_array_equal(_codec.decode(near.indices), idx)
-    np.testing.assert_allclose(_codec.decode(near.distances), dist, rtol=1e-6)
-    np.testing.assert_array_equal(_codec.decode(near.labels), labels[idx])
+    np.testing.assert_array_equal(protocol.decode(near.indices), idx)
+    np.testing.assert_allclose(protocol.decode(near.distances), dist, rtol=1e-6)
+    np.testing.assert_array_equal(protocol.decode(near.labels), labels[idx])

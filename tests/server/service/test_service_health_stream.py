@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
 
-from floworacle import _codec
+from floworacle import protocol
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.service.testing import serve_in_thread
@@ -101,7 +101,7 @@ def test_stream_in_order_with_an_error_in_the_middle(stub, digits):
             assert not a.HasField("response")
         else:
             assert a.error_code == 0 and a.response.request_id == a.request_id
-            assert max_rel(_codec.decode(a.response.velocity), ref) < 1e-6
+            assert max_rel(protocol.decode(a.response.velocity), ref) < 1e-6
 
 
 async def test_stream_is_pipelined_with_aio_client(server, digits):
@@ -121,7 +121,7 @@ async def test_stream_is_pipelined_with_aio_client(server, digits):
     assert server.server.batcher.engine_calls - before < 11
     for a, (_, ref) in zip(answers, reqs, strict=True):
         if ref is not None:
-            assert max_rel(_codec.decode(a.response.velocity), ref) < 1e-6
+            assert max_rel(protocol.decode(a.response.velocity), ref) < 1e-6
 
 
 async def test_unary_with_aio_client(server, digits):
@@ -134,5 +134,5 @@ async def test_unary_with_aio_client(server, digits):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Oracle(oracle_request(xt, t, dataset="nope"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    sent = _codec.decode(_codec.encode(xt, "bfloat16"))
-    assert max_rel(_codec.decode(resp.velocity), ref_oracle(x, sent, *linear_coeffs(t))["velocity"]) < 1e-6
+    sent = protocol.decode(protocol.encode(xt, "bfloat16"))
+    assert max_rel(protocol.decode(resp.velocity), ref_oracle(x, sent, *linear_coeffs(t))["velocity"]) < 1e-6

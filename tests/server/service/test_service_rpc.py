@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_nearest, ref_oracle
 
-from floworacle import _codec
+from floworacle import protocol
 from floworacle.v1 import oracle_pb2 as pb
 
 T = np.array([0.0, 0.2, 0.5, 0.8, 0.95, 0.999])
@@ -48,21 +48,21 @@ def test_oracle_all_outputs_match_reference(stub, digits):
     ref = ref_oracle(x, xt, *linear_coeffs(T))
     assert resp.dataset == "digits" and resp.request_id == "r1" and resp.precision == pb.PRECISION_EXACT
     for name in ("velocity", "x1_hat", "eps_hat", "score"):
-        got = _codec.decode(getattr(resp, name))
+        got = protocol.decode(getattr(resp, name))
         assert got.dtype == np.float32 and got.shape == xt.shape
         assert max_rel(got, ref[name]) < WIRE_TOL["float32"], name
-    np.testing.assert_allclose(_codec.decode(resp.entropy), ref["entropy"], rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(_codec.decode(resp.ess), ref["ess"], rtol=1e-6)
-    idx = _codec.decode(resp.topk_indices)
-    w = _codec.decode(resp.topk_weights)
+    np.testing.assert_allclose(protocol.decode(resp.entropy), ref["entropy"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(protocol.decode(resp.ess), ref["ess"], rtol=1e-6)
+    idx = protocol.decode(resp.topk_indices)
+    w = protocol.decode(resp.topk_weights)
     assert idx.shape == (len(T), 5) and idx.dtype == np.int64 and w.dtype == np.float64
     for b in range(len(T)):
         valid = idx[b] >= 0  # the engine marks slots beyond the samples within reach with -1
         np.testing.assert_allclose(w[b][valid], ref["weights"][b, idx[b][valid]], rtol=1e-6, atol=1e-12)
         np.testing.assert_allclose(w[b][valid], np.sort(ref["weights"][b])[::-1][: valid.sum()], rtol=1e-6, atol=1e-12)
-    bound = _codec.decode(resp.x1_hat_error_bound)
+    bound = protocol.decode(resp.x1_hat_error_bound)
     assert bound.shape == (len(T),) and (bound >= 0).all() and (bound < 1e-5).all()
-    assert _codec.decode(resp.velocity_error_bound).shape == (len(T),)
+    assert protocol.decode(resp.velocity_error_bound).shape == (len(T),)
 
 
 def test_default_output_is_velocity_only(stub, digits):
@@ -79,13 +79,13 @@ def test_each_dtype_in_and_out(stub, digits, in_dtype, out_dtype):
     t = T[1:5]
     req = oracle_request(noisy_queries(x, t, seed=3), t, dtype=in_dtype, outputs=(pb.OUTPUT_VELOCITY,))
     if out_dtype is not None:
-        req.output_dtype = _codec.dtype_by_name(out_dtype).enum
-    sent = _codec.decode(req.x_t)  # what the server sees, exactly (bf16 / f16 rounding included)
+        req.output_dtype = protocol.dtype_by_name(out_dtype).enum
+    sent = protocol.decode(req.x_t)  # what the server sees, exactly (bf16 / f16 rounding included)
     resp = stub.Oracle(req)
     expect = out_dtype or in_dtype
-    assert resp.velocity.dtype == _codec.dtype_by_name(expect).enum
+    assert resp.velocity.dtype == protocol.dtype_by_name(expect).enum
     ref = ref_oracle(x, sent, *linear_coeffs(t))["velocity"]
-    assert max_rel(_codec.decode(resp.velocity), ref) < WIRE_TOL[expect]
+    assert max_rel(protocol.decode(resp.velocity), ref) < WIRE_TOL[expect]
 
 
 def test_outputs_keep_the_request_sample_shape(stub, shaped_arrays):
@@ -97,8 +97,8 @@ def test_outputs_keep_the_request_sample_shape(stub, shaped_arrays):
         resp = stub.Oracle(
             oracle_request(flat.reshape(shape), t, dataset="shaped", outputs=(pb.OUTPUT_VELOCITY, pb.OUTPUT_SCORE))
         )
-        v = _codec.decode(resp.velocity)
-        assert v.shape == shape and _codec.decode(resp.score).shape == shape
+        v = protocol.decode(resp.velocity)
+        assert v.shape == shape and protocol.decode(resp.score).shape == shape
         assert max_rel(v.reshape(3, -1), ref["velocity"]) < 2e-6
 
 
@@ -108,11 +108,11 @@ def test_class_conditional_and_unconditional_rows(stub, digits):
     xt = noisy_queries(x, t, seed=5)
     labels = np.array([3, -1, 7, 0], dtype=np.int64)
     req = oracle_request(xt, t, dtype="float64", outputs=(pb.OUTPUT_X1_HAT, pb.OUTPUT_VELOCITY))
-    req.labels.CopyFrom(_codec.encode(labels))
+    req.labels.CopyFrom(protocol.encode(labels))
     resp = stub.Oracle(req)
     ref = ref_oracle(x, xt, *linear_coeffs(t), data_labels=y, labels=labels)
-    assert max_rel(_codec.decode(resp.x1_hat), ref["x1_hat"]) < 1e-6
-    assert max_rel(_codec.decode(resp.velocity), ref["velocity"]) < 1e-6
+    assert max_rel(protocol.decode(resp.x1_hat), ref["x1_hat"]) < 1e-6
+    assert max_rel(protocol.decode(resp.velocity), ref["velocity"]) < 1e-6
 
 
 def test_guidance_inside_and_outside_interval(stub, digits):
@@ -122,8 +122,8 @@ def test_guidance_inside_and_outside_interval(stub, digits):
     labels = np.array([1, 2, 3, 4], dtype=np.int64)
     scale, lo, hi = 2.5, 0.3, 0.7
     req = oracle_request(xt, t, dtype="float64", guidance=pb.Guidance(scale=scale, t_lo=lo, t_hi=hi))
-    req.labels.CopyFrom(_codec.encode(labels))
-    got = _codec.decode(stub.Oracle(req).velocity)
+    req.labels.CopyFrom(protocol.encode(labels))
+    got = protocol.decode(stub.Oracle(req).velocity)
     coeffs = linear_coeffs(t)
     u = ref_oracle(x, xt, *coeffs)["velocity"]
     u_c = ref_oracle(x, xt, *coeffs, data_labels=y, labels=labels)["velocity"]
@@ -142,19 +142,19 @@ def test_named_paths_and_custom_coefficients(stub, digits):
     named = stub.Oracle(oracle_request(xt, t, dtype="float64", path=pb.PathSpec(named=pb.NamedPath(name="cosine"))))
     custom = pb.PathSpec(
         custom=pb.CustomCoefficients(
-            **{k: _codec.encode(v) for k, v in zip(("alpha", "sigma", "d_alpha", "d_sigma"), cos, strict=True)}
+            **{k: protocol.encode(v) for k, v in zip(("alpha", "sigma", "d_alpha", "d_sigma"), cos, strict=True)}
         )
     )
     without_t = stub.Oracle(oracle_request(xt, None, dtype="float64", path=custom))
-    assert max_rel(_codec.decode(named.velocity), ref) < 1e-6
-    assert max_rel(_codec.decode(without_t.velocity), ref) < 1e-6
+    assert max_rel(protocol.decode(named.velocity), ref) < 1e-6
+    assert max_rel(protocol.decode(without_t.velocity), ref) < 1e-6
     # linear with sigma_min: sigma_t = 1 - (1 - s) t, d_sigma = -(1 - s)
     s = 0.01
     lin = (t, 1 - (1 - s) * t, np.ones_like(t), np.full_like(t, -(1 - s)))
     got = stub.Oracle(
         oracle_request(xt, t, dtype="float64", path=pb.PathSpec(named=pb.NamedPath(name="linear", sigma_min=s)))
     )
-    assert max_rel(_codec.decode(got.velocity), ref_oracle(x, xt, *lin)["velocity"]) < 1e-6
+    assert max_rel(protocol.decode(got.velocity), ref_oracle(x, xt, *lin)["velocity"]) < 1e-6
 
 
 def test_fingerprint_pin_accepted(stub):
@@ -170,8 +170,8 @@ def test_fast_precision_reports_bound(stub, digits):
     xt = noisy_queries(x, t, seed=10)
     resp = stub.Oracle(oracle_request(xt, t, dtype="float64", precision=pb.PRECISION_FAST))
     assert resp.precision == pb.PRECISION_FAST
-    bound = _codec.decode(resp.velocity_error_bound)
-    err = np.abs(_codec.decode(resp.velocity) - ref_oracle(x, xt, *linear_coeffs(t))["velocity"]).max(axis=1)
+    bound = protocol.decode(resp.velocity_error_bound)
+    err = np.abs(protocol.decode(resp.velocity) - ref_oracle(x, xt, *linear_coeffs(t))["velocity"]).max(axis=1)
     assert (err <= bound + 1e-12).all()
 
 
@@ -179,25 +179,25 @@ def test_nearest_plain_and_posterior(stub, digits, shaped_arrays):
     x, y = digits
     rng = np.random.default_rng(11)
     q = rng.standard_normal((5, 64)) * 0.5
-    resp = stub.Nearest(pb.NearestRequest(x=_codec.encode(q), k=4))
+    resp = stub.Nearest(pb.NearestRequest(x=protocol.encode(q), k=4))
     idx, dist = ref_nearest(x, q, 4)
-    np.testing.assert_array_equal(_codec.decode(resp.indices), idx)
-    np.testing.assert_allclose(_codec.decode(resp.distances), dist, rtol=1e-9)
-    np.testing.assert_array_equal(_codec.decode(resp.labels), y[idx])
+    np.testing.assert_array_equal(protocol.decode(resp.indices), idx)
+    np.testing.assert_allclose(protocol.decode(resp.distances), dist, rtol=1e-9)
+    np.testing.assert_array_equal(protocol.decode(resp.labels), y[idx])
     # posterior-nearest: the search runs for x_t / alpha_t
     t = np.array([0.3, 0.5, 0.7, 0.9, 0.99])
     xt = noisy_queries(x, t, seed=12)
-    resp = stub.Nearest(pb.NearestRequest(x=_codec.encode(xt), k=1, t=_codec.encode(t)))
+    resp = stub.Nearest(pb.NearestRequest(x=protocol.encode(xt), k=1, t=protocol.encode(t)))
     idx, _ = ref_nearest(x, xt / t[:, None], 1)
-    np.testing.assert_array_equal(_codec.decode(resp.indices), idx)
+    np.testing.assert_array_equal(protocol.decode(resp.indices), idx)
     # the top posterior weight's sample is the posterior-nearest one
     w = ref_oracle(x, xt, *linear_coeffs(t))["weights"]
-    np.testing.assert_array_equal(_codec.decode(resp.indices)[:, 0], w.argmax(axis=1))
+    np.testing.assert_array_equal(protocol.decode(resp.indices)[:, 0], w.argmax(axis=1))
     # sample-shaped points on a data set without... labels come back only where there are labels
     data, _ = shaped_arrays
-    r2 = stub.Nearest(pb.NearestRequest(dataset="shaped", x=_codec.encode(data[:2]), k=1))
-    np.testing.assert_array_equal(_codec.decode(r2.indices)[:, 0], [0, 1])
-    r3 = stub.Nearest(pb.NearestRequest(dataset="plain", x=_codec.encode(np.zeros((1, 8))), k=2))
+    r2 = stub.Nearest(pb.NearestRequest(dataset="shaped", x=protocol.encode(data[:2]), k=1))
+    np.testing.assert_array_equal(protocol.decode(r2.indices)[:, 0], [0, 1])
+    r3 = stub.Nearest(pb.NearestRequest(dataset="plain", x=protocol.encode(np.zeros((1, 8))), k=2))
     assert not r3.HasField("labels")
 
 

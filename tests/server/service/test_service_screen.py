@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
 
-from floworacle import _codec
+from floworacle import protocol
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.service.testing import serve_in_thread
 from floworacle_server.settings import Settings, load_settings
@@ -26,5 +26,5 @@ def test_server_with_half_precision_screening_is_still_exact(digits) -> None:
     with serve_in_thread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
         assert srv.server._servicer._oracle_runner.screen == "bfloat16"
         resp = pb_grpc.FlowOracleStub(ch).Oracle(oracle_request(xt, t, dtype="float64"), timeout=30)
-    got = _codec.decode(resp.velocity)
+    got = protocol.decode(resp.velocity)
     assert max_rel(got, ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6

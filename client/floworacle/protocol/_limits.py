@@ -1,8 +1,24 @@
-"""gRPC message limits and channel options: the one place both the SDK and the server take them from."""
+"""gRPC message limits, request limits and channel options: the one place both the SDK and the
+server take them from."""
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "channel_options", "server_options"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_REQUEST_ROWS",
+    "MAX_TOP_K",
+    "MESSAGE_OVERHEAD",
+    "channel_options",
+    "server_options",
+]
+
+#: Largest k of top-k diagnostics and of nearest-sample queries (at most N as well).
+MAX_TOP_K = 1024
+#: Rows one request may carry by default (the server's ``max_request_rows``; the SDK splits
+#: larger batches into several requests).
+DEFAULT_MAX_REQUEST_ROWS = 16384
+#: Headroom per message for names, fingerprints, ids and the protobuf framing of ~16 tensors.
+MESSAGE_OVERHEAD = 4096
 
 #: Large enough for a B = 1,024 x D = 8,192 float32 request (32 MiB) and a response carrying
 #: four outputs of that size plus diagnostics. The SDK splits bigger batches automatically.

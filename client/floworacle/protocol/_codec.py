@@ -2,7 +2,8 @@
 little-endian row-major bytes) and back. The one dtype table of the project lives here.
 
 numpy has no bfloat16: a bfloat16 wire tensor decodes to float32 in numpy (exactly) and to
-bfloat16 in torch; numpy input sent as bfloat16 is rounded to nearest-even here.
+bfloat16 in torch; numpy input sent as bfloat16 is rounded to nearest-even here. Messages are
+plain protobuf: the payload is the tensor's ``data`` field as protobuf reads it.
 """
 
 from __future__ import annotations
@@ -13,24 +14,28 @@ from typing import Any
 
 import numpy as np
 
+from floworacle.protocol._errors import RequestError
 from floworacle.v1 import oracle_pb2 as pb
 
 __all__ = [
     "CodecError",
     "WireDType",
     "DTYPES",
+    "FLOAT_DTYPES",
     "dtype_by_name",
+    "dtype_by_enum",
     "encode",
-    "encode_raw",
     "encode_array",
     "fill",
+    "fill_rows",
     "decode",
     "decode_torch",
     "to_like",
+    "is_torch",
 ]
 
 
-class CodecError(ValueError):
+class CodecError(RequestError):
     """A wire tensor or an array that cannot be encoded / decoded; the message says how to fix it."""
 
 
@@ -41,15 +46,18 @@ class WireDType:
     itemsize: int
     numpy: str  # little-endian numpy dtype of the raw bytes (bfloat16: its uint16 bits)
     torch: str  # attribute name in torch
+    is_float: bool
 
 
 DTYPES: tuple[WireDType, ...] = (
-    WireDType("float32", pb.DTYPE_FLOAT32, 4, "<f4", "float32"),
-    WireDType("float16", pb.DTYPE_FLOAT16, 2, "<f2", "float16"),
-    WireDType("bfloat16", pb.DTYPE_BFLOAT16, 2, "<u2", "bfloat16"),
-    WireDType("float64", pb.DTYPE_FLOAT64, 8, "<f8", "float64"),
-    WireDType("int64", pb.DTYPE_INT64, 8, "<i8", "int64"),
+    WireDType("float32", pb.DTYPE_FLOAT32, 4, "<f4", "float32", True),
+    WireDType("float16", pb.DTYPE_FLOAT16, 2, "<f2", "float16", True),
+    WireDType("bfloat16", pb.DTYPE_BFLOAT16, 2, "<u2", "bfloat16", True),
+    WireDType("float64", pb.DTYPE_FLOAT64, 8, "<f8", "float64", True),
+    WireDType("int64", pb.DTYPE_INT64, 8, "<i8", "int64", False),
 )
+#: Names of the float wire dtypes (queries, coefficients and float outputs travel in these).
+FLOAT_DTYPES: tuple[str, ...] = tuple(d.name for d in DTYPES if d.is_float)
 _BY_ENUM = {d.enum: d for d in DTYPES}
 _BY_NAME = {d.name: d for d in DTYPES}
 
@@ -61,7 +69,17 @@ def dtype_by_name(name: str) -> WireDType:
         raise CodecError(f"unsupported dtype {name!r}; use one of {sorted(_BY_NAME)}") from None
 
 
-def _is_torch(x: Any) -> bool:
+def dtype_by_enum(value: int, field: str = "dtype") -> WireDType:
+    """The wire dtype of enum ``value``; CodecError naming the accepted ones otherwise."""
+    wd = _BY_ENUM.get(value)
+    if wd is None:
+        names = ", ".join(f"{d.name} ({d.enum})" for d in DTYPES)
+        raise CodecError(f"{field}: dtype {value} is not supported; use one of {names}")
+    return wd
+
+
+def is_torch(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor (without importing torch)."""
     mod = sys.modules.get("torch")
     return mod is not None and isinstance(x, mod.Tensor)
 
@@ -92,7 +110,7 @@ def _widen_bf16(bits: np.ndarray) -> np.ndarray:
 
 
 def _source_name(x: Any) -> str:
-    if _is_torch(x):
+    if is_torch(x):
         return str(x.dtype).removeprefix("torch.")
     # .name, not str(): a big-endian float32 array is "float32" too (str() gives ">f4")
     return np.asarray(x).dtype.name
@@ -118,27 +136,21 @@ def encode(x: Any, dtype: str | None = None) -> pb.Tensor:
         dtype: wire dtype name ("float32", "float16", "bfloat16", "float64", "int64");
             None keeps the array's own dtype (which must be one of those).
     """
-    wd, shape, raw = encode_raw(x, dtype)
-    return pb.Tensor(dtype=wd.enum, shape=list(shape), data=raw)  # type: ignore[arg-type]
-
-
-def encode_raw(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int, ...], bytes]:
-    """:func:`encode` without building the message: (wire dtype, shape, raw bytes). Lets a
-    caller fill a tensor field of a larger message directly (one copy of the data fewer)."""
-    wd, shape, arr = encode_array(x, dtype)
-    return wd, shape, arr.tobytes()
+    out = pb.Tensor()
+    fill(out, x, dtype)
+    return out
 
 
 def encode_array(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int, ...], np.ndarray]:
-    """(wire dtype, shape, C-contiguous numpy array holding the wire bytes): what
-    :func:`encode_raw` returns before its final copy into ``bytes``. The array may share memory
-    with ``x`` (a numpy array or CPU tensor already in the wire dtype), so use it before ``x``
-    changes; :class:`floworacle._wire.Outgoing` copies it once, into the message it sends."""
+    """(wire dtype, shape, C-contiguous numpy array holding the wire bytes): :func:`encode`
+    before the bytes are copied into a message. The array may share memory with ``x`` (a numpy
+    array or CPU tensor already in the wire dtype), so use it before ``x`` changes; it lets a
+    caller cut one encoded batch into row ranges (:func:`fill_rows`) without encoding it again."""
     name = dtype or _source_name(x)
     if name in ("int32", "int16", "int8", "uint8") and dtype is None:
         name = "int64"
     wd = dtype_by_name(name)
-    if _is_torch(x):
+    if is_torch(x):
         import torch
 
         t = x.detach()
@@ -173,13 +185,23 @@ def encode_array(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int
 
 
 def fill(field: pb.Tensor, x: Any, dtype: str | None = None) -> None:
-    """Encode ``x`` (as :func:`encode`) straight into a message's tensor field: the bytes are
-    copied into the message once (``field.CopyFrom(encode(x))`` copies them twice)."""
-    wd, shape, raw = encode_raw(x, dtype)
+    """Encode ``x`` (as :func:`encode`) straight into a message's tensor field (``field.CopyFrom(
+    encode(x))`` would copy the bytes once more)."""
+    fill_rows(field, encode_array(x, dtype), 0, None)
+
+
+def fill_rows(
+    field: pb.Tensor, encoded: tuple[WireDType, tuple[int, ...], np.ndarray], start: int, stop: int | None
+) -> None:
+    """Set ``field`` to rows [start, stop) (None: to the end) of an :func:`encode_array` result."""
+    wd, shape, arr = encoded
+    if shape and (start or (stop is not None and stop != shape[0])):
+        arr = arr[start:stop]
+        shape = (int(arr.shape[0]), *shape[1:])
     field.dtype = wd.enum  # type: ignore[assignment]
     del field.shape[:]
     field.shape.extend(shape)
-    field.data = raw
+    field.data = arr.tobytes()
 
 
 _MAX_DIMS = 16
@@ -188,10 +210,7 @@ _MAX_SPAN = 1 << 48
 
 def _meta(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...]]:
     """Validated dtype and shape of a wire tensor (its bytes untouched)."""
-    wd = _BY_ENUM.get(t.dtype)
-    if wd is None:
-        names = ", ".join(f"{d.name} ({d.enum})" for d in DTYPES)
-        raise CodecError(f"{field}: dtype {t.dtype} is not supported; use one of {names}")
+    wd = dtype_by_enum(t.dtype, field)
     shape = tuple(int(s) for s in t.shape)
     if any(s < 0 for s in shape):
         raise CodecError(f"{field}: shape {list(shape)} has a negative dimension")
@@ -225,13 +244,10 @@ def _check(t: pb.Tensor, field: str) -> tuple[WireDType, tuple[int, ...], bytes]
 def decode(t: pb.Tensor, field: str = "tensor") -> np.ndarray:
     """Wire tensor -> numpy array (native byte order). bfloat16 decodes exactly to float32.
 
-    Other dtypes come back as a read-only view of the message's bytes (no copy on a
-    little-endian machine, when the payload is aligned in the message as the SDK and the server
-    send it); copy it to write to it."""
+    Other dtypes come back as a read-only view of the bytes protobuf handed out for the field
+    (no further copy on a little-endian machine); copy it to write to it."""
     wd, shape, data = _check(t, field)
     a = np.frombuffer(data, dtype=wd.numpy).reshape(shape)
-    if not a.flags.aligned:  # a sender that did not align the payload: numpy is ~10x slower on it
-        a = a.copy()
     if wd.name == "bfloat16":
         return _widen_bf16(a)
     return a.astype(np.dtype(wd.numpy).newbyteorder("="), copy=False)
@@ -254,7 +270,7 @@ def decode_torch(t: pb.Tensor, field: str = "tensor", device: Any = None) -> Any
 def to_like(t: pb.Tensor, like: Any, field: str = "tensor", keep_wire_dtype: bool = False) -> Any:
     """Decode ``t`` into the caller's array type: torch tensors keep dtype and device of ``like``
     (unless ``keep_wire_dtype``), numpy arrays keep their float dtype where numpy has it."""
-    if _is_torch(like):
+    if is_torch(like):
         import torch
 
         wd, shape = _meta(t, field)

@@ -1,0 +1,338 @@
+"""The request rules: one function per rule, with its one message, for the SDK and the server.
+
+The server applies every rule to what it decoded (with the data set's facts: N, D, classes);
+the SDK applies the cheap ones before any I/O (without the data set's facts, so limits that
+depend on N are checked against the protocol's own caps there). Either way a broken rule raises
+:class:`~floworacle.protocol.RequestError` with the same message, so a caller sees one wording
+whichever side caught it. Numbers in messages are printed plainly (``t[0] = 1.5``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from floworacle import paths
+from floworacle.protocol._errors import RequestError
+from floworacle.protocol._limits import MAX_TOP_K
+from floworacle.protocol._tables import (
+    CONVENTIONS,
+    OUTPUT_NAMES,
+    OUTPUTS,
+    PRECISIONS,
+    SPACES,
+    OutputSpec,
+    output_by_enum,
+    output_by_name,
+)
+from floworacle.v1 import oracle_pb2 as pb
+
+__all__ = [
+    "plain",
+    "integer",
+    "int_vector",
+    "check_batch_shape",
+    "sample_layout",
+    "check_rows",
+    "check_finite_rows",
+    "check_times",
+    "named_coefficients",
+    "custom_coefficients",
+    "check_labels",
+    "check_exclude",
+    "check_guidance",
+    "check_top_k",
+    "check_k",
+    "outputs_from_names",
+    "outputs_from_enums",
+    "precision_from_name",
+    "precision_from_enum",
+    "space_from_name",
+    "space_from_enum",
+    "check_convention",
+    "check_nearest_mode",
+    "GUIDANCE_NEEDS_LABELS",
+    "GUIDANCE_NEEDS_T",
+]
+
+GUIDANCE_NEEDS_LABELS = "guidance needs labels: send one class label per query (or drop guidance)"
+GUIDANCE_NEEDS_T = "guidance needs t for its interval: send t (shape (B,)) with custom coefficients"
+_INT64 = np.iinfo(np.int64)
+
+
+def plain(x: Any) -> str:
+    """A number as a person writes it: ``1.5``, ``3``, ``nan``, never ``np.float64(1.5)``."""
+    if isinstance(x, bool | np.bool_):
+        return str(bool(x))
+    if isinstance(x, int | np.integer):
+        return str(int(x))
+    if isinstance(x, float | np.floating):
+        return f"{float(x):.10g}"
+    return str(x)
+
+
+def _shape(shape: Iterable[int]) -> str:
+    dims = tuple(int(s) for s in shape)
+    return "(" + ", ".join(str(s) for s in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def integer(value: Any, name: str) -> int:
+    """An integer argument (``k``, ``top_k``): ints, numpy integers and integral floats; not bools."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
+        raise RequestError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float | np.floating) and not (math.isfinite(value) and float(value).is_integer()):
+        raise RequestError(f"{name} must be an integer, got {plain(value)}")
+    return int(value)
+
+
+def int_vector(values: Any, batch: int, name: str) -> np.ndarray:
+    """A scalar or (B,) array of integers -> (B,) int64; refuses non-integers and values that do not
+    fit int64 (never wraps them)."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):  # torch, without importing it
+        values = values.detach().cpu().numpy()
+    a = np.asarray(values)
+    if a.dtype.kind == "b" or a.dtype.kind not in "iuf":
+        raise RequestError(f"{name} must be integers (data set or class indices), got dtype {a.dtype}")
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a) | (np.mod(a, 1) != 0) if a.size else np.zeros(a.shape, bool)
+        if bad.any():
+            i = int(np.flatnonzero(bad.reshape(-1))[0])
+            raise RequestError(f"{name} must be integers, got {plain(a.reshape(-1)[i])} at [{i}]")
+    if a.size and (a.max() > _INT64.max or a.min() < _INT64.min):
+        big = a.reshape(-1)[int(np.argmax(np.abs(a.reshape(-1).astype(np.float64))))]
+        raise RequestError(f"{name} holds {plain(big)}, which does not fit int64")
+    if a.ndim == 0:
+        a = np.full((batch,), a, dtype=np.int64)
+    if a.shape != (batch,):
+        raise RequestError(f"{name} must be a scalar or have shape ({batch},), one per query, got {_shape(a.shape)}")
+    return a.astype(np.int64)
+
+
+# -- queries -----------------------------------------------------------------------------------
+
+
+def check_batch_shape(shape: Sequence[int], field: str) -> None:
+    """Queries need a batch dimension: (B, D) or (B, *sample_shape); B may be 0."""
+    if len(shape) < 2:
+        raise RequestError(
+            f"{field} must have shape (B, D) or (B, *sample_shape), got {_shape(shape)}; "
+            "a single query still needs the batch dimension (x[None])"
+        )
+
+
+def sample_layout(
+    shape: Sequence[int], field: str, dataset: str, dim: int, sample_shape: Sequence[int]
+) -> tuple[int, ...]:
+    """The per-sample shape of the answers: the data set's sample shape or (D,), whichever the
+    queries use; anything else breaks the rule."""
+    check_batch_shape(shape, field)
+    rest = tuple(int(s) for s in shape[1:])
+    if rest == tuple(sample_shape):
+        return tuple(sample_shape)
+    if rest == (dim,):
+        return (dim,)
+    flat = f"(B, {dim})"
+    expect = flat if tuple(sample_shape) == (dim,) else f"{flat} or (B, {', '.join(str(s) for s in sample_shape)})"
+    raise RequestError(f"{field} has shape {_shape(shape)}; data set {dataset!r} expects {expect}")
+
+
+def check_rows(rows: int, field: str, max_rows: int) -> None:
+    """At most ``max_rows`` rows per request (RESOURCE_EXHAUSTED: the caller should split)."""
+    if rows > max_rows:
+        raise RequestError(
+            f"{field} has {rows} rows; this server accepts at most {max_rows} per request "
+            "(max_request_rows): split the batch (the SDK does this automatically)",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+
+
+def check_finite_rows(flat: np.ndarray, field: str) -> None:
+    """Every value finite. min and max are both finite iff every value is (they propagate NaN and
+    +-inf would be one of them), so only a failing request pays for the scan that names the row."""
+    if flat.size == 0 or (np.isfinite(flat.min()) and np.isfinite(flat.max())):
+        return
+    finite = np.isfinite(flat).all(axis=1)
+    row = int(np.flatnonzero(~finite)[0])
+    raise RequestError(f"{field}[{row}] has a NaN or Inf; send finite values")
+
+
+# -- path and time -----------------------------------------------------------------------------
+
+
+def check_times(t: np.ndarray, batch: int, field: str = "t") -> np.ndarray:
+    """(B,) finite times as float64."""
+    t = np.asarray(t, dtype=np.float64)
+    if t.shape != (batch,):
+        raise RequestError(f"{field} must have shape ({batch},), one value per query, got {_shape(t.shape)}")
+    bad = ~np.isfinite(t)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RequestError(f"{field}[{i}] = {plain(t[i])} is not finite")
+    return t
+
+
+def named_coefficients(name: str, sigma_min: float, t: np.ndarray) -> paths.PathCoefficients:
+    """The coefficients of a named path at t; t outside the path's range breaks the rule."""
+    try:
+        return paths.get_path(name or "linear", sigma_min).coefficients(t)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def custom_coefficients(values: Sequence[np.ndarray], batch: int) -> paths.PathCoefficients:
+    """Per-query (alpha, sigma, d_alpha, d_sigma), each (B,), validated."""
+    names = ("alpha", "sigma", "d_alpha", "d_sigma")
+    for name, v in zip(names, values, strict=True):
+        if np.shape(v) != (batch,):
+            raise RequestError(
+                f"path.custom.{name} must have shape ({batch},), one value per query, got {_shape(np.shape(v))}"
+            )
+    try:
+        return paths.custom_coefficients(*values)
+    except ValueError as exc:
+        raise RequestError(f"path.custom: {exc}") from None
+
+
+def check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise RequestError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
+
+
+# -- labels, exclusion, guidance ----------------------------------------------------------------
+
+
+def check_labels(labels: np.ndarray, batch: int, dataset: str | None = None, num_classes: int | None = None) -> None:
+    """(B,) int64 class labels, -1 (unconditional) .. num_classes - 1; the data set must have labels."""
+    if labels.shape != (batch,):
+        raise RequestError(f"labels must have shape ({batch},), one per query, got {_shape(labels.shape)}")
+    if num_classes is None:
+        bad = labels < -1
+    else:
+        if num_classes == 0:
+            raise RequestError(f"data set {dataset!r} has no labels; send no labels (unconditional oracle)")
+        bad = (labels < -1) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        classes = "0.." + str(num_classes - 1) if num_classes else "0 and up"
+        where = f" of data set {dataset!r}" if dataset else ""
+        raise RequestError(
+            f"labels[{i}] = {plain(labels[i])} is outside the classes {classes}{where} "
+            "(-1 means unconditional for that query)"
+        )
+
+
+def check_exclude(exclude: np.ndarray, batch: int, num_samples: int | None = None) -> None:
+    """(B,) int64 data set indices to leave out, -1 (none) .. N - 1."""
+    if exclude.shape != (batch,):
+        raise RequestError(f"exclude must have shape ({batch},), one index per query, got {_shape(exclude.shape)}")
+    bad = exclude < -1 if num_samples is None else (exclude < -1) | (exclude >= num_samples)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        span = "0.." + str(num_samples - 1) if num_samples is not None else "0 and up"
+        raise RequestError(
+            f"exclude[{i}] = {plain(exclude[i])} is not a data set index ({span}; -1 leaves nothing out)"
+        )
+
+
+def check_guidance(scale: float, t_lo: float, t_hi: float) -> tuple[float, float, float]:
+    """A finite CFG scale and interval 0 <= t_lo <= t_hi <= 1."""
+    if not all(math.isfinite(v) for v in (scale, t_lo, t_hi)):
+        raise RequestError(
+            f"guidance scale and interval must be finite, got scale = {plain(scale)}, "
+            f"interval = [{plain(t_lo)}, {plain(t_hi)}]"
+        )
+    if not 0.0 <= t_lo <= t_hi <= 1.0:
+        raise RequestError(f"guidance interval must satisfy 0 <= t_lo <= t_hi <= 1, got [{plain(t_lo)}, {plain(t_hi)}]")
+    return float(scale), float(t_lo), float(t_hi)
+
+
+# -- outputs, precision, counts ------------------------------------------------------------------
+
+
+def _limit(num_samples: int | None) -> int:
+    return MAX_TOP_K if num_samples is None else min(num_samples, MAX_TOP_K)
+
+
+def check_top_k(top_k: int, wanted: bool, num_samples: int | None = None) -> None:
+    """``top_k`` in 1..min(N, 1024) when the top-k output is wanted, else >= 0."""
+    if top_k < 0:
+        raise RequestError(f"top_k must be >= 0, got {plain(top_k)}")
+    limit = _limit(num_samples)
+    if wanted and not 1 <= top_k <= limit:
+        raise RequestError(f"the topk output needs top_k in 1..{limit} (min(N, {MAX_TOP_K})), got {plain(top_k)}")
+
+
+def check_k(k: int, num_samples: int | None = None) -> None:
+    """``k`` nearest neighbours, 1..min(N, 1024)."""
+    limit = _limit(num_samples)
+    if not 1 <= k <= limit:
+        raise RequestError(f"k must lie in 1..{limit} (min(N, {MAX_TOP_K})), got {plain(k)}")
+
+
+def outputs_from_names(names: Iterable[str]) -> tuple[OutputSpec, ...]:
+    """The SDK's ``outputs=``: a non-empty subset of the output names, in table order."""
+    wanted = tuple(dict.fromkeys(names))
+    unknown = [n for n in wanted if output_by_name(n) is None]
+    if unknown or not wanted:
+        raise RequestError(f"outputs must be a non-empty subset of {list(OUTPUT_NAMES)}, got {list(wanted)}")
+    return tuple(o for o in OUTPUTS if o.name in wanted)
+
+
+def outputs_from_enums(values: Iterable[int], top_k: int) -> tuple[OutputSpec, ...]:
+    """A request's ``outputs``: empty means velocity; a top_k > 0 also means the top-k output."""
+    specs: set[str] = set()
+    for v in values:
+        spec = output_by_enum(int(v))
+        if spec is None:
+            choices = [pb.Output.Name(o.enum) for o in OUTPUTS]
+            raise RequestError(f"unknown output {plain(v)}; choose from {choices}")
+        specs.add(spec.name)
+    if not specs:
+        specs.add("velocity")
+    if top_k > 0:
+        specs.add("topk")
+    return tuple(o for o in OUTPUTS if o.name in specs)
+
+
+def precision_from_name(name: str) -> int:
+    if name not in PRECISIONS:
+        raise RequestError(f"precision must be one of {list(PRECISIONS)}, got {name!r}")
+    return PRECISIONS[name]
+
+
+def precision_from_enum(value: int) -> str:
+    if value == pb.PRECISION_UNSPECIFIED:
+        return "exact"
+    for name, enum in PRECISIONS.items():
+        if enum == value:
+            return name
+    raise RequestError(f"unknown precision {plain(value)}; use PRECISION_EXACT or PRECISION_FAST")
+
+
+def space_from_name(name: str) -> int:
+    if name not in SPACES:
+        raise RequestError(f"space must be one of {list(SPACES)}, got {name!r}")
+    return SPACES[name]
+
+
+def space_from_enum(value: int) -> str:
+    if value == pb.SPACE_UNSPECIFIED:
+        return "data"
+    for name, enum in SPACES.items():
+        if enum == value:
+            return name
+    raise RequestError(f"unknown space {plain(value)}; use SPACE_DATA or SPACE_FEATURES")
+
+
+def check_nearest_mode(exact: bool | None, nprobe: int) -> None:
+    """``nprobe`` tunes an approximate index search; an exact search has nothing to probe."""
+    if nprobe < 0:
+        raise RequestError(f"nprobe must be >= 0, got {plain(nprobe)}")
+    if exact and nprobe:
+        raise RequestError(
+            f"nprobe = {plain(nprobe)} asks for an index search, but exact = true asks for brute force; drop one"
+        )
