@@ -81,10 +81,10 @@ class PathCoefficients:
             bad = ~np.isfinite(v)
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
-                raise ValueError(f"{name}[{i}] = {v[i]} is not finite; send finite path coefficients")
+                raise ValueError(f"{name}[{i}] = {float(v[i])} is not finite; send finite path coefficients")
         if (self.alpha < 0).any():
             i = int(np.flatnonzero(self.alpha < 0)[0])
-            raise ValueError(f"alpha[{i}] = {self.alpha[i]} is negative; alpha_t must be >= 0")
+            raise ValueError(f"alpha[{i}] = {float(self.alpha[i]):.10g} is negative; alpha_t must be >= 0")
         low = self.sigma < SIGMA_FLOOR * (1 - 1e-9)  # t_max itself is allowed despite rounding
         if low.any():
             i = int(np.flatnonzero(low)[0])
@@ -126,12 +126,12 @@ class Path:
             raise ValueError(f"t must have shape (batch,), got {t.shape}")
         if not np.isfinite(t).all():
             i = int(np.flatnonzero(~np.isfinite(t))[0])
-            raise ValueError(f"t[{i}] = {t[i]} is not finite")
+            raise ValueError(f"t[{i}] = {float(t[i])} is not finite")
         bad = (t < 0) | (t > self.t_max)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(
-                f"t[{i}] = {t[i]!r} is outside [0, {self.t_max:.8g}] for path {self.name!r} "
+                f"t[{i}] = {float(t[i]):.10g} is outside [0, {self.t_max:.8g}] for path {self.name!r} "
                 "(t = 0 is noise, t = 1 is data; the end where sigma_t < 1e-4 is excluded because the "
                 "velocity is singular there). If your code uses the reversed convention "
                 "(noise at s = 1), pass t = 1 - s."

@@ -102,9 +102,14 @@ def int_vector(values: Any, batch: int, name: str) -> np.ndarray:
         if bad.any():
             i = int(np.flatnonzero(bad.reshape(-1))[0])
             raise RequestError(f"{name} must be integers, got {plain(a.reshape(-1)[i])} at [{i}]")
-    if a.size and (a.max() > _INT64.max or a.min() < _INT64.min):
-        big = a.reshape(-1)[int(np.argmax(np.abs(a.reshape(-1).astype(np.float64))))]
-        raise RequestError(f"{name} holds {plain(big)}, which does not fit int64")
+    if a.size:
+        # floats compare exactly against the powers of two (int64's max rounds up to 2^63 in float64)
+        high = a >= 2.0**63 if a.dtype.kind == "f" else a > _INT64.max
+        low = a < -(2.0**63) if a.dtype.kind == "f" else a < _INT64.min
+        bad = (high | low).reshape(-1)
+        if bad.any():
+            big = a.reshape(-1)[int(np.flatnonzero(bad)[0])]
+            raise RequestError(f"{name} holds {plain(big)}, which does not fit int64")
     if a.ndim == 0:
         a = np.full((batch,), a, dtype=np.int64)
     if a.shape != (batch,):
@@ -206,35 +211,46 @@ def check_convention(convention: str) -> None:
 
 
 def check_labels(labels: np.ndarray, batch: int, dataset: str | None = None, num_classes: int | None = None) -> None:
-    """(B,) int64 class labels, -1 (unconditional) .. num_classes - 1; the data set must have labels."""
+    """(B,) int64 class labels, -1 (unconditional) .. num_classes - 1; the data set must have labels.
+
+    Without ``num_classes`` (the SDK) only what holds for every data set is checked."""
     if labels.shape != (batch,):
         raise RequestError(f"labels must have shape ({batch},), one per query, got {_shape(labels.shape)}")
-    if num_classes is None:
-        bad = labels < -1
-    else:
-        if num_classes == 0:
-            raise RequestError(f"data set {dataset!r} has no labels; send no labels (unconditional oracle)")
-        bad = (labels < -1) | (labels >= num_classes)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        classes = "0.." + str(num_classes - 1) if num_classes else "0 and up"
-        where = f" of data set {dataset!r}" if dataset else ""
+    low = labels < -1
+    if low.any():
+        i = int(np.flatnonzero(low)[0])
         raise RequestError(
-            f"labels[{i}] = {plain(labels[i])} is outside the classes {classes}{where} "
+            f"labels[{i}] = {plain(labels[i])} is not a class index (-1 means unconditional for that query)"
+        )
+    if num_classes is None:
+        return
+    if num_classes == 0:
+        raise RequestError(f"data set {dataset!r} has no labels; send no labels (unconditional oracle)")
+    high = labels >= num_classes
+    if high.any():
+        i = int(np.flatnonzero(high)[0])
+        raise RequestError(
+            f"labels[{i}] = {plain(labels[i])} is outside the classes 0..{num_classes - 1} of data set {dataset!r} "
             "(-1 means unconditional for that query)"
         )
 
 
 def check_exclude(exclude: np.ndarray, batch: int, num_samples: int | None = None) -> None:
-    """(B,) int64 data set indices to leave out, -1 (none) .. N - 1."""
+    """(B,) int64 data set indices to leave out, -1 (none) .. N - 1; without ``num_samples`` (the
+    SDK) only what holds for every data set is checked."""
     if exclude.shape != (batch,):
         raise RequestError(f"exclude must have shape ({batch},), one index per query, got {_shape(exclude.shape)}")
-    bad = exclude < -1 if num_samples is None else (exclude < -1) | (exclude >= num_samples)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        span = "0.." + str(num_samples - 1) if num_samples is not None else "0 and up"
+    low = exclude < -1
+    if low.any():
+        i = int(np.flatnonzero(low)[0])
+        raise RequestError(f"exclude[{i}] = {plain(exclude[i])} is not a data set index (-1 leaves nothing out)")
+    if num_samples is None:
+        return
+    high = exclude >= num_samples
+    if high.any():
+        i = int(np.flatnonzero(high)[0])
         raise RequestError(
-            f"exclude[{i}] = {plain(exclude[i])} is not a data set index ({span}; -1 leaves nothing out)"
+            f"exclude[{i}] = {plain(exclude[i])} is past the data set's {num_samples} samples (indices 0..{num_samples - 1})"
         )
 
 
@@ -253,24 +269,25 @@ def check_guidance(scale: float, t_lo: float, t_hi: float) -> tuple[float, float
 # -- outputs, precision, counts ------------------------------------------------------------------
 
 
-def _limit(num_samples: int | None) -> int:
-    return MAX_TOP_K if num_samples is None else min(num_samples, MAX_TOP_K)
+def _within_data(name: str, value: int, num_samples: int | None) -> None:
+    if num_samples is not None and value > num_samples:
+        raise RequestError(f"{name} = {plain(value)} is more than the data set's {num_samples} samples")
 
 
 def check_top_k(top_k: int, wanted: bool, num_samples: int | None = None) -> None:
-    """``top_k`` in 1..min(N, 1024) when the top-k output is wanted, else >= 0."""
+    """``top_k`` in 1..1024 (and at most N) when the top-k output is wanted, else >= 0."""
     if top_k < 0:
         raise RequestError(f"top_k must be >= 0, got {plain(top_k)}")
-    limit = _limit(num_samples)
-    if wanted and not 1 <= top_k <= limit:
-        raise RequestError(f"the topk output needs top_k in 1..{limit} (min(N, {MAX_TOP_K})), got {plain(top_k)}")
+    if wanted and not 1 <= top_k <= MAX_TOP_K:
+        raise RequestError(f"the topk output needs top_k in 1..{MAX_TOP_K}, got {plain(top_k)}")
+    _within_data("top_k", top_k, num_samples)
 
 
 def check_k(k: int, num_samples: int | None = None) -> None:
-    """``k`` nearest neighbours, 1..min(N, 1024)."""
-    limit = _limit(num_samples)
-    if not 1 <= k <= limit:
-        raise RequestError(f"k must lie in 1..{limit} (min(N, {MAX_TOP_K})), got {plain(k)}")
+    """``k`` nearest neighbours, 1..1024 and at most N."""
+    if not 1 <= k <= MAX_TOP_K:
+        raise RequestError(f"k must lie in 1..{MAX_TOP_K}, got {plain(k)}")
+    _within_data("k", k, num_samples)
 
 
 def outputs_from_names(names: Iterable[str]) -> tuple[OutputSpec, ...]:
