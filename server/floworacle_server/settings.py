@@ -1,13 +1,17 @@
 """Server settings: one pydantic model read from command-line flags, ``FLOWORACLE_*`` environment
 variables and an optional YAML file, in that order of precedence, in one place (:func:`load_settings`).
 
-Library code takes a :class:`Settings` object and never reads the environment itself.
+The ``floworacle serve`` flags are generated from the model (:func:`add_flags`): a setting's name,
+type, choices, default and help are written once, in its field. Library code takes a
+:class:`Settings` object and never reads the environment itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,17 +19,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
-from pydantic_settings.sources.providers.env import parse_env_vars
 
-from floworacle.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from floworacle.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_REQUEST_ROWS
 
-__all__ = ["Settings", "load_settings", "ENV_PREFIX", "CONFIG_ENV"]
+__all__ = ["Settings", "load_settings", "add_flags", "ENV_PREFIX", "CONFIG_ENV"]
 
 ENV_PREFIX = "FLOWORACLE_"
 #: Environment variable naming the YAML settings file (same as ``--config``).
@@ -59,12 +61,14 @@ class Settings(BaseSettings):
 
     data: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description='Data sets to serve, each "NAME=PATH" or "PATH" (name from --name or the file stem). '
-        "Empty: the embedded digits data set.",
+        description='Data set to serve (repeatable), "NAME=PATH" or "PATH" (name from --name or the file stem): '
+        "'digits', an index directory or a .npy/.npz/.safetensors/.pt file. None: the embedded digits data set.",
+        json_schema_extra={"metavar": "[NAME=]PATH"},
     )
     labels: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description='Label files, each "NAME=PATH", or "PATH" when exactly one data set is given.',
+        description='Labels file of a data set (repeatable), "NAME=PATH", or "PATH" when exactly one data set is given.',
+        json_schema_extra={"metavar": "[NAME=]PATH"},
     )
     name: str | None = Field(default=None, description="Name of the data set given as a bare PATH.")
     host: str = Field(default="0.0.0.0", description="Address the gRPC server binds.")
@@ -97,7 +101,9 @@ class Settings(BaseSettings):
         default=1024, ge=1, description="Requests that may wait in the batcher queue; beyond: RESOURCE_EXHAUSTED."
     )
     max_request_rows: int = Field(
-        default=16384, ge=1, description="Most rows one request may carry; beyond: RESOURCE_EXHAUSTED (split it)."
+        default=DEFAULT_MAX_REQUEST_ROWS,
+        ge=1,
+        description="Most rows one request may carry; beyond: RESOURCE_EXHAUSTED (split it).",
     )
     max_stream_inflight: int = Field(
         default=64, ge=1, description="Requests of one OracleStream in flight at once (back-pressure beyond)."
@@ -112,17 +118,26 @@ class Settings(BaseSettings):
         default=True,
         description="Serve gRPC server reflection. When not given: on without authentication "
         "(auth_tokens_file unset), off with it.",
+        json_schema_extra={"show_default": False},
     )
-    tls_cert: str | None = Field(default=None, description="PEM server certificate chain file; turns on TLS.")
-    tls_key: str | None = Field(default=None, description="PEM private key file of tls_cert.")
+    tls_cert: str | None = Field(
+        default=None,
+        description="PEM server certificate chain file; turns on TLS.",
+        json_schema_extra={"metavar": "PEM"},
+    )
+    tls_key: str | None = Field(
+        default=None, description="PEM private key file of tls_cert.", json_schema_extra={"metavar": "PEM"}
+    )
     tls_client_ca: str | None = Field(
         default=None,
         description="PEM CA bundle file; when set, clients must present a certificate it signed (mutual TLS).",
+        json_schema_extra={"metavar": "PEM"},
     )
     auth_tokens_file: str | None = Field(
         default=None,
         description="File of accepted bearer tokens, one a line ('#' comments and blank lines ignored); when "
         "set, every RPC except health checks needs 'authorization: Bearer <token>'. Re-read on SIGHUP.",
+        json_schema_extra={"metavar": "FILE"},
     )
     grace_period_s: float = Field(
         default=30.0, ge=0.0, description="On SIGTERM: how long in-flight requests may take to finish."
@@ -135,8 +150,9 @@ class Settings(BaseSettings):
     )
     tune_allocator: bool = Field(
         default=True,
-        description="Pin glibc's mmap and trim thresholds at start-up so MB-sized request, response and "
-        "engine buffers are reused instead of page-faulted in fresh on every call (floworacle.tune_allocator).",
+        description="Pin glibc's malloc mmap threshold (32 MiB) and trim threshold (256 MiB) at start-up so "
+        "MB-sized request, response and engine buffers are reused instead of page-faulted in fresh on every call "
+        "(floworacle.tune_allocator); resident memory keeps up to 256 MiB of freed blocks.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Logging level.")
 
@@ -232,15 +248,13 @@ class Settings(BaseSettings):
         return None
 
 
-class _MappingEnvSource(EnvSettingsSource):
-    """``FLOWORACLE_*`` variables read from an explicit mapping instead of ``os.environ``."""
-
-    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        self._environ = dict(environ)
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+def _env_values(environ: Mapping[str, str]) -> dict[str, str]:
+    """``FLOWORACLE_<FIELD>`` variables of ``environ`` (case-insensitive), as strings: the model's
+    validators parse them (lists from "a,b" or a JSON list, booleans from true/false/1/0)."""
+    upper = {k.upper(): v for k, v in environ.items()}
+    return {
+        name: upper[ENV_PREFIX + name.upper()] for name in Settings.model_fields if ENV_PREFIX + name.upper() in upper
+    }
 
 
 def _flag_values(args: argparse.Namespace | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -282,7 +296,71 @@ def load_settings(
                 f"settings file {config!r} has unknown keys {unknown}; known: {sorted(Settings.model_fields)}"
             )
         merged.update(file_values)
-    env_values = {k: v for k, v in _MappingEnvSource(Settings, environ)().items() if k != "config"}
-    merged.update(env_values)
+    merged.update(_env_values(environ))
     merged.update(flags)
     return Settings(**merged)
+
+
+# -- the command line, generated from the model --------------------------------------------------
+
+
+def _flag_type(annotation: Any) -> tuple[str, Any]:
+    """(kind, argparse type or choices) of a field annotation: "bool", "list", "choice" or "value"."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _flag_type(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_type(inner[0])
+    if origin is Literal:
+        return "choice", list(typing.get_args(annotation))
+    if origin is list:
+        return "list", str
+    if annotation is bool:
+        return "bool", None
+    return "value", annotation
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per setting (``max_batch_rows`` -> ``--max-batch-rows``), with the field's
+    type, choices, help and default; booleans get ``--x/--no-x``, lists may be repeated. Every
+    flag defaults to None, so :func:`load_settings` can tell "not given" from a value."""
+    for name, info in Settings.model_fields.items():
+        kind, arg = _flag_type(info.annotation)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        default = info.get_default(call_default_factory=True)
+        hidden = default in (None, [], "") or extra.get("show_default") is False
+        shown = "" if hidden else f" (default: {default})"
+        options: dict[str, Any] = {"dest": name, "default": None, "help": (info.description or "") + shown}
+        if "metavar" in extra:
+            options["metavar"] = extra["metavar"]
+        if kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind == "list":
+            options["action"] = "append"
+        elif kind == "choice":
+            options["choices"] = arg
+        else:
+            options["type"] = arg
+        parser.add_argument("--" + name.replace("_", "-"), **options)
+    parser.add_argument("--config", metavar="FILE", default=None, help=f"YAML settings file (or {CONFIG_ENV})")
+
+
+def settings_markdown() -> str:
+    """The settings table of docs/server.md (field, flag, environment variable, default, meaning),
+    generated from the model; a test holds the docs to it."""
+    rows = ["| field / YAML key | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        kind, _ = _flag_type(info.annotation)
+        flag = "--" + name.replace("_", "-")
+        flag = f"`--[no-]{flag[2:]}`" if kind == "bool" else f"`{flag}`" + (" (repeatable)" if kind == "list" else "")
+        default = info.get_default(call_default_factory=True)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        shown = (
+            "see meaning"
+            if extra.get("show_default") is False
+            else ("none" if default in (None, [], "") else f"`{default}`")
+        )
+        meaning = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {flag} | `{ENV_PREFIX}{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows)

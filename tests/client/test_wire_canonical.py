@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from protowire import recording_proxy
-from sdk_support import CLASSES, N, SHAPE, Data, queries
+from sdk_support import CLASSES, SHAPE, Data, N, queries
 
 from floworacle import AsyncOracleClient, OracleClient
 from floworacle.protocol import FLOAT_DTYPES, OUTPUT_NAMES, pb
 from floworacle_server.service.testing import RunningServer
+from protowire import recording_proxy
 
 METHODS = {"Oracle": "unary", "Nearest": "unary", "ListDatasets": "unary", "DescribeDataset": "unary"}
 METHODS["OracleStream"] = "stream"

@@ -65,6 +65,26 @@ def build_store(settings: Settings) -> DatasetStore:
     return store
 
 
+class _Health(health.aio.HealthServicer):
+    """The standard health service, whose NOT_FOUND for an unknown name says which names exist
+    (the stock one answers it without details)."""
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        super().__init__()
+        self._names = names
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        known = self._names()
+        if request.service not in known:
+            listed = ", ".join(repr(n) for n in known)
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"unknown health name {request.service!r}; this server answers {listed} "
+                f"(one per data set: '{SERVICE_NAME}/<data set>')",
+            )
+        return await super().Check(request, context)
+
+
 class _RejectMalformed(grpc.aio.ServerInterceptor):
     """Answers a FlowOracle request whose bytes do not parse as its message type with
     INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN), by parsing it inside the handler."""
@@ -150,7 +170,7 @@ class OracleServer:
             max_inflight_rows=settings.max_inflight_rows,
             metrics=self.metrics,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = _Health(self.health_names)
         self.auth: TokenAuthInterceptor | None = None
         if settings.auth_tokens_file is not None:
             self.auth = TokenAuthInterceptor(settings.auth_tokens_file, metrics=self.metrics)

@@ -30,6 +30,10 @@ def test_health_names(channel):
     with pytest.raises(grpc.RpcError) as info:
         h.Check(health_pb2.HealthCheckRequest(service="floworacle.v1.FlowOracle/nope"), timeout=5)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "'floworacle.v1.FlowOracle/digits'" in info.value.details()
+    with pytest.raises(grpc.RpcError) as bare:  # the bare data set name is not a health name
+        h.Check(health_pb2.HealthCheckRequest(service="digits"), timeout=5)
+    assert bare.value.code() == grpc.StatusCode.NOT_FOUND and "one per data set" in bare.value.details()
 
 
 def test_reflection_lists_services(channel):

@@ -21,7 +21,9 @@ from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
 from floworacle_server.cli import build_parser
 from floworacle_server.service import build_store
-from floworacle_server.settings import Settings, load_settings
+from floworacle_server.settings import Settings, load_settings, settings_markdown
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_defaults_without_environment():
@@ -52,6 +54,20 @@ def test_env_lists_and_flags_lists():
     args = build_parser().parse_args(["serve", "--data", "p.npy", "--data", "q=r.npy", "--no-reflection"])
     s = load_settings(args, env={})
     assert s.data == ["p.npy", "q=r.npy"] and not s.reflection
+
+
+def test_every_setting_has_its_generated_flag_and_the_docs_table_matches():
+    parser = build_parser()
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, bool):
+            args = parser.parse_args(["serve", flag if not default else "--no-" + flag[2:]])
+            assert load_settings(args, env={}).model_dump()[name] is (not default), name
+        elif isinstance(default, int) and not isinstance(default, bool) and name != "port":
+            args = parser.parse_args(["serve", flag, str(default + 1)])
+            assert getattr(load_settings(args, env={}), name) == default + 1, name
+    assert settings_markdown() in (ROOT / "docs" / "server.md").read_text(), "regenerate the table in docs/server.md"
 
 
 def test_tune_allocator_flag_and_environment():

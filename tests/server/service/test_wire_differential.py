@@ -15,15 +15,16 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from protowire import Field, join, split, varint
 from service_helpers import noisy_queries
 
 from floworacle.protocol import encode, pb
 from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.service.testing import RunningServer, serve_in_thread
 from floworacle_server.settings import Settings
+from protowire import Field, join, split, varint
 
 _RNG = np.random.default_rng(5)
 X = _RNG.standard_normal((50, 64)).astype(np.float32)
@@ -138,7 +139,7 @@ def test_the_cases_found_by_hand(channel: grpc.Channel) -> None:
     method, raw = BASES[4]  # the large custom-path request
     fields = split(raw)
     over_long = b"".join(f.encode(key_len=11) if f.number == 1 else f.encode() for f in fields)
-    with pytest.raises(Exception):
+    with pytest.raises(DecodeError):
         pb.OracleRequest.FromString(over_long)
     status, value = _call(channel, method, over_long)
     assert status == "error" and value[0] == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[index]
