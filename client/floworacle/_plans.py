@@ -40,7 +40,15 @@ from floworacle.protocol import (
     to_like,
 )
 
-__all__ = ["RetryPolicy", "Plan", "build_oracle", "build_nearest", "parse_dataset_info", "deadline_error"]
+__all__ = [
+    "RetryPolicy",
+    "Plan",
+    "build_oracle",
+    "build_nearest",
+    "parse_dataset_info",
+    "deadline_error",
+    "unreachable_error",
+]
 
 R = TypeVar("R")
 
@@ -51,27 +59,32 @@ _COEFFICIENTS = ("alpha", "sigma", "d_alpha", "d_sigma")
 class RetryPolicy:
     """Retries of transient failures, always within the call's deadline.
 
-    UNAVAILABLE is retried; RESOURCE_EXHAUSTED only when the server sent a retry hint (a full
-    queue), never for a message over the size limit. The n-th retry waits a uniformly random time
-    in ``[0, min(max_backoff, initial_backoff * multiplier**n)]`` ("full jitter"), and at least
-    the server's hint.
+    UNAVAILABLE (no connection: a server that is down or restarting; a draining server; a
+    connection lost mid-call) is retried until the call's deadline, so a restart is ridden out and
+    a server that stays unreachable ends in its own UNAVAILABLE message (connection refused, TLS
+    handshake failed, ...) at the deadline. Streams, which are not retried, wait for the connection
+    instead (gRPC's wait-for-ready) until their deadline. RESOURCE_EXHAUSTED is
+    retried only when the server sent a retry hint (a full queue), never for a message over the
+    size limit. The n-th retry waits a uniformly random time in ``[0, min(max_backoff,
+    initial_backoff * multiplier**n)]`` ("full jitter"), and at least the server's hint.
+    ``max_attempts=None`` (the default) retries until the deadline; a number caps the attempts.
     """
 
-    max_attempts: int = 5
+    max_attempts: int | None = None
     initial_backoff: float = 0.05
-    max_backoff: float = 2.0
+    max_backoff: float = 1.0
     multiplier: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 or None (until the deadline), got {self.max_attempts}")
         if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
             raise ValueError("backoffs must be >= 0 and multiplier >= 1")
 
     def delay(self, error: OracleError, attempt: int, remaining: float, rng: random.Random) -> float | None:
         """Seconds to wait before attempt ``attempt + 1`` (0-based ``attempt`` just failed), or None
         when the error is final: not retryable, attempts used up, or the wait would pass the deadline."""
-        if attempt + 1 >= self.max_attempts:
+        if self.max_attempts is not None and attempt + 1 >= self.max_attempts:
             return None
         if error.code == grpc.StatusCode.UNAVAILABLE:
             pass
@@ -79,7 +92,7 @@ class RetryPolicy:
             pass
         else:
             return None
-        cap = min(self.max_backoff, self.initial_backoff * self.multiplier**attempt)
+        cap = min(self.max_backoff, self.initial_backoff * self.multiplier ** min(attempt, 64))
         wait = rng.uniform(0.0, cap)
         if error.retry_after is not None:
             wait = max(wait, error.retry_after)
@@ -595,4 +608,14 @@ def parse_dataset_info(info: Any) -> DatasetInfo:
 def deadline_error(timeout: float | None) -> OracleError:
     return OracleError(
         grpc.StatusCode.DEADLINE_EXCEEDED, f"the call's deadline ({timeout} s) passed before an answer came"
+    )
+
+
+def unreachable_error(target: str, timeout: float | None, state: str) -> OracleError:
+    """DEADLINE_EXCEEDED for a call that waited for a connection that never came."""
+    return OracleError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"no server answered at {target} within the call's deadline ({timeout} s): the connection is "
+        f"{state} (nothing listens there, or the server is restarting); check the address and that the "
+        "server runs, or give the call a longer timeout",
     )

@@ -15,7 +15,7 @@ import grpc.aio
 
 from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
-from floworacle._plans import Plan, deadline_error, parse_dataset_info
+from floworacle._plans import Plan, deadline_error, parse_dataset_info, unreachable_error
 from floworacle._results import DatasetInfo, Neighbors, Prediction
 from floworacle.protocol import RequestError, pb, pb_grpc
 
@@ -66,10 +66,15 @@ class AsyncOracleClient(ClientBase):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise deadline_error(timeout)
+            i = next(self._turn) % len(self._stubs)
             try:
-                return await getattr(self._stub(), method)(request, timeout=remaining, metadata=metadata)
+                call = getattr(self._stubs[i], method)
+                return await call(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
+            state = self._channels[i].get_state()
+            if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and state != grpc.ChannelConnectivity.READY:
+                raise unreachable_error(self._config.targets[i], timeout, state.name) from None
             left = math.inf if deadline is None else deadline - time.monotonic()
             wait = policy.delay(error, attempt, left, self._rng)
             if wait is None:
@@ -239,7 +244,9 @@ class AsyncOracleClient(ClientBase):
             except Exception as exc:  # reported to the caller after the answers already due
                 failed.append(exc)
 
-        call = self._stub().OracleStream(requests(), timeout=timeout, metadata=self._config.metadata or None)
+        call = self._stub().OracleStream(
+            requests(), timeout=timeout, metadata=self._config.metadata or None, wait_for_ready=True
+        )
         parts: dict[int, dict[int, Any]] = {}
         head = 0
         try:

@@ -61,7 +61,11 @@ def server() -> Iterator[RunningServer]:
 
 def _tensor(a: np.ndarray, dtype: str | None = None) -> dict[str, Any]:
     t = encode(a, dtype)
-    return {"dtype": pb.DType.Name(t.dtype), "shape": [str(s) for s in t.shape], "data": base64.b64encode(t.data).decode()}
+    return {
+        "dtype": pb.DType.Name(t.dtype),
+        "shape": [str(s) for s in t.shape],
+        "data": base64.b64encode(t.data).decode(),
+    }
 
 
 def _bytes(t: dict[str, Any] | None) -> bytes:

@@ -107,25 +107,23 @@ def server_credentials_from_files(
 
 
 def _deny_handler(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind (unary / streaming) as ``handler`` that aborts with UNAUTHENTICATED."""
+    """A handler that aborts with UNAUTHENTICATED before reading any request message.
 
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    It is registered as request-streaming whatever the method's kind: gRPC then starts it without
+    receiving the (possibly huge) request first, and the status goes out at once; the stream's
+    bytes are discarded by the transport, not buffered. The response side keeps the method's kind.
+    """
+
+    async def deny(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def deny_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield None  # pragma: no cover - abort raises; the yield makes this an async generator
 
-    if handler is None:  # unknown method: do not reveal which methods exist
-        return grpc.unary_unary_rpc_method_handler(deny)
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
-    return grpc.unary_unary_rpc_method_handler(deny, **kw)
+    if handler is not None and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream)
+    return grpc.stream_unary_rpc_method_handler(deny)  # unknown methods too: nothing is revealed
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):

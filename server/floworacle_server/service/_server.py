@@ -218,6 +218,7 @@ class OracleServer:
             chunk_rows=s.chunk_rows,
             screen=s.screen,
             max_stream_inflight=s.max_stream_inflight,
+            auth=self.auth,
         )
         self._servicer = servicer
         pb_grpc.add_FlowOracleServicer_to_server(servicer, server)

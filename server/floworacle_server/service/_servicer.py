@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -29,6 +29,18 @@ __all__ = ["FlowOracleServicer", "dataset_info"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class _TokenCheck(Protocol):
+    def check(self, metadata: object) -> str | None: ...
+
+
+class _Revoked:
+    """Queued by a stream's reader when a message arrives after the stream's token was revoked."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
 
 #: Suggested wait before retrying a request refused because the queue was full.
 RETRY_PUSHBACK_MS = 50
@@ -109,12 +121,16 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         chunk_rows: int | None = None,
         screen: str = "float32",
         max_stream_inflight: int = 64,
+        auth: _TokenCheck | None = None,
     ) -> None:
         self.store = store
         self.batcher = batcher
         self.metrics = metrics
         self.limits = limits
         self.max_stream_inflight = max_stream_inflight
+        #: With tokens on: each stream message is checked against the current token set, so a
+        #: token revoked (file edited, SIGHUP) ends the streams opened with it.
+        self.auth = auth
         self._oracle_runner = OracleRunner(chunk_rows, screen)
         self._nearest_runner = NearestRunner()
         self._active = 0
@@ -219,12 +235,16 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         slots = asyncio.Semaphore(self.max_stream_inflight)
-        answers: asyncio.Queue[asyncio.Task[pb.OracleStreamResponse] | None] = asyncio.Queue()
+        answers: asyncio.Queue[asyncio.Task[pb.OracleStreamResponse] | _Revoked | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
+                    problem = self.auth.check(context.invocation_metadata()) if self.auth is not None else None
+                    if problem is not None:
+                        answers.put_nowait(_Revoked(problem))
+                        return
                     await slots.acquire()
                     answers.put_nowait(loop.create_task(self._stream_one(req, context)))
             finally:
@@ -237,12 +257,19 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                     task = await answers.get()
                     if task is None:
                         break
+                    if isinstance(task, _Revoked):
+                        code = grpc.StatusCode.UNAUTHENTICATED
+                        self.metrics.rejected("unauthenticated")
+                        log.info("ended an OracleStream: %s", task.message.split(";")[0])
+                        await context.abort(code, task.message)
                     answer = await task
                     slots.release()
                     yield answer
                 await reader  # a broken request stream surfaces here
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:  # the stream's status was sent (code set above)
                 raise
             except Exception:
                 # the request stream broke (client went away) or a bug; per-message errors never get here
@@ -252,7 +279,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 reader.cancel()
                 while not answers.empty():
                     leftover = answers.get_nowait()
-                    if leftover is not None:
+                    if isinstance(leftover, asyncio.Task):
                         leftover.cancel()
                 self.metrics.observe_request("OracleStream", code.name, time.perf_counter() - start)
 

@@ -48,7 +48,12 @@ def _main(args: argparse.Namespace) -> int:
         return 1
 
 
-def _reload_tokens(auth: TokenAuthInterceptor) -> None:
+def _on_sighup(auth: TokenAuthInterceptor | None) -> None:
+    """SIGHUP re-reads the tokens file (open streams are checked against the new set on their next
+    message); without one there is nothing to reload, and the signal is logged and ignored."""
+    if auth is None:
+        log.info("SIGHUP: nothing to reload (no auth_tokens_file); ignored")
+        return
     try:
         log.info("SIGHUP: %d tokens loaded from %s", auth.reload(), auth.tokens_file)
     except ValueError as exc:
@@ -57,16 +62,29 @@ def _reload_tokens(auth: TokenAuthInterceptor) -> None:
 
 async def serve(settings: Settings) -> int:
     """Run a server until SIGTERM or SIGINT, then drain (health NOT_SERVING, in-flight requests
-    finish within ``grace_period_s``) and return 0. SIGHUP re-reads the auth tokens file."""
+    finish within ``grace_period_s``) and return 0. SIGHUP re-reads the auth tokens file (and is
+    logged and ignored without one)."""
     from floworacle_server.service._server import create_server
 
     loop = asyncio.get_running_loop()
+    # Signals are handled from the start: SIGTERM while the data loads drains right after start-up,
+    # and SIGHUP never falls back to the default action (which would kill the process).
+    stop = asyncio.Event()
+    auth: list[TokenAuthInterceptor | None] = [None]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _on_sighup(auth[0]))
     if settings.tune_allocator:
         from floworacle import tune_allocator
 
         log.info("allocator thresholds pinned: %s", "yes" if tune_allocator() else "no (not glibc)")
-    server = create_server(settings)  # loading data may take a while; nothing is bound yet
-    await server.start()
+    try:
+        server = create_server(settings)  # loading data may take a while; nothing is bound yet
+        await server.start()
+    except BaseException:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        raise
     for ds in server.store:
         default = " (default)" if ds.name == server.store.default_name else ""
         log.info(
@@ -82,14 +100,9 @@ async def serve(settings: Settings) -> int:
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     log.info("Flow Oracle serving on %s%s", server.address, metrics)
 
+    auth[0] = server.auth
     if server.auth is not None:
         log.info("token authentication on: %d tokens from %s", server.auth.token_count, server.auth.tokens_file)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    auth = server.auth
-    if auth is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload_tokens, auth)
     try:
         await stop.wait()
         log.info("draining (grace %.1f s)", settings.grace_period_s)

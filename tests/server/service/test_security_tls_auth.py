@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -425,3 +426,129 @@ def _wait_port(proc: subprocess.Popen) -> tuple[int | None, list[str]]:
             lines.append(proc.stdout.readline())
             return int(m.group(1)), lines
     return None, lines
+
+
+# -- round two: unauthenticated load, revocation of open streams, SIGHUP ----------------------------
+
+
+def _vm_kib(pid: int, field: str) -> int:
+    """VmRSS / VmHWM (peak resident set) of a process, in KiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak RSS from /proc")
+def test_an_unauthenticated_200_mib_request_is_refused_before_it_is_read(tmp_path: Path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("big-token\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWORACLE_")}
+    cmd = [sys.executable, "-m", "floworacle_server.cli", "serve", "--port", "0", "--metrics-port", "-1",
+           "--host", "127.0.0.1", "--auth-tokens-file", str(tokens)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        port, lines = _wait_port(proc)
+        assert port, "".join(lines)
+        rows = (200 << 20) // (64 * 4)
+        payload = pb.OracleRequest(
+            x_t=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[rows, 64], data=bytes(rows * 64 * 4)),
+            t=pb.Tensor(dtype=pb.DTYPE_FLOAT64, shape=[rows], data=bytes(rows * 8)),
+        ).SerializeToString()
+        assert len(payload) > 200 << 20
+        before = _vm_kib(proc.pid, "VmHWM")
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 1 << 30)]) as ch:
+            call = ch.unary_unary("/floworacle.v1.FlowOracle/Oracle")
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                call(payload, timeout=60)
+            took = time.monotonic() - start
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # the server goes on answering authenticated calls
+            ok = pb_grpc.FlowOracleStub(ch).ListDatasets(
+                pb.ListDatasetsRequest(), metadata=(("authorization", "Bearer big-token"),), timeout=10
+            )
+            assert [d.name for d in ok.datasets] == ["digits"]
+        rise_mib = (_vm_kib(proc.pid, "VmHWM") - before) / 1024
+        assert rise_mib < 64, f"the server's peak RSS rose {rise_mib:.0f} MiB for a refused 200 MiB request"
+        assert took < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_revoking_a_token_ends_the_streams_opened_with_it(tmp_path: Path, digits):
+    x, _ = digits
+    xt, t, ref = _query(x)
+    f = tmp_path / "tokens"
+    f.write_text("keep-token\nrevoke-token\n")
+    with serve_in_thread(Settings(device="cpu", metrics_port=-1, auth_tokens_file=str(f))) as srv:
+        auth = srv.server.auth
+        assert auth is not None
+        with (
+            OracleClient(srv.address, token="revoke-token") as doomed,
+            OracleClient(srv.address, token="keep-token") as kept,
+        ):
+            go = threading.Event()
+
+            def items(n: int):
+                for i in range(n):
+                    if i == 2:
+                        go.wait(10)  # the token is revoked between the 2nd and 3rd message
+                    yield xt, t
+
+            answers: list[object] = []
+            survivors: list[object] = []
+            worker = threading.Thread(target=_drain, args=(doomed.velocity_stream(items(5)), answers))
+            keeper = threading.Thread(target=_drain, args=(kept.velocity_stream(items(5)), survivors))
+            worker.start()
+            keeper.start()
+            deadline = time.monotonic() + 20
+            while (len(answers) < 2 or len(survivors) < 2) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            f.write_text("keep-token\n")
+            assert auth.reload() == 1
+            go.set()
+            worker.join(20)
+            keeper.join(20)
+        assert len(answers) == 3 and isinstance(answers[-1], OracleError), answers
+        assert answers[-1].code == grpc.StatusCode.UNAUTHENTICATED and "not accepted" in answers[-1].details
+        assert all(max_rel(a, ref) < 1e-6 for a in answers[:2])
+        assert len(survivors) == 5 and all(max_rel(a, ref) < 1e-6 for a in survivors)  # another token's stream goes on
+
+
+def _drain(it, into: list) -> None:
+    try:
+        for a in it:
+            into.append(a)
+    except OracleError as exc:
+        into.append(exc)
+
+
+def test_sighup_without_tokens_is_logged_and_ignored(digits):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWORACLE_")}
+    cmd = [sys.executable, "-m", "floworacle_server.cli", "serve", "--port", "0", "--metrics-port", "-1",
+           "--host", "127.0.0.1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        port = None
+        while port is None and (line := proc.stdout.readline()):  # no auth line follows here
+            lines.append(line)
+            m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+        assert port, "".join(lines)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still running
+        with OracleClient(f"127.0.0.1:{port}") as c:
+            assert [d.name for d in c.datasets()] == ["digits"]
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, rest
+        assert "SIGHUP: nothing to reload" in rest and "draining" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
