@@ -262,6 +262,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                         self.metrics.rejected("unauthenticated")
                         log.info("ended an OracleStream: %s", task.message.split(";")[0])
                         await context.abort(code, task.message)
+                        return  # unreachable: abort raises
                     answer = await task
                     slots.release()
                     yield answer
