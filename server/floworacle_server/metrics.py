@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import ssl
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import start_http_server as _start_http_server
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -325,15 +327,52 @@ class ServiceMetrics:
             for ds in datasets
         )
 
-    def start_http_server(self, port: int, addr: str = "0.0.0.0") -> int:
+    def start_http_server(
+        self,
+        port: int,
+        addr: str = "0.0.0.0",
+        *,
+        tls: ssl.SSLContext | None = None,
+        authorize: Callable[[str | None], str | None] | None = None,
+    ) -> int:
         """Serve ``/metrics`` on ``addr:port`` in a daemon thread; returns the bound port (``port=0``
-        picks a free one). Raises RuntimeError if already started."""
+        picks a free one). Raises RuntimeError if already started.
+
+        Args:
+            tls: serve HTTPS with this server context (the gRPC port's certificate; client
+                certificates required when it verifies them).
+            authorize: called with each request's ``Authorization`` header (None when absent);
+                returns None to serve, or the message of a 401 answer.
+        """
         with self._lock:
             if self._http is not None:
                 raise RuntimeError("metrics HTTP server already started; call stop_http_server() first")
-            httpd, thread = _start_http_server(port, addr=addr, registry=self.registry)
+            httpd = _metrics_server(addr, port, self._guarded_app(authorize))
+            if tls is not None:
+                # the handshake runs in the request's thread (first read), not in the accept loop
+                httpd.socket = tls.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+            thread = threading.Thread(target=httpd.serve_forever, name="floworacle-metrics", daemon=True)
+            thread.start()
             self._http, self._http_thread = httpd, thread
             return int(httpd.server_port)
+
+    def _guarded_app(self, authorize: Callable[[str | None], str | None] | None) -> Callable[..., Any]:
+        app = make_wsgi_app(self.registry)
+        if authorize is None:
+            return app
+
+        def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            problem = authorize(environ.get("HTTP_AUTHORIZATION"))
+            if problem is not None:
+                headers = [
+                    ("Content-Type", "text/plain; charset=utf-8"),
+                    ("WWW-Authenticate", 'Bearer realm="metrics"'),
+                ]
+                start_response("401 Unauthorized", headers)
+                return [problem.encode()]
+            return app(environ, start_response)
+
+        return guarded
 
     def stop_http_server(self) -> None:
         """Stop the metrics HTTP server if it runs (idempotent)."""
@@ -345,3 +384,23 @@ class ServiceMetrics:
             httpd.server_close()
         if thread is not None:
             thread.join(timeout=5.0)
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would flood the log
+
+
+def _metrics_server(addr: str, port: int, app: Callable[..., Any]) -> WSGIServer:
+    """A threading WSGI server bound to ``addr:port`` (IPv6 literals included)."""
+
+    class Server(_ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+    httpd = Server((addr.strip("[]"), port), _QuietHandler)
+    httpd.set_app(app)
+    return httpd

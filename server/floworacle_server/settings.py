@@ -76,7 +76,20 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=9090, ge=-1, le=65535, description="Prometheus /metrics port; 0 picks a free one, -1 turns it off."
     )
-    metrics_host: str = Field(default="0.0.0.0", description="Address the metrics HTTP server binds.")
+    metrics_host: str | None = Field(
+        default=None,
+        description="Address the metrics HTTP server binds; none: the gRPC host (so --host 127.0.0.1 keeps "
+        "metrics local too).",
+    )
+    metrics_tls: bool = Field(
+        default=False,
+        description="Serve /metrics over HTTPS with the gRPC port's certificate (tls_cert, tls_key), requiring "
+        "client certificates signed by tls_client_ca when that is set.",
+    )
+    metrics_auth: bool = Field(
+        default=False,
+        description="Require 'Authorization: Bearer <token>' with a token of auth_tokens_file on /metrics.",
+    )
     device: str = Field(default="auto", description=_DEVICE_HELP)
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         default="float32", description="Storage dtype of the resident data (exactness is relative to it)."
@@ -203,6 +216,14 @@ class Settings(BaseSettings):
             raise ValueError("TLS needs both tls_cert and tls_key (PEM files); give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs TLS: give tls_cert and tls_key too")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_security(self) -> Settings:
+        if self.metrics_tls and self.tls_cert is None:
+            raise ValueError("metrics_tls serves /metrics with the gRPC port's certificate: give tls_cert and tls_key")
+        if self.metrics_auth and self.auth_tokens_file is None:
+            raise ValueError("metrics_auth checks the bearer tokens of auth_tokens_file: give auth_tokens_file")
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,15 +253,37 @@ class OracleServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.set_datasets(self.store)
         if s.metrics_port >= 0:
+            host = s.metrics_host if s.metrics_host is not None else s.host
             try:
-                self.metrics_port = self.metrics.start_http_server(s.metrics_port, s.metrics_host)
+                self.metrics_port = self.metrics.start_http_server(
+                    s.metrics_port, host, tls=self._metrics_tls(), authorize=self._metrics_authorize()
+                )
             except OSError as exc:
                 await server.stop(None)
                 await self.batcher.close()
                 raise RuntimeError(
-                    f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {exc} "
+                    f"cannot serve metrics on {host}:{s.metrics_port}: {exc} "
                     "(use --metrics-port 0 for any free port, -1 for none)"
                 ) from exc
+
+    def _metrics_tls(self) -> ssl.SSLContext | None:
+        """The metrics endpoint's TLS context: the gRPC port's certificate (and client CA)."""
+        s = self.settings
+        if not s.metrics_tls or s.tls_cert is None or s.tls_key is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        if s.tls_client_ca is not None:
+            ctx.load_verify_locations(s.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def _metrics_authorize(self) -> Callable[[str | None], str | None] | None:
+        """With metrics_auth: the gRPC port's bearer-token check on /metrics (revocations included)."""
+        auth = self.auth
+        if not self.settings.metrics_auth or auth is None:
+            return None
+        return lambda header: auth.check([] if header is None else [("authorization", header)])
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: every health name goes NOT_SERVING, new RPCs are refused (after

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from pydantic import ValidationError
 from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_request, ref_oracle
 
 from floworacle import AsyncOracleClient, OracleClient, OracleError, RetryPolicy
@@ -552,3 +553,41 @@ def test_sighup_without_tokens_is_logged_and_ignored(digits):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_metrics_follow_the_grpc_host_and_can_require_tls_and_a_token(pki: Pki, tokens_file: Path):
+    import http.client
+    import ssl
+    import urllib.request
+
+    with serve_in_thread(Settings(device="cpu", host="127.0.0.1", metrics_port=0)) as srv:
+        assert srv.server.metrics._http is not None
+        assert srv.server.metrics._http.server_address[0] == "127.0.0.1"  # not 0.0.0.0
+    settings = Settings(
+        device="cpu", host="127.0.0.1", metrics_port=0, metrics_tls=True, metrics_auth=True,
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), auth_tokens_file=str(tokens_file),
+    )  # fmt: skip
+    with serve_in_thread(settings) as srv:
+        url = f"https://127.0.0.1:{srv.server.metrics_port}/metrics"
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+
+        def get(token: str | None) -> tuple[int, str]:
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+            try:
+                with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        status, body = get(TOKENS[1])
+        assert status == 200 and "floworacle_requests_total" in body
+        assert get(None) == (401, get(None)[1]) and "requires authentication" in get(None)[1]
+        assert get("wrong-token")[0] == 401
+        plain = http.client.HTTPConnection("127.0.0.1", srv.server.metrics_port, timeout=5)
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            plain.request("GET", "/metrics")
+            plain.getresponse().read()
+    with pytest.raises(ValidationError, match="metrics_tls"):
+        Settings(metrics_tls=True)
+    with pytest.raises(ValidationError, match="metrics_auth"):
+        Settings(metrics_auth=True)
