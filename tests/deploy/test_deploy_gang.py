@@ -320,3 +320,26 @@ def test_the_gang_directory_without_parameters_is_refused(build_overlay: Build) 
     assert any("size" in e for e in webhook_errors(lws))
     for pod in pods(build_overlay(GANG)):
         assert pod.container["resources"]["limits"]["nvidia.com/gpu"] == 0
+
+
+def test_the_readmes_own_overlay_for_a_gang_builds_and_validates(tmp_path: Path, build_overlay: Build) -> None:
+    # deploy/README.md's example overlay, as written there, next to a copy of the parameters file.
+    readme = (K8S.parent / "README.md").read_text()
+    m = re.search(
+        r"```yaml\n(# my-cluster/kustomization.yaml, next to your gang-parameters.yaml\n.*?)```", readme, re.S
+    )
+    assert m, "deploy/README.md no longer has the gang overlay example"
+    root = tmp_path / "my-cluster"
+    root.mkdir()
+    deploy = os.path.relpath(K8S.parent, root)
+    (root / "kustomization.yaml").write_text(m.group(1).replace("../deploy/", f"{deploy}/"))
+    (root / "gang-parameters.yaml").write_text((K8S / "overlays" / "gpu-sharded" / "gang-parameters.yaml").read_text())
+    objs = build_overlay(root)
+    for obj in objs:
+        validate(obj)
+        assert obj["metadata"].get("namespace") == NAMESPACE, obj["metadata"]["name"]
+    lws = lws_of(objs)
+    assert lws["spec"]["replicas"] == 2 and webhook_errors(lws) == []
+    for pod in pods(objs):
+        assert pod.container["image"] == "registry.example.com/ml/floworacle:0.1.0-cuda"
+        assert configmap_env(objs, pod)["FLOWORACLE_DATA"] == "web=/data/web_index"
