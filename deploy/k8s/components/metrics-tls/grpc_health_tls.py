@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("ca_file", help="PEM CA that signed the server certificate")
     p.add_argument("server_name", help="a DNS name in the server certificate")
     p.add_argument("--service", default="", help='health service name (default "": the whole server)')
