@@ -22,7 +22,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["tune_allocator"]
+__all__ = ["tune_allocator", "release_free_memory"]
 
 _M_TRIM_THRESHOLD = -1  # from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -32,6 +32,28 @@ DEFAULT_MMAP_THRESHOLD = 32 << 20
 DEFAULT_TRIM_THRESHOLD = 256 << 20
 
 
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free blocks back to the system now (glibc ``malloc_trim(0)``), whatever the
+    trim threshold says; for a server whose burst of in-flight data has just ended. Returns True
+    when glibc released something, False otherwise or where there is no glibc."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))
+
+
 def tune_allocator(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD, trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> bool:
     """Pin glibc's mmap and trim thresholds (see the module doc) for this whole process.
 
@@ -39,12 +61,9 @@ def tune_allocator(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD, trim_threshold:
     False where there is no glibc ``mallopt`` (macOS, Windows, musl) or glibc refused a value,
     in which case nothing changed or the allocator keeps its defaults for the refused one.
     """
-    if not sys.platform.startswith("linux") or mmap_threshold < 0 or trim_threshold < 0:
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None or mmap_threshold < 0 or trim_threshold < 0:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int

@@ -40,6 +40,7 @@ METHODS: tuple[str, ...] = ("Oracle", "OracleStream", "Nearest", "ListDatasets",
 #: Why a request was refused before reaching the engine; anything else is counted as ``other``.
 REJECT_REASONS: tuple[str, ...] = (
     "queue_full",
+    "memory",
     "rows_cap",
     "unauthenticated",
     "invalid",

@@ -119,13 +119,25 @@ class Settings(BaseSettings):
         description="Most rows one request may carry; beyond: RESOURCE_EXHAUSTED (split it).",
     )
     max_stream_inflight: int = Field(
-        default=64, ge=1, description="Requests of one OracleStream in flight at once (back-pressure beyond)."
+        default=16, ge=1, description="Requests of one OracleStream in flight at once (back-pressure beyond)."
     )
     max_inflight_rows: int = Field(
         default=65536,
         ge=1,
         description="Query rows admitted at once (queued + computing); beyond: RESOURCE_EXHAUSTED with a retry "
         "hint. A request arriving when nothing is in flight is always admitted.",
+    )
+    max_inflight_bytes: int = Field(
+        default=128 << 20,
+        ge=1,
+        description="Bytes of requests in flight at once, server-wide (received and not yet answered, plus "
+        "answers not yet handed to gRPC; streams included); beyond: unary calls get RESOURCE_EXHAUSTED with a "
+        "retry hint, stream messages wait unread. A request arriving when nothing is in flight is always admitted.",
+    )
+    max_stream_inflight_bytes: int = Field(
+        default=8 << 20,
+        ge=1,
+        description="The same bound for one OracleStream (its sender waits on flow control beyond it).",
     )
     reflection: bool = Field(
         default=True,

@@ -23,6 +23,7 @@ from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset, load
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
 from floworacle_server.service._batcher import DynamicBatcher
+from floworacle_server.service._budget import ByteBudget
 from floworacle_server.service._requests import Limits
 from floworacle_server.service._servicer import FlowOracleServicer
 from floworacle_server.settings import Settings
@@ -219,6 +220,8 @@ class OracleServer:
             chunk_rows=s.chunk_rows,
             screen=s.screen,
             max_stream_inflight=s.max_stream_inflight,
+            max_stream_inflight_bytes=s.max_stream_inflight_bytes,
+            budget=ByteBudget(s.max_inflight_bytes, on_idle=self._released),
             auth=self.auth,
         )
         self._servicer = servicer
@@ -265,6 +268,14 @@ class OracleServer:
                     f"cannot serve metrics on {host}:{s.metrics_port}: {exc} "
                     "(use --metrics-port 0 for any free port, -1 for none)"
                 ) from exc
+
+    def _released(self, freed: int) -> None:
+        """Once nothing is in flight after a burst, hand the heap's free blocks back to the system
+        (the pinned trim threshold would otherwise keep up to 256 MiB of them resident)."""
+        if freed >= 32 << 20 and self.settings.tune_allocator:
+            from floworacle._alloc import release_free_memory
+
+            asyncio.get_running_loop().run_in_executor(None, release_free_memory)
 
     def _metrics_tls(self) -> ssl.SSLContext | None:
         """The metrics endpoint's TLS context: the gRPC port's certificate (and client CA)."""

@@ -17,6 +17,7 @@ from floworacle.protocol import RequestError, dtype_by_name, pb, pb_grpc
 from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
+from floworacle_server.service._budget import ByteBudget
 from floworacle_server.service._compute import (
     NearestRunner,
     OracleRunner,
@@ -120,7 +121,9 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         limits: Limits,
         chunk_rows: int | None = None,
         screen: str = "float32",
-        max_stream_inflight: int = 64,
+        max_stream_inflight: int = 16,
+        max_stream_inflight_bytes: int = 8 << 20,
+        budget: ByteBudget | None = None,
         auth: _TokenCheck | None = None,
     ) -> None:
         self.store = store
@@ -128,6 +131,9 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         self.metrics = metrics
         self.limits = limits
         self.max_stream_inflight = max_stream_inflight
+        self.max_stream_inflight_bytes = max_stream_inflight_bytes
+        #: Bytes of requests in flight, server-wide (see _budget); streams get a share of it each.
+        self.budget = budget if budget is not None else ByteBudget(128 << 20)
         #: With tokens on: each stream message is checked against the current token set, so a
         #: token revoked (file edited, SIGHUP) ends the streams opened with it.
         self.auth = auth
@@ -190,20 +196,43 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         self.metrics.add_rows(method, job.rows)
         return resp
 
+    @contextlib.contextmanager
+    def _admitted(self, request: pb.OracleRequest | pb.NearestRequest) -> Iterator[None]:
+        """Hold the request's bytes against the server's budget while it is in flight; refuse it
+        (RESOURCE_EXHAUSTED with a retry hint) when they do not fit."""
+        n = request.ByteSize()
+        if not self.budget.try_take(n):
+            raise RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server holds {self.budget.used} bytes of requests in flight and this request's {n} would "
+                f"pass its budget of {self.budget.limit} (max_inflight_bytes); retry after a short backoff or "
+                "send smaller batches",
+                reason="memory",
+                trailing=(("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),),
+            )
+        try:
+            yield
+        finally:
+            self.budget.give(n)
+
     # -- RPCs -----------------------------------------------------------------------------------
     async def Oracle(self, request: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleResponse:
         async def run() -> pb.OracleResponse:
-            return await self._oracle("Oracle", request, _deadline(context))
+            with self._admitted(request):
+                return await self._oracle("Oracle", request, _deadline(context))
 
         return await self._unary("Oracle", context, run)
 
     async def Nearest(self, request: pb.NearestRequest, context: grpc.aio.ServicerContext) -> pb.NearestResponse:
         async def run() -> pb.NearestResponse:
             deadline = _deadline(context)
-            job = parse_nearest(request, self.store, self.limits)
-            if job.rows == 0:
-                return empty_nearest_response(job)
-            resp: pb.NearestResponse = await self.batcher.submit(job.key, job.rows, job, self._nearest_runner, deadline)
+            with self._admitted(request):
+                job = parse_nearest(request, self.store, self.limits)
+                if job.rows == 0:
+                    return empty_nearest_response(job)
+                resp: pb.NearestResponse = await self.batcher.submit(
+                    job.key, job.rows, job, self._nearest_runner, deadline
+                )
             self.metrics.add_rows("Nearest", job.rows)
             return resp
 
@@ -230,12 +259,15 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         self, request_iterator: AsyncIterator[pb.OracleRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.OracleStreamResponse]:
         """Pipelined oracle: each message is validated and queued as soon as it arrives (up to
-        ``max_stream_inflight`` at once); answers go back in request order; a failed message is
-        answered with its status inside the stream, which stays open."""
+        ``max_stream_inflight`` messages and ``max_stream_inflight_bytes`` at once, within the
+        server's budget; beyond, the stream is not read, so its sender waits on flow control);
+        answers go back in request order; a failed message is answered with its status inside the
+        stream, which stays open."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         slots = asyncio.Semaphore(self.max_stream_inflight)
-        answers: asyncio.Queue[asyncio.Task[pb.OracleStreamResponse] | _Revoked | None] = asyncio.Queue()
+        held = ByteBudget(self.max_stream_inflight_bytes, parent=self.budget)  # this stream's bytes
+        answers: asyncio.Queue[tuple[asyncio.Task[pb.OracleStreamResponse], int] | _Revoked | None] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         async def read() -> None:
@@ -245,8 +277,10 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                     if problem is not None:
                         answers.put_nowait(_Revoked(problem))
                         return
+                    n = req.ByteSize()
                     await slots.acquire()
-                    answers.put_nowait(loop.create_task(self._stream_one(req, context)))
+                    await held.take(n)
+                    answers.put_nowait((loop.create_task(self._stream_one(req, context)), n))
             finally:
                 answers.put_nowait(None)
 
@@ -263,9 +297,13 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                         log.info("ended an OracleStream: %s", task.message.split(";")[0])
                         await context.abort(code, task.message)
                         return  # unreachable: abort raises
-                    answer = await task
-                    slots.release()
+                    work, n = task
+                    answer = await work
+                    m = answer.ByteSize()
+                    held.force(m)  # the answer, until gRPC has taken it
                     yield answer
+                    held.give(n + m)
+                    slots.release()
                 await reader  # a broken request stream surfaces here
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
@@ -280,8 +318,9 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 reader.cancel()
                 while not answers.empty():
                     leftover = answers.get_nowait()
-                    if isinstance(leftover, asyncio.Task):
-                        leftover.cancel()
+                    if isinstance(leftover, tuple):
+                        leftover[0].cancel()
+                held.give(held.used)  # whatever this stream still held
                 self.metrics.observe_request("OracleStream", code.name, time.perf_counter() - start)
 
     async def _stream_one(self, req: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleStreamResponse:
