@@ -3,7 +3,6 @@ round-robin over several addresses, and the pipelined bidirectional stream."""
 
 from __future__ import annotations
 
-import itertools
 import math
 import threading
 import time
@@ -48,22 +47,18 @@ class OracleClient(ClientBase):
 
     def _open(self, interceptors: list[Any]) -> None:
         cfg = self._config
-        self._channels: list[grpc.Channel] = []
-        for addr in cfg.targets:
-            if cfg.credentials is not None:
-                ch = grpc.secure_channel(addr, cfg.credentials, options=list(cfg.options))
-            else:
-                ch = grpc.insecure_channel(addr, options=list(cfg.options))
-            self._channels.append(ch)
-        self._stubs = [
-            pb_grpc.FlowOracleStub(grpc.intercept_channel(ch, *interceptors) if interceptors else ch)
-            for ch in self._channels
-        ]
-        self._turn = itertools.count()
-        # each channel's connectivity, to tell "no server there" from a slow answer at a deadline
-        self._states = [grpc.ChannelConnectivity.IDLE] * len(self._channels)
-        for i, ch in enumerate(self._channels):
-            ch.subscribe(lambda state, i=i: self._states.__setitem__(i, state))
+        if cfg.credentials is not None:
+            self._channel = grpc.secure_channel(cfg.target, cfg.credentials, options=list(cfg.options))
+        else:
+            self._channel = grpc.insecure_channel(cfg.target, options=list(cfg.options))
+        wrapped = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
+        self._stub = pb_grpc.FlowOracleStub(wrapped)
+        # the channel's connectivity, to tell "no server there" from a slow answer at a deadline
+        self._state = grpc.ChannelConnectivity.IDLE
+        self._channel.subscribe(self._observe)
+
+    def _observe(self, state: grpc.ChannelConnectivity) -> None:
+        self._state = state
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -71,8 +66,7 @@ class OracleClient(ClientBase):
         """Close the channels; pending calls fail with CANCELLED. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            for ch in self._channels:
-                ch.close()
+            self._channel.close()
 
     def __enter__(self) -> OracleClient:
         return self
@@ -81,9 +75,6 @@ class OracleClient(ClientBase):
         self.close()
 
     # -- transport ---------------------------------------------------------------------------
-
-    def _stub(self) -> Any:
-        return self._stubs[next(self._turn) % len(self._stubs)]
 
     def _unary(self, method: str, request: Any, deadline: float | None, timeout: float | None) -> Any:
         self._check_open()
@@ -94,15 +85,13 @@ class OracleClient(ClientBase):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise deadline_error(timeout)
-            i = next(self._turn) % len(self._stubs)
             try:
-                call = getattr(self._stubs[i], method)
-                return call(request, timeout=remaining, metadata=metadata)
+                return getattr(self._stub, method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
-            state = self._states[i]
+            state = self._state
             if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and state != grpc.ChannelConnectivity.READY:
-                raise unreachable_error(self._config.targets[i], timeout, state.name) from None
+                raise unreachable_error(self._config.display_target, timeout, state.name) from None
             left = math.inf if deadline is None else deadline - time.monotonic()
             wait = policy.delay(error, attempt, left, self._rng)
             if wait is None:
@@ -319,7 +308,7 @@ class OracleClient(ClientBase):
             except Exception as exc:  # reported to the caller after the answers already due
                 failed.append(exc)
 
-        call = self._stub().OracleStream(
+        call = self._stub.OracleStream(
             requests(), timeout=timeout, metadata=self._config.metadata or None, wait_for_ready=True
         )
         parts: dict[int, dict[int, Any]] = {}

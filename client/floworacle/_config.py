@@ -4,6 +4,7 @@ defaults, and the per-call resolution of data set, fingerprint pin and deadline.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from floworacle.protocol import DEFAULT_MAX_MESSAGE_BYTES, FLOAT_DTYPES, Request
 
 __all__ = ["ClientConfig", "make_config"]
 
-#: grpc's client-side round robin over every address a name resolves to (DNS, Kubernetes
-#: headless Services); harmless for a name with one address.
+#: grpc's client-side round robin over every address a target resolves to (a list of addresses,
+#: DNS names, Kubernetes headless Services); harmless for a name with one address.
 _ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 # A server that comes back should be reachable within our retry budget, not after gRPC's
 # default reconnect backoff (which grows to two minutes).
@@ -31,7 +32,10 @@ _RECONNECT = [
 
 @dataclass(frozen=True)
 class ClientConfig:
-    targets: tuple[str, ...]
+    #: The one gRPC target the channel dials (a URI gRPC resolves, or host:port).
+    target: str
+    #: What the caller gave, for messages (the addresses of a list stay readable).
+    display_target: str
     dataset: str
     fingerprint: str
     wire_dtype: str | None
@@ -61,6 +65,54 @@ class ClientConfig:
         return used, time.monotonic() + used
 
 
+def _split_hostport(entry: str) -> tuple[str, str]:
+    host, sep, port = entry.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{entry!r} is not 'host:port' (IPv6: '[::1]:50051')")
+    return host.strip("[]"), port
+
+
+def resolve_target(target: str | Sequence[str]) -> tuple[str, str, str | None]:
+    """(gRPC target, display name, authority) of what a caller gives as ``target``.
+
+    A URI (``dns:///svc:50051``, ``ipv4:10.0.0.1:50051,10.0.0.2:50051``, ``unix:...``) and a
+    single ``host:port`` go to gRPC as they are. A list of addresses (a sequence, or one string
+    ``"a:50051,b:50051"``) becomes one ``ipv4:`` / ``ipv6:`` target of every address its hosts
+    resolve to now, so that gRPC's own ``round_robin`` policy balances the calls over them; the
+    first host is the channel's authority (the name TLS checks). A DNS name that resolves to every
+    replica (``dns:///`` of a Kubernetes headless Service) is re-resolved by gRPC itself.
+    """
+    if isinstance(target, str):
+        if target.startswith(_URI_SCHEMES) or "," not in target:
+            if not target.strip():
+                raise ValueError(
+                    f"target must be 'host:port', 'dns:///host:port' or a list of addresses, got {target!r}"
+                )
+            return target, target, None
+        entries = [p.strip() for p in target.split(",")]
+    else:
+        entries = [str(p).strip() for p in target]
+    if not entries or any(not e for e in entries):
+        raise ValueError(f"target must be 'host:port', 'dns:///host:port' or a list of addresses, got {target!r}")
+    if len(entries) == 1:
+        return entries[0], entries[0], None
+    v4: list[str] = []
+    v6: list[str] = []
+    for entry in entries:
+        host, port = _split_hostport(entry)
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ValueError(f"cannot resolve {host!r} of the target list {entries}: {exc}") from None
+        for family, _, _, _, addr in infos:
+            if family == socket.AF_INET and f"{addr[0]}:{port}" not in v4:
+                v4.append(f"{addr[0]}:{port}")
+            elif family == socket.AF_INET6 and f"[{addr[0]}]:{port}" not in v6:
+                v6.append(f"[{addr[0]}]:{port}")
+    uri = "ipv4:" + ",".join(v4) if v4 else "ipv6:" + ",".join(v6)
+    return uri, ",".join(entries), _split_hostport(entries[0])[0]
+
+
 def make_config(
     target: str | Sequence[str],
     *,
@@ -78,14 +130,7 @@ def make_config(
     token: str | None,
     options: Sequence[tuple[str, Any]],
 ) -> ClientConfig:
-    if isinstance(target, str):
-        # "a:1,b:2" is a list of addresses; a URI ("ipv4:a:1,b:2", "dns:///h:p") is grpc's to resolve.
-        uri = target.startswith(_URI_SCHEMES)
-        targets = tuple(p.strip() for p in target.split(",")) if "," in target and not uri else (target,)
-    else:
-        targets = tuple(target)
-    if not targets or any(not t for t in targets):
-        raise ValueError(f"target must be 'host:port', 'dns:///host:port' or a list of addresses, got {target!r}")
+    uri, display, authority = resolve_target(target)
     if wire_dtype is not None and wire_dtype not in FLOAT_DTYPES:
         raise ValueError(f"wire_dtype must be None or one of {list(FLOAT_DTYPES)}, got {wire_dtype!r}")
     if max_request_rows < 1:
@@ -100,9 +145,13 @@ def make_config(
         if not token or any(c in token for c in "\r\n"):
             raise ValueError("token must be a non-empty string without line breaks")
         metadata = (("authorization", f"Bearer {token}"),)
-    opts = [*channel_options(max_message_bytes), *_RECONNECT, ("grpc.service_config", _ROUND_ROBIN), *options]
+    opts = [*channel_options(max_message_bytes), *_RECONNECT, ("grpc.service_config", _ROUND_ROBIN)]
+    if authority is not None:
+        opts.append(("grpc.default_authority", authority))
+    opts.extend(options)
     return ClientConfig(
-        targets=targets,
+        target=uri,
+        display_target=display,
         dataset=dataset or "",
         fingerprint=fingerprint or "",
         wire_dtype=wire_dtype,

@@ -4,7 +4,6 @@ channels. Create it inside the running event loop; ``async with`` or ``await cli
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
@@ -30,21 +29,19 @@ class AsyncOracleClient(ClientBase):
     def _open(self, interceptors: list[Any]) -> None:
         cfg = self._config
         inter = interceptors or None
-        self._channels: list[grpc.aio.Channel] = []
-        for addr in cfg.targets:
-            if cfg.credentials is not None:
-                ch = grpc.aio.secure_channel(addr, cfg.credentials, options=list(cfg.options), interceptors=inter)
-            else:
-                ch = grpc.aio.insecure_channel(addr, options=list(cfg.options), interceptors=inter)
-            self._channels.append(ch)
-        self._stubs = [pb_grpc.FlowOracleStub(ch) for ch in self._channels]
-        self._turn = itertools.count()
+        if cfg.credentials is not None:
+            self._channel = grpc.aio.secure_channel(
+                cfg.target, cfg.credentials, options=list(cfg.options), interceptors=inter
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(cfg.target, options=list(cfg.options), interceptors=inter)
+        self._stub = pb_grpc.FlowOracleStub(self._channel)
 
     async def close(self) -> None:
         """Close the channels. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            await asyncio.gather(*(ch.close() for ch in self._channels))
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncOracleClient:
         return self
@@ -53,9 +50,6 @@ class AsyncOracleClient(ClientBase):
         await self.close()
 
     # -- transport ---------------------------------------------------------------------------
-
-    def _stub(self) -> Any:
-        return self._stubs[next(self._turn) % len(self._stubs)]
 
     async def _unary(self, method: str, request: Any, deadline: float | None, timeout: float | None) -> Any:
         self._check_open()
@@ -66,15 +60,13 @@ class AsyncOracleClient(ClientBase):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise deadline_error(timeout)
-            i = next(self._turn) % len(self._stubs)
             try:
-                call = getattr(self._stubs[i], method)
-                return await call(request, timeout=remaining, metadata=metadata)
+                return await getattr(self._stub, method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
-            state = self._channels[i].get_state()
+            state = self._channel.get_state()
             if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and state != grpc.ChannelConnectivity.READY:
-                raise unreachable_error(self._config.targets[i], timeout, state.name) from None
+                raise unreachable_error(self._config.display_target, timeout, state.name) from None
             left = math.inf if deadline is None else deadline - time.monotonic()
             wait = policy.delay(error, attempt, left, self._rng)
             if wait is None:
@@ -244,7 +236,7 @@ class AsyncOracleClient(ClientBase):
             except Exception as exc:  # reported to the caller after the answers already due
                 failed.append(exc)
 
-        call = self._stub().OracleStream(
+        call = self._stub.OracleStream(
             requests(), timeout=timeout, metadata=self._config.metadata or None, wait_for_ready=True
         )
         parts: dict[int, dict[int, Any]] = {}

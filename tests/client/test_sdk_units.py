@@ -66,23 +66,26 @@ def test_translation_and_pickling() -> None:
     assert error_from_code(999, "?").code == grpc.StatusCode.UNKNOWN
 
 
-def _cfg(target: object) -> tuple[str, ...]:
+def _cfg(target: object) -> str:
     return make_config(
         target,  # type: ignore[arg-type]
         dataset=None, fingerprint=None, wire_dtype=None, timeout=1.0, retry=None, max_message_bytes=1 << 20,
         max_request_rows=100, root_certificates=None, private_key=None, certificate_chain=None, secure=False,
         token=None, options=(),
-    ).targets  # fmt: skip
+    ).target  # fmt: skip
 
 
 def test_target_parsing() -> None:
-    assert _cfg("h:1") == ("h:1",)
-    assert _cfg("a:1, b:2") == ("a:1", "b:2")
-    assert _cfg(["a:1", "b:2"]) == ("a:1", "b:2")
-    assert _cfg("ipv4:1.2.3.4:1,1.2.3.5:1") == ("ipv4:1.2.3.4:1,1.2.3.5:1",)
-    assert _cfg("dns:///svc.ns:50051") == ("dns:///svc.ns:50051",)
-    with pytest.raises(ValueError, match="target"):
-        _cfg([])
+    assert _cfg("h:1") == "h:1"
+    # a list of addresses becomes one target of every address, for gRPC's round_robin policy
+    assert _cfg("127.0.0.1:1, 127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert _cfg(["127.0.0.1:1", "127.0.0.2:2"]) == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert _cfg(["[::1]:5", "[::1]:6"]) == "ipv6:[::1]:5,[::1]:6"
+    assert _cfg("ipv4:1.2.3.4:1,1.2.3.5:1") == "ipv4:1.2.3.4:1,1.2.3.5:1"
+    assert _cfg("dns:///svc.ns:50051") == "dns:///svc.ns:50051"
+    for bad in ([], "a:1,b", "host.invalid.:1,b.invalid.:2"):
+        with pytest.raises(ValueError):
+            _cfg(bad)
 
 
 def test_split_rows_and_pin() -> None:
