@@ -33,3 +33,24 @@ def test_train_digits_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
     # the oracle itself departs from x1 - x0 early (many samples weigh) and not late (collapse)
     assert floors[0] > 0.1 > 0.01 > floors[-1]
+
+
+def test_sample_oracle_writes_copies_of_training_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's memorisation walk-through: oracle samples are (near) copies of the data."""
+    import numpy as np
+
+    from floworacle_server.data import load_digits
+
+    spec = importlib.util.spec_from_file_location("sample_oracle", EXAMPLE.parent / "sample_oracle.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "generated.npy"
+    with serve_in_thread(Settings(device="cpu", metrics_port=-1)) as srv:
+        assert mod.main(["--address", srv.address, "--n", "8", "--steps", "20", "--out", str(out)]) == 0
+    samples = np.load(out)
+    assert samples.shape == (8, 64) and "wrote" in capsys.readouterr().out
+    data = load_digits().x.double().numpy()
+    d = np.sqrt(((samples[:, None, :].astype(np.float64) - data[None]) ** 2).sum(-1))
+    d.sort(axis=1)
+    assert (d[:, 0] / d[:, 1] < 1 / 3).mean() >= 0.75  # copies by the d1/d2 test
