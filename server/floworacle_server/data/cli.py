@@ -72,6 +72,8 @@ def _build(args: argparse.Namespace) -> int:
     from floworacle_server.data._index import build_index
 
     try:
+        if args.features_index and not args.features:
+            raise ValueError("--features-index needs --features")
         manifest = build_index(
             args.src,
             args.out,
@@ -85,8 +87,6 @@ def _build(args: argparse.Namespace) -> int:
             features=args.features,
             features_metric=args.features_metric,
         )
-        if args.features_index and not args.features:
-            raise ValueError("--features-index needs --features")
         entries = []
         for space, spec in (("data", args.nearest_index), ("features", args.features_index)):
             if spec:
