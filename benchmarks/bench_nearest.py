@@ -84,7 +84,12 @@ def _draw(centres: np.ndarray, bases: np.ndarray, scales: np.ndarray, weights: n
         m = min(step, n - s)
         j = rng.choice(centres.shape[0], size=m, p=weights)
         z = rng.standard_normal((m, rank)).astype(np.float32)
-        out[s : s + m] = centres[j] + scales[j, None] * np.einsum("mdr,mr->md", bases[j], z)
+        sub = max(1, (64 << 20) // (4 * d * rank))  # the gathered (rows, d, rank) bases stay ~64 MB
+        for a in range(0, m, sub):
+            jj = j[a : a + sub]
+            out[s + a : s + a + jj.size] = centres[jj] + scales[jj, None] * np.einsum(
+                "mdr,mr->md", bases[jj], z[a : a + sub]
+            )
         out[s : s + m] += 0.05 * rng.standard_normal((m, d)).astype(np.float32)
     return out
 
@@ -182,7 +187,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--index", action="store_true", help="the index section (clustered synthetic data)")
-    parser.add_argument("--kinds", nargs="+", default=["ivf", "ivfpq"], help="index section: index kinds")
+    parser.add_argument(
+        "--kinds", nargs="*", default=["ivf", "ivfpq"], help="index section: index kinds (none: exact only)"
+    )
     parser.add_argument("--nlist", type=int, help="index section: inverted lists (default ~4 sqrt(N))")
     parser.add_argument("--m", type=int, help="index section: PQ sub-quantisers (default from D)")
     parser.add_argument("--train", type=int, help="index section: k-means sample (default 64 nlist)")

@@ -299,6 +299,7 @@ def load_index(
     name: str | None = None,
     progress: bool = False,
     exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES,
+    with_indexes: bool = True,
 ) -> Dataset:
     """Load an index directory as a :class:`Dataset` on ``device``, with its features and faiss indexes.
 
@@ -311,6 +312,7 @@ def load_index(
             (faster for large sets; an index built for other vectors is refused either way).
         name: overrides the manifest's name.
         exact_nearest_max_samples: see :class:`Dataset`.
+        with_indexes: load the faiss indexes the manifest lists (False: the data and features only).
 
     Raises:
         ValueError: not an index, shapes that disagree with the manifest, or a fingerprint
@@ -397,9 +399,10 @@ def load_index(
     if ds.features is not None:
         fingerprints["features"] = ds.features.fingerprint
         dims["features"] = ds.features.dim
-    ds.nearest_indexes = load_nearest_indexes(
-        p, manifest, fingerprints, ds.num_samples, dims, device=ds.device, verify=verify
-    )
+    if with_indexes:
+        ds.nearest_indexes = load_nearest_indexes(
+            p, manifest, fingerprints, ds.num_samples, dims, device=ds.device, verify=verify
+        )
     return ds
 
 

@@ -48,13 +48,15 @@ except ImportError:  # pragma: no cover - faiss-cpu is a server dependency
 class BackendChoice:
     """The exact screen chosen for one space of a data set ("torch" or "faiss") and why.
 
-    ``torch_ms`` / ``faiss_ms`` are the calibration's best times (None when not measured).
+    ``torch_ms`` / ``faiss_ms`` are the calibration's best times and ``torch_over_faiss`` their
+    ratio (> 1: faiss faster); None when not measured.
     """
 
     backend: str
     reason: str
     torch_ms: float | None = None
     faiss_ms: float | None = None
+    torch_over_faiss: float | None = None
 
 
 @dataclass

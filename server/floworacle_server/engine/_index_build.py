@@ -310,8 +310,7 @@ def build_nearest_index(
     if isinstance(spec, str):
         spec = parse_index_spec(spec)
     t0 = time.perf_counter()
-    ds = load_index(index_dir, verify=verify)
-    ds.nearest_indexes.pop(space, None)  # the one being replaced plays no part
+    ds = load_index(index_dir, verify=verify, with_indexes=False)  # the exact search is the reference
     sp = search_space(ds, space)
     spec = _resolve(spec, sp.num_samples, sp.dim)
     index, facts = train_index(sp, spec, progress=progress)

@@ -23,8 +23,10 @@ def test_calibration_measures_both_and_keeps_the_faster(monkeypatch: pytest.Monk
     choice = calibrate_nearest_backend(ds)
     assert choice.torch_ms is not None and choice.faiss_ms is not None
     assert choice.torch_ms > 0 and choice.faiss_ms > 0
-    assert choice.backend == ("faiss" if choice.faiss_ms < choice.torch_ms else "torch")
     assert f"torch {choice.torch_ms:.1f} ms" in choice.reason and f"faiss {choice.faiss_ms:.1f} ms" in choice.reason
+    assert choice.torch_over_faiss == pytest.approx(choice.torch_ms / choice.faiss_ms)
+    assert choice.backend == ("faiss" if choice.faiss_ms < choice.torch_ms else "torch")
+    assert f"{choice.backend} " in choice.reason.rsplit(":", 1)[1] and "best of 8" in choice.reason
     assert "5,000 rows of D = 24" in choice.reason  # N is below the calibration size: all rows
     assert ds.nearest_backends["data"] is choice
     info = nearest_info(ds)
@@ -62,7 +64,9 @@ def test_auto_runs_the_chosen_screen(monkeypatch: pytest.MonkeyPatch, winner: st
     # the calibration's timings decide; here they are given, as if measured
     fast, slow = 1.0, 2.0
     monkeypatch.setattr(
-        backend_mod, "_measure", lambda sp, rows, seed: (fast, slow) if winner == "torch" else (slow, fast)
+        backend_mod,
+        "_measure",
+        lambda sp, rows, seed: (fast, slow) if winner == "torch" else (slow, fast),
     )
     ds = _data(800, 12)
     res = nearest(ds, torch.randn(5, 12), 3)  # the first auto query calibrates
