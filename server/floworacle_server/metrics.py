@@ -101,6 +101,10 @@ class _DatasetSnapshot:
     dim: int
     fingerprint: str
     resident_bytes: int
+    #: (space, exact nearest-search backend) pairs, e.g. ("data", "faiss")
+    nearest_backends: tuple[tuple[str, str], ...] = ()
+    #: (space, index kind, build-time recall) of the loaded faiss indexes
+    nearest_indexes: tuple[tuple[str, str, float], ...] = ()
 
 
 class _DatasetCollector(Collector):
@@ -122,11 +126,27 @@ class _DatasetCollector(Collector):
             "Bytes of device (or host) memory the data set occupies.",
             labels=["dataset"],
         )
+        backend = GaugeMetricFamily(
+            "floworacle_nearest_backend_info",
+            "The exact nearest-search screen chosen for each space of a data set (value is always 1).",
+            labels=["dataset", "space", "backend"],
+        )
+        recall = GaugeMetricFamily(
+            "floworacle_nearest_index_recall",
+            "recall@k of a data set's faiss index, measured on held-out queries when it was built.",
+            labels=["dataset", "space", "kind"],
+        )
         for ds in snapshot:
             info.add_metric([ds.name, str(ds.num_samples), str(ds.dim), ds.fingerprint], 1.0)
             resident.add_metric([ds.name], float(ds.resident_bytes))
+            for space, name in ds.nearest_backends:
+                backend.add_metric([ds.name, space, name], 1.0)
+            for space, kind, r in ds.nearest_indexes:
+                recall.add_metric([ds.name, space, kind], r)
         yield info
         yield resident
+        yield backend
+        yield recall
 
 
 def _host_memory() -> tuple[float, float]:
@@ -316,7 +336,8 @@ class ServiceMetrics:
 
     def set_datasets(self, datasets: Iterable[Any]) -> None:
         """Replace the data set info with ``datasets`` (objects with .name, .num_samples, .dim,
-        .fingerprint, .resident_bytes)."""
+        .fingerprint, .resident_bytes, and optionally .nearest_backends (space -> choice with
+        .backend) and .nearest_indexes (space -> index with .kind, .recall))."""
         self._datasets.snapshot = tuple(
             _DatasetSnapshot(
                 name=str(ds.name),
@@ -324,6 +345,13 @@ class ServiceMetrics:
                 dim=int(ds.dim),
                 fingerprint=str(ds.fingerprint),
                 resident_bytes=int(ds.resident_bytes),
+                nearest_backends=tuple(
+                    (str(space), str(c.backend)) for space, c in getattr(ds, "nearest_backends", {}).items()
+                ),
+                nearest_indexes=tuple(
+                    (str(space), str(ix.kind), float(ix.recall))
+                    for space, ix in getattr(ds, "nearest_indexes", {}).items()
+                ),
             )
             for ds in datasets
         )

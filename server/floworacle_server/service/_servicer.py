@@ -13,8 +13,9 @@ from typing import Protocol, TypeVar
 
 import grpc
 
-from floworacle.protocol import RequestError, dtype_by_name, pb, pb_grpc
+from floworacle.protocol import SPACES, RequestError, dtype_by_name, pb, pb_grpc
 from floworacle_server.data import Dataset, DatasetStore
+from floworacle_server.engine import nearest_info
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
 from floworacle_server.service._budget import ByteBudget
@@ -50,7 +51,8 @@ STREAM_RETRY_S = 30.0
 
 
 def dataset_info(ds: Dataset, default_name: str | None) -> pb.DatasetInfo:
-    """The wire description of a resident data set."""
+    """The wire description of a resident data set (its nearest-search facts included)."""
+    near = nearest_info(ds)
     return pb.DatasetInfo(
         name=ds.name,
         fingerprint=ds.fingerprint,
@@ -64,6 +66,24 @@ def dataset_info(ds: Dataset, default_name: str | None) -> pb.DatasetInfo:
         device=str(ds.device),
         resident_bytes=ds.resident_bytes,
         is_default=ds.name == default_name,
+        nearest_backend=near.backend,
+        nearest_backend_reason=near.backend_reason,
+        exact_nearest_max_samples=near.exact_max_samples,
+        nearest_indexes=[
+            pb.NearestIndexInfo(
+                space=SPACES[ix.space],  # type: ignore[arg-type]
+                kind=ix.kind,
+                params=ix.params,
+                recall=ix.recall,
+                recall_k=ix.recall_k,
+                default_nprobe=ix.default_nprobe,
+                device=ix.device,
+                bytes=ix.bytes,
+            )
+            for ix in near.indexes
+        ],
+        feature_dim=near.feature_dim,
+        feature_metric=near.feature_metric,
     )
 
 
