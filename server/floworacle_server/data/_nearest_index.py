@@ -37,12 +37,6 @@ NEAREST_SPACES = ("data", "features")
 #: A nearest query that does not say ``exact`` is exact up to this many samples (else it uses an index).
 DEFAULT_EXACT_NEAREST_MAX_SAMPLES = 1_000_000
 
-_faiss: Any
-try:
-    import faiss as _faiss
-except ImportError:  # pragma: no cover - faiss-cpu is a server dependency
-    _faiss = None
-
 
 @dataclass
 class BackendChoice:
@@ -116,9 +110,12 @@ class NearestIndex:
 
 
 def _need_faiss() -> Any:
-    if _faiss is None:
-        raise ValueError("nearest indexes need the faiss package (pip install faiss-cpu)")
-    return _faiss
+    # imported here, not at module level: a data set without indexes loads without faiss
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss-cpu is a server dependency
+        raise ValueError("nearest indexes need the faiss package (pip install faiss-cpu)") from None
+    return faiss
 
 
 def _sha256_file(path: Path) -> str:

@@ -180,3 +180,18 @@ def test_held_out_queries_and_spec_parsing(tmp_path: Path) -> None:
             build_nearest_index(tmp_path / "h", bad, progress=False)
     with pytest.raises(ValueError, match="no feature space"):
         build_nearest_index(tmp_path / "h", "ivf", space="features", progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_storage_indexes_the_stored_values(tmp_path: Path, dtype: str) -> None:
+    x = _clustered(700, 8, 9)
+    build_index(x, tmp_path / "h", dtype=dtype, progress=False)
+    build_nearest_index(tmp_path / "h", "ivf:nlist=8,queries=50", progress=False)
+    ds = load_index(tmp_path / "h")
+    stored = np.empty((700, 8))
+    stored[ds.original_index.numpy()] = ds.x.double().numpy()
+    q = stored[:20] + 0.3
+    res = nearest(ds, q, 5, nprobe=8)  # every list: the exact answer over the stored half values
+    idx, d2 = _ref(stored, q, 5)
+    np.testing.assert_array_equal(res.indices.numpy(), idx)
+    np.testing.assert_allclose(res.distances.numpy() ** 2, d2, rtol=1e-12)
