@@ -13,7 +13,7 @@ from floworacle_server.engine._bounds import DENSE_LOGIT_TOL, REACH_MARGIN, SCRE
 from floworacle_server.engine._config import CPU, CUDA, EngineConfig
 from floworacle_server.engine._flush import FlushState, flush_denormals
 from floworacle_server.engine._index_build import IndexSpec, build_nearest_index, parse_index_spec
-from floworacle_server.engine._nearest import nearest, posterior_nearest
+from floworacle_server.engine._nearest import check_search, nearest, posterior_nearest
 from floworacle_server.engine._partials import Partials, Posterior
 from floworacle_server.engine._types import OUTPUTS, Guidance, NearestResult, OracleQuery, OracleResult, Precision
 
@@ -37,6 +37,7 @@ __all__ = [
     "Precision",
     "build_nearest_index",
     "calibrate_nearest_backend",
+    "check_search",
     "compute_partials",
     "flush_denormals",
     "nearest",

@@ -28,7 +28,7 @@ from floworacle_server.engine._bounds import float32_gemm_unit_roundoff as _gemm
 from floworacle_server.engine._space import SearchSpace, exclusion_rows, search_space
 from floworacle_server.engine._types import NearestResult
 
-__all__ = ["nearest", "posterior_nearest", "NEAREST_BACKENDS", "screening_error_bound"]
+__all__ = ["nearest", "posterior_nearest", "check_search", "NEAREST_BACKENDS", "screening_error_bound"]
 
 #: ``backend`` values: "auto" follows the data set's calibration (see :mod:`floworacle_server.engine._backend`).
 NEAREST_BACKENDS = ("auto", "torch", "faiss")
@@ -324,6 +324,12 @@ def _as_queries(ds: Dataset, sp: SearchSpace, x: Any, what: str) -> torch.Tensor
 def _check_k(n: int, k: int) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= n:
         raise ValueError(f"k must be an integer in 1..{n} (the data set's size), got {k!r}")
+
+
+def check_search(dataset: Dataset, space: str, exact: bool | None, nprobe: int | None) -> None:
+    """Raise ValueError (with what to build) unless ``dataset`` can run this search: the space
+    exists, and an index search has an index. The service calls it before queueing a request."""
+    _use_index(search_space(dataset, space), exact, nprobe)
 
 
 def _use_index(sp: SearchSpace, exact: bool | None, nprobe: int | None) -> bool:

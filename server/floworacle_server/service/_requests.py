@@ -19,7 +19,7 @@ import numpy as np
 from floworacle.paths import PathCoefficients
 from floworacle.protocol import CodecError, OutputSpec, RequestError, decode, dtype_by_enum, pb, rules
 from floworacle_server.data import Dataset, DatasetStore
-from floworacle_server.engine import Guidance, Precision
+from floworacle_server.engine import Guidance, Precision, check_search
 
 __all__ = [
     "RpcFailure",
@@ -171,17 +171,21 @@ def _float_vector(t: pb.Tensor, field: str, b: int) -> np.ndarray:
     return rules.check_times(_decode(t, field, "float"), b, field)
 
 
-def _queries(t: pb.Tensor, field: str, ds: Dataset, limits: Limits, present: bool) -> tuple[np.ndarray, str, tuple]:
-    """Decode (B, *sample_shape) or (B, D) float queries -> ((B, D) view, wire dtype, out shape)."""
+def _queries(
+    t: pb.Tensor, field: str, ds: Dataset, limits: Limits, present: bool, space: str = "data"
+) -> tuple[np.ndarray, str, tuple]:
+    """Decode (B, *sample_shape) or (B, D) float queries -> ((B, D) view, wire dtype, out shape);
+    in the feature space the rows are (B, F) feature vectors."""
+    dim, sample_shape = (ds.feature_dim, (ds.feature_dim,)) if space == "features" else (ds.dim, ds.sample_shape)
     if not present:
-        raise RequestError(f"{field} is required: a tensor of shape (B, {ds.dim}) or (B, *{list(ds.sample_shape)})")
+        raise RequestError(f"{field} is required: a tensor of shape (B, {dim}) or (B, *{list(sample_shape)})")
     declared = tuple(int(s) for s in t.shape)
     if declared:
         # on the declared shape, before decoding, so an oversized request costs nothing
         rules.check_rows(declared[0], field, limits.max_request_rows)
     arr = _decode(t, field, "float")
-    out_shape = rules.sample_layout(arr.shape, field, ds.name, ds.dim, ds.sample_shape)
-    flat = arr.reshape(arr.shape[0], ds.dim)  # a view of the wire bytes, never a copy
+    out_shape = rules.sample_layout(arr.shape, field, ds.name, dim, sample_shape)
+    flat = arr.reshape(arr.shape[0], dim)  # a view of the wire bytes, never a copy
     rules.check_finite_rows(flat, field)
     return flat, dtype_by_enum(t.dtype).name, out_shape
 
@@ -287,14 +291,18 @@ def parse_nearest(req: pb.NearestRequest, store: DatasetStore, limits: Limits) -
     """Validate a :class:`NearestRequest`. With t (or custom coefficients) the points are x_t and
     the search ranks samples by posterior weight (the engine's posterior-nearest search)."""
     ds = resolve_dataset(store, req.dataset, req.fingerprint)
-    x, _, _ = _queries(req.x, "x", ds, limits, req.HasField("x"))
-    b = int(x.shape[0])
-    k = int(req.k)
-    rules.check_k(k, ds.num_samples)
     exact = req.exact if req.HasField("exact") else None
     nprobe = int(req.nprobe)
     rules.check_nearest_mode(exact, nprobe)
     space = rules.space_from_enum(req.space)
+    try:  # the data set must have the space, and an index for an index search
+        check_search(ds, space, exact, nprobe or None)
+    except ValueError as exc:
+        raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, str(exc), reason="invalid") from None
+    x, _, _ = _queries(req.x, "x", ds, limits, req.HasField("x"), space)
+    b = int(x.shape[0])
+    k = int(req.k)
+    rules.check_k(k, ds.num_samples)
     t = _float_vector(req.t, "t", b) if req.HasField("t") else None
     coeffs = _coefficients(req, t, b, for_nearest=True)
     if coeffs is not None:
