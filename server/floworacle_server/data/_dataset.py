@@ -16,6 +16,7 @@ import torch
 
 from floworacle_server.data._features import FeatureSpace
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, BackendChoice, NearestIndex
+from floworacle_server.data._shard import ShardOf
 
 __all__ = ["Dataset", "fingerprint_arrays", "STORAGE_DTYPES"]
 
@@ -84,6 +85,8 @@ class Dataset:
         nearest_backends: the exact screen chosen per space (set by the engine's calibration).
         exact_nearest_max_samples: nearest queries that do not say ``exact`` are exact up to
             this many samples, else they use the space's index when it has one.
+        shard: for a shard of a gang (:mod:`._shard`), its place and the whole set's facts; None
+            for a whole data set.
     """
 
     name: str
@@ -102,6 +105,7 @@ class Dataset:
     nearest_backends: dict[str, BackendChoice] = field(default_factory=dict, repr=False, compare=False)
     exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES
     _row_of: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    shard: ShardOf | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_arrays(
@@ -206,7 +210,10 @@ class Dataset:
         )
 
     def abs_max(self) -> float:
-        """max_i,j |x_ij| of the stored values (computed once; used by error bounds)."""
+        """max_i,j |x_ij| of the stored values (computed once; used by error bounds); of the whole
+        data set for a shard."""
+        if self.shard is not None:
+            return self.shard.facts.abs_max
         if self._abs_max is None:
             rows = 65536
             self._abs_max = max(float(self.x[s : s + rows].abs().max()) for s in range(0, self.num_samples, rows))
@@ -214,7 +221,13 @@ class Dataset:
 
     @property
     def num_samples(self) -> int:
+        """Rows held here (a shard's own)."""
         return int(self.x.shape[0])
+
+    @property
+    def total_samples(self) -> int:
+        """N of the whole data set (a shard's whole set; what limits and indices refer to)."""
+        return self.shard.facts.num_samples if self.shard is not None else self.num_samples
 
     @property
     def dim(self) -> int:
@@ -252,9 +265,10 @@ class Dataset:
         return int(self.class_offsets[label]), int(self.class_offsets[label + 1])
 
     def rows_of(self, indices: torch.Tensor) -> torch.Tensor:
-        """Rows (this object's order) of samples given by the caller's original indices (on the data's device)."""
+        """Rows (this object's order) of samples given by the caller's original indices (on the
+        data's device); -1 for samples a shard does not hold."""
         if self._row_of is None:
-            inv = torch.empty_like(self.original_index)
+            inv = torch.full((self.total_samples,), -1, dtype=torch.int64, device=self.original_index.device)
             inv[self.original_index] = torch.arange(self.num_samples, device=inv.device)
             self._row_of = inv
         return self._row_of[indices.to(self._row_of.device)]

@@ -7,18 +7,23 @@ data is one class. The shards of a data set partition its rows: together they ho
 exactly once, and the softmax partials of disjoint rows merge exactly, so the gang's answer is
 the single process's.
 
-A shard remembers the whole data set's facts (size, fingerprint, per-class counts, largest
-values and norms, weight normalisation): error bounds and refusals are those of the whole.
+A shard remembers the whole data set's facts (:class:`GlobalFacts`: size, per-class counts,
+largest values and norms; weights are normalised over the whole set): error bounds, limits and
+refusals are those of the whole, and original indices are the whole set's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-__all__ = ["ShardSpec", "shard_rows", "GlobalFacts"]
+if TYPE_CHECKING:
+    from floworacle_server.data._dataset import Dataset
+
+__all__ = ["ShardSpec", "ShardOf", "GlobalFacts", "shard_rows", "shard_arrays", "make_shard", "local_facts"]
 
 
 @dataclass(frozen=True)
@@ -33,22 +38,34 @@ class ShardSpec:
             raise ValueError(f"rank {self.rank} is outside a gang of {self.world}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class GlobalFacts:
     """What a shard knows of the whole data set.
 
     Attributes:
         num_samples: N of the whole data set.
-        class_counts: (C,) rows per class of the whole set (empty without labels).
+        class_counts: rows per class of the whole set (empty without labels).
+        class_alive: rows of positive weight per class (equal to ``class_counts`` without weights).
         abs_max: max |x_ij| over all stored values.
         max_sq: max ||x_i||^2 over all rows; ``class_max_sq`` per class.
     """
 
     num_samples: int
     class_counts: tuple[int, ...]
+    class_alive: tuple[int, ...]
     abs_max: float
     max_sq: float
     class_max_sq: tuple[float, ...]
+
+
+@dataclass
+class ShardOf:
+    """What makes a :class:`~floworacle_server.data.Dataset` a shard: its place in the gang and
+    the whole data set's facts (the gang completes ``facts`` with collectives when each rank
+    loaded only its own rows; see :func:`local_facts`)."""
+
+    spec: ShardSpec
+    facts: GlobalFacts
 
 
 def shard_rows(labels: np.ndarray | None, num_samples: int, spec: ShardSpec) -> np.ndarray:
@@ -66,22 +83,113 @@ def shard_rows(labels: np.ndarray | None, num_samples: int, spec: ShardSpec) -> 
         if lab.shape != (num_samples,):
             raise ValueError(f"labels must have shape ({num_samples},), got {lab.shape}")
         order = np.argsort(lab, kind="stable").astype(np.int64)
-        counts = np.bincount(lab)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(lab))])
         bounds = list(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True))
     r, w = spec.rank, spec.world
     pieces = [order[a + ((b - a) * r) // w : a + ((b - a) * (r + 1)) // w] for a, b in bounds]
     return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
 
 
-def global_facts(x: torch.Tensor, sq_norms: torch.Tensor, class_offsets: torch.Tensor | None) -> GlobalFacts:
-    """The facts of a whole (resident) data set, for its shards."""
-    counts: tuple[int, ...] = ()
-    class_max: tuple[float, ...] = ()
-    if class_offsets is not None:
-        off = class_offsets.tolist()
-        counts = tuple(b - a for a, b in zip(off[:-1], off[1:], strict=True))
-        class_max = tuple(float(sq_norms[a:b].max()) if b > a else 0.0 for a, b in zip(off[:-1], off[1:], strict=True))
+def local_facts(ds: Dataset, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """This shard's part of the whole set's facts, to be merged over the gang: (maxima to reduce
+    with max: abs_max, max_sq, class_max_sq..., counts to reduce with sum: class_alive...)."""
     rows = 65536
-    abs_max = max(float(x[s : s + rows].abs().max()) for s in range(0, x.shape[0], rows))
-    return GlobalFacts(int(x.shape[0]), counts, abs_max, float(sq_norms.max()), class_max)
+    abs_max = max((float(ds.x[s : s + rows].abs().max()) for s in range(0, ds.num_samples, rows)), default=0.0)
+    maxima = [abs_max, float(ds.sq_norms.max()) if ds.num_samples else 0.0]
+    alive: list[int] = []
+    if ds.class_offsets is not None:
+        off = ds.class_offsets.tolist()
+        for a, b in zip(off[:-1], off[1:], strict=True):
+            maxima.append(float(ds.sq_norms[a:b].max()) if b > a else 0.0)
+            w = ds.log_weights[a:b] if ds.log_weights is not None else None
+            alive.append(int(torch.isfinite(w).sum()) if w is not None else b - a)
+    return np.asarray(maxima, dtype=np.float64), np.asarray(alive, dtype=np.int64)
+
+
+def _facts_from(ds: Dataset, num_samples: int, class_counts: tuple[int, ...]) -> GlobalFacts:
+    maxima, alive = local_facts(ds, len(class_counts))
+    return GlobalFacts(
+        num_samples=num_samples,
+        class_counts=class_counts,
+        class_alive=tuple(int(a) for a in alive),
+        abs_max=float(maxima[0]),
+        max_sq=float(maxima[1]),
+        class_max_sq=tuple(float(m) for m in maxima[2:]),
+    )
+
+
+def shard_arrays(
+    name: str,
+    x_rows: Any,
+    rows: np.ndarray,
+    labels: np.ndarray | None,
+    weights: np.ndarray | None,
+    spec: ShardSpec,
+    *,
+    num_samples: int,
+    num_classes: int,
+    sample_shape: tuple[int, ...],
+    dtype: str,
+    device: str | torch.device,
+    fingerprint: str,
+    scale_factor: float = 1.0,
+) -> Dataset:
+    """The shard of ``spec`` from its rows: ``x_rows`` its samples in :func:`shard_rows` order
+    (already scaled), ``rows`` their original indices, and the whole set's ``labels`` and
+    ``weights`` (N,) (or None) and fingerprint. Its :attr:`ShardOf.facts` hold the whole set's
+    counts and this shard's extremes until the gang merges them."""
+    from floworacle_server.data._dataset import Dataset
+
+    if len(rows) == 0:
+        raise ValueError(f"data set {name!r}: shard {spec.rank} of {spec.world} would hold no rows; use fewer ranks")
+    lab_rows = labels[rows] if labels is not None else None
+    w_rows = np.asarray(weights, dtype=np.float64)[rows] if weights is not None else None
+    # from_arrays refuses weights that are all zero; a shard may hold only zero-weight rows, so it
+    # is built unweighted and given the whole set's log weights afterwards
+    ds = Dataset.from_arrays(
+        name, x_rows, lab_rows, None, sample_shape=sample_shape, dtype=dtype, device=device, fingerprint=fingerprint
+    )
+    ds.scale_factor = float(scale_factor)
+    dev = ds.device
+    ds.original_index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(dev)
+    counts: tuple[int, ...] = ()
+    if labels is not None:  # every class of the whole set, even those this shard holds none of
+        assert lab_rows is not None
+        here = np.bincount(lab_rows, minlength=num_classes)
+        ds.class_offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(here)]).astype(np.int64))
+        counts = tuple(np.bincount(labels, minlength=num_classes).tolist())
+    if w_rows is not None:  # normalised over the whole set, so the shards' logits share one constant
+        with np.errstate(divide="ignore"):
+            logw = np.log(w_rows) - np.log(np.sum(weights, dtype=np.float64))
+        ds.log_weights = torch.from_numpy(logw).to(dev)
+    ds.shard = ShardOf(spec, _facts_from(ds, num_samples, counts))
+    return ds
+
+
+def make_shard(full: Dataset, spec: ShardSpec) -> Dataset:
+    """The shard ``spec`` of a resident data set (every process loads the whole set and keeps its
+    rows; for files other than index directories, and for tests). Its facts are the whole set's."""
+    n = full.num_samples
+    if n < spec.world:
+        raise ValueError(f"data set {full.name!r} has {n} samples, fewer than the gang's {spec.world} ranks")
+    original = full.original_index.cpu().numpy()
+    labels = weights = None
+    if full.labels is not None:
+        labels = np.empty(n, dtype=np.int64)
+        labels[original] = full.labels.cpu().numpy()
+    if full.log_weights is not None:
+        weights = np.empty(n, dtype=np.float64)
+        weights[original] = np.exp(full.log_weights.cpu().numpy())
+    rows = shard_rows(labels, n, spec)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[original] = np.arange(n)
+    positions = torch.from_numpy(inverse[rows]).to(full.device)
+    x_rows = full.x.index_select(0, positions).cpu().reshape(len(rows), *full.sample_shape)
+    ds = shard_arrays(
+        full.name, x_rows, rows, labels, weights, spec, num_samples=n, num_classes=full.num_classes,
+        sample_shape=full.sample_shape, dtype=full.storage_dtype, device=full.device, fingerprint=full.fingerprint,
+        scale_factor=full.scale_factor,
+    )  # fmt: skip
+    assert ds.shard is not None
+    ds.shard.facts = _facts_from(full, n, ds.shard.facts.class_counts)
+    return ds
