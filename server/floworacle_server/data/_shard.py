@@ -160,7 +160,7 @@ def shard_arrays(
         counts = tuple(np.bincount(labels, minlength=num_classes).tolist())
     if w_rows is not None:  # normalised over the whole set, so the shards' logits share one constant
         with np.errstate(divide="ignore"):
-            logw = np.log(w_rows) - np.log(np.sum(weights, dtype=np.float64))
+            logw = np.log(w_rows) - np.log(np.sum(np.asarray(weights), dtype=np.float64))
         ds.log_weights = torch.from_numpy(logw).to(dev)
     ds.shard = ShardOf(spec, _facts_from(ds, num_samples, counts))
     return ds
