@@ -39,7 +39,7 @@ import torch
 
 from floworacle_server.data._dataset import Dataset
 from floworacle_server.engine._batch import Batch, Coef, Group, Want, facts
-from floworacle_server.engine._bounds import U64, ScreenModel, variance_error, x1_error
+from floworacle_server.engine._bounds import U32, U64, ScreenModel, variance_error, x1_error
 from floworacle_server.engine._config import EngineConfig
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._passes import (
@@ -152,7 +152,15 @@ def _batch(
     dev = ds.device
     model = ScreenModel.choose(screen, dev, ds.x.dtype, ds.dim)
     xs = x if x.dtype == model.dtype else x.to(model.dtype)
-    qnorm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    # an upper bound of ||x_t|| from one float32 pass (the error bounds need no more): rounding x
+    # to float32 and the float32 sum of squares are within (D + 4) u32, underflow within sqrt(D) 2^-63
+    x32 = xs if xs.dtype == torch.float32 else x.to(torch.float32)
+    qnorm = (
+        torch.linalg.vector_norm(x32, dim=1)
+        .to(torch.float64)
+        .mul_(1 + (ds.dim + 4) * U32)
+        .add_(math.sqrt(ds.dim) * 2.0**-63)
+    )
     f = facts(ds)
     ex_rows = None
     if exclude is not None:

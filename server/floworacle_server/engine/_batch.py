@@ -98,7 +98,14 @@ class DatasetFacts:
     max_sq: float
     class_max_sq: list[float]
     _inverse: torch.Tensor | None = field(default=None, repr=False)
+    _sq32: torch.Tensor | None = field(default=None, repr=False)
     _range_max_sq: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
+
+    def sq32(self, ds: Dataset) -> torch.Tensor:
+        """(N,) float32 ``||x_i||^2`` for the screening epilogue (converted once)."""
+        if self._sq32 is None:
+            self._sq32 = ds.sq_norms.to(torch.float32)
+        return self._sq32
 
     def range_max_sq(self, ds: Dataset, start: int, stop: int) -> float:
         """Largest ||x_i||^2 over rows [start, stop) (cached; one host read per new range)."""
@@ -171,10 +178,10 @@ class Batch:
         model: the screening GEMM's precision and bound.
         x: (B, D) queries as sent (any float dtype) on the data's device: the exact values.
         xs: (B, D) queries in the screening dtype (``x`` itself when it already is).
-        qnorm: (B,) float64 ``||x_t||``.
+        qnorm: (B,) float64 upper bound of ``||x_t||`` (within (D + 4) u32 of it).
         slot_query: (S,) int64 query of each slot, or None when slot s is query s (S = B).
         coef: per-slot coefficients.
-        qnorm_s: (S,) float64 query norms per slot.
+        qnorm_s: (S,) float64 ``qnorm`` per slot.
         exclude: (S,) int64 data row each slot leaves out (-1: none), or None.
         groups: the slots' row ranges.
         want: which sums to produce.

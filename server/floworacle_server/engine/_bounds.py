@@ -16,8 +16,9 @@ multiply-adds gives ``|fl(x . y) - x . y| <= gamma_n sum_j |x_j y_j| <= gamma_n 
 float32 GEMM, see :func:`float32_gemm_unit_roundoff`) add their unit roundoffs. For ``n u <=
 0.01`` we use ``gamma_n <= 1.01 n u``.
 
-Screening logits ``lt_i = fl(c G_i - h ||x_i||^2 + log p_i)`` (``G = x_t . x_i`` from the
-screening GEMM, ``c = alpha / sigma^2``, ``h = alpha^2 / (2 sigma^2)``) differ from the exact
+Screening logits ``lt_i = fl(G_i - h ||x_i||^2 + log p_i)`` (``G = (c x_t) . x_i`` from the
+screening GEMM, the query scaled in float32 first, ``c = alpha / sigma^2``, ``h = alpha^2 / (2
+sigma^2)``) differ from the exact
 ``c x_t . x_i - h ||x_i||^2 + log p_i`` (the exact logit plus the per-query constant
 ``||x_t||^2 / (2 sigma^2)``) by at most :func:`screen_logit_error`: the GEMM bound
 ``gamma c ||x_t|| max||x_i||`` plus float32 rounding of ``c``, ``h``, ``||x_i||^2``, the product,
@@ -158,7 +159,8 @@ class ScreenModel:
         counts the float32 accumulation ``(D + 2) u32``, the rounding of the query to the
         screening dtype, of the data where it is stored in another dtype, of both inside the GEMM
         (TF32 / bf16 under a float32 matmul precision below "highest") and of the product where
-        the GEMM returns a half-precision result.
+        the GEMM returns a half-precision result; plus 2 u32 for scaling the query by c in
+        float32 before it (c rounded, the product rounded).
         """
         if screen not in SCREEN_DTYPES:
             raise ValueError(f"unknown screening precision {screen!r}; use one of {sorted(SCREEN_DTYPES)}")
@@ -173,7 +175,7 @@ class ScreenModel:
             internal = 0.0
             data_u = 0.0 if storage == dtype else u_in
             out_u = u_in
-        gamma = ((dim + 2) * U32 + u_in + data_u + internal + out_u) * 1.01 + 4 * U64
+        gamma = ((dim + 4) * U32 + u_in + data_u + internal + out_u) * 1.01 + 4 * U64
         return cls(dtype=dtype, gamma=gamma, acc_u=g)
 
 

@@ -35,7 +35,7 @@ from floworacle_server.engine._bounds import DENSE_LOGIT_TOL, dense_logit_error,
 from floworacle_server.engine._dense import dense_passes, fast_pass
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._refine import exact_single, refine, stack
-from floworacle_server.engine._screen import Screened, float32_floor, screen, screen_logits
+from floworacle_server.engine._screen import Screened, float32_floor, scaled_queries, screen, screen_logits
 
 __all__ = ["SlotPartials", "exact_partials", "fast_partials", "Route", "EmptyPosterior", "NonFiniteScreening"]
 
@@ -85,31 +85,58 @@ class SlotPartials:
     tail: torch.Tensor
 
 
-def _routes(batch: Batch, scr: Screened, thr: torch.Tensor, tight: torch.Tensor) -> torch.Tensor:
-    """(2, S) int64: route code and kept-candidate count of every slot."""
+@dataclass
+class _Candidates:
+    """What the routing leaves for the refinement: per slot its route code and candidate count
+    (host lists), the weight left out (S,), and the kept rows (S, keep + 1), candidates first."""
+
+    code: list[int]
+    width: list[int]
+    tail: torch.Tensor
+    kept_i: torch.Tensor
+
+    def padded_rows(self, slots: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """(n, max width) candidate rows of ``slots`` (-1 beyond each one's width)."""
+        dev = slots.device
+        wmax = max(widths)
+        cols = torch.arange(wmax, device=dev)[None, :]
+        wt = torch.tensor(widths, dtype=torch.int64, device=dev)[:, None]
+        return self.kept_i.index_select(0, slots)[:, :wmax].masked_fill(cols >= wt, -1)
+
+
+def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight: torch.Tensor) -> _Candidates:
+    """Route every slot with the batch's one host read (code and candidate count of each)."""
     f64 = torch.float64
-    keep = batch.cfg.keep
+    cfg = batch.cfg
+    keep = cfg.keep
     kept = scr.kept_v.to(f64)
     width = (kept >= thr[:, None]).sum(dim=1)
-    complete = kept[:, keep] < thr
+    many = kept[:, keep] >= thr
+    again = ~tight
+    if cfg.rescreen_chunks > 0:  # few chunks hold the candidates: screening them again is cheaper
+        relevant = [
+            (cm.to(f64) >= thr[g.slots, None]).sum(dim=1) <= max(1, int(cfg.rescreen_chunks * cm.shape[1]))
+            for g, cm in zip(batch.groups, scr.chunk_max, strict=True)
+        ]
+        again = again | (torch.cat(relevant) if len(relevant) > 1 else relevant[0])
     lower = scr.lower
-    bad = torch.isnan(lower) | (lower == math.inf)
-    empty = lower == -math.inf
-    rescreen = ~tight
-    share = batch.cfg.rescreen_share
-    if share > 0 and scr.count is not None:
-        limit = (share * batch.slot_rows).clamp(min=keep + 1)
-        cheap = scr.count <= limit
-        if scr.early is not None:
-            cheap &= ~scr.early
-        rescreen = rescreen | cheap
-    code = torch.where(rescreen, Route.RESCREEN, Route.DENSE)
-    code = torch.where(complete, Route.SPARSE, code)
+    code = torch.where(again, Route.RESCREEN, Route.DENSE)
+    code = torch.where(many, code, Route.SPARSE)
     if scr.early is not None:  # their kept rows stem from the first chunk only
         code = torch.where(scr.early, Route.DENSE, code)
-    code = torch.where(empty, Route.EMPTY, code)
-    code = torch.where(bad, Route.BAD, code)
-    return torch.stack([code, width])
+    code = torch.where(lower == -math.inf, Route.EMPTY, code)
+    code = torch.where(torch.isnan(lower) | (lower == math.inf), Route.BAD, code)
+    host = torch.stack([code, width]).tolist()  # the batch's one host read
+    rows = batch.slot_rows
+    # left-out weight relative to the kept mass: the sparse path leaves out the rows screened
+    # below its candidates (each at most e^(lt + err - lower) of the largest), a dense pass
+    # nothing, a re-screen what lies below the threshold (e^-37 at most)
+    below = kept.gather(1, width.clamp(max=keep)[:, None]).squeeze(1)
+    tail = (rows - width) * torch.exp((below + scr.err - lower).clamp(max=0.0))
+    dense = torch.tensor([c == Route.DENSE for c in host[0]], device=thr.device)
+    rescreen = torch.tensor([c == Route.RESCREEN for c in host[0]], device=thr.device)
+    tail = torch.where(dense, 0.0, torch.where(rescreen, torch.exp(-batch.slot_reach) * rows, tail))
+    return _Candidates(host[0], host[1], tail, scr.kept_i)
 
 
 def _rescreen(
@@ -123,14 +150,10 @@ def _rescreen(
     gslots = torch.tensor(slots, dtype=torch.int64, device=dev)
     thr = thr_all.index_select(0, gslots)
     starts = scr.starts[gi]
-    chunk_max = scr.chunk_max[gi]
-    if chunk_max is not None:
-        loc = gslots - g.s0
-        need = (chunk_max.index_select(0, loc).to(torch.float64) >= thr[:, None]).tolist()
-    else:
-        need = [[True] * len(starts) for _ in slots]
+    loc = gslots - g.s0
+    need = (scr.chunk_max[gi].index_select(0, loc).to(torch.float64) >= thr[:, None]).tolist()
     co = batch.coef.take(gslots)
-    c32, h32 = co.c.to(torch.float32), co.half.to(torch.float32)
+    h32 = co.half.to(torch.float32)
     thr32 = float32_floor(thr)
     pair_slot: list[torch.Tensor] = []
     pair_row: list[torch.Tensor] = []
@@ -141,9 +164,7 @@ def _rescreen(
         s1 = min(s0 + scr.chunk_rows, g.stop)
         idx = torch.tensor(sel, dtype=torch.int64, device=dev)
         sub = gslots.index_select(0, idx)
-        lt = screen_logits(
-            batch, batch.queries(sub, screen=True), slice(s0, s1), c32[idx], h32[idx], batch.excluded(sub)
-        )
+        lt = screen_logits(batch, scaled_queries(batch, sub), slice(s0, s1), h32[idx], batch.excluded(sub))
         hits = (lt >= thr32[idx][:, None]).nonzero()
         pair_slot.append(idx[hits[:, 0]])
         pair_row.append(hits[:, 1] + s0)
@@ -184,42 +205,31 @@ def exact_partials(batch: Batch) -> SlotPartials:
     tight = derr <= DENSE_LOGIT_TOL
     scr = screen(batch, serr, tight if cfg.early_dense else None)
     thr = scr.threshold(batch.slot_reach)
-    code, width = _routes(batch, scr, thr, tight).tolist()  # the batch's one host read
+    cands = _route(batch, scr, thr, tight)
+    code, width = cands.code, cands.width
     for i, c in enumerate(code):
         if c == Route.BAD:
             raise NonFiniteScreening(i)
         if c == Route.EMPTY:
             raise EmptyPosterior(i)
     want = batch.want
-    # left-out weight, relative to the kept mass: the refinement stage leaves out exactly the
-    # rows screened below the kept candidates, each at most e^(lt + err - lower) of the largest
-    wt_all = torch.tensor(width, dtype=torch.int64, device=dev).clamp_(max=cfg.keep)
-    below = scr.kept_v.gather(1, wt_all[:, None]).squeeze(1).to(torch.float64)
-    tail_sparse = (batch.slot_rows - wt_all) * torch.exp((below + scr.err - scr.lower).clamp(max=0.0))
-    tail_rescreen = torch.exp(-batch.slot_reach + torch.log(batch.slot_rows))
-    is_dense = torch.tensor([c == Route.DENSE for c in code], device=dev)
-    is_again = torch.tensor([c == Route.RESCREEN for c in code], device=dev)
-    tail = torch.where(is_dense, 0.0, torch.where(is_again, tail_rescreen, tail_sparse))
     pieces: list[tuple[list[int], Partials, torch.Tensor]] = []
     refined = 0
     single = [i for i in range(s_total) if code[i] == Route.SPARSE and width[i] == 1]
     if single:
         if len(single) == s_total:
-            part, err = exact_single(batch, slice(0, s_total), scr.kept_i[:, 0])
+            part, err = exact_single(batch, slice(0, s_total), cands.kept_i[:, 0])
         else:
             idx = torch.tensor(single, dtype=torch.int64, device=dev)
-            part, err = exact_single(batch, idx, scr.kept_i[:, 0].index_select(0, idx))
+            part, err = exact_single(batch, idx, cands.kept_i[:, 0].index_select(0, idx))
         pieces.append((single, part, err))
         refined += len(single) if want.logits else 0
     multi = [i for i in range(s_total) if code[i] == Route.SPARSE and width[i] > 1]
     if multi:
+        multi.sort(key=lambda i: -width[i])  # widest first: blocks of similar widths
         idx = torch.tensor(multi, dtype=torch.int64, device=dev)
         widths = [width[i] for i in multi]
-        wmax = max(widths)
-        rows = scr.kept_i.index_select(0, idx)[:, :wmax]
-        wt = torch.tensor(widths, dtype=torch.int64, device=dev)
-        rows = rows.masked_fill(torch.arange(wmax, device=dev)[None, :] >= wt[:, None], -1)
-        part, err = refine(batch, idx, rows, widths)
+        part, err = refine(batch, idx, cands.padded_rows(idx, widths), widths)
         pieces.append((multi, part, err))
         refined += sum(widths)
     work = []
@@ -246,7 +256,7 @@ def exact_partials(batch: Batch) -> SlotPartials:
         back = torch.tensor(inv, dtype=torch.int64, device=dev)
         state = stack([p for _, p, _ in pieces]).select(back)
         logit_err = torch.cat([e for _, _, e in pieces]).index_select(0, back)
-    return SlotPartials(state, logit_err, refined, unit_normaliser=len(single) == s_total, tail=tail)
+    return SlotPartials(state, logit_err, refined, unit_normaliser=len(single) == s_total, tail=cands.tail)
 
 
 def fast_partials(batch: Batch) -> SlotPartials:

@@ -223,7 +223,7 @@ def test_dense_pass_blocks_and_padded_groups_equal_one_block() -> None:
     labels = torch.from_numpy(np.tile([0, 1, 2, -1], b // 4))
     exclude = torch.from_numpy(rng.integers(-1, 1500, b))
     q = OracleQuery(x_t=xt, coeffs=c, labels=labels, exclude=exclude, outputs=ALL, top_k=5)
-    small = replace(CPU, dense_elements=256 * 24, dense_share=0.0, early_dense=False, rescreen_share=0.0)
+    small = replace(CPU, dense_elements=256 * 24, dense_share=0.0, early_dense=False)
     big = replace(small, dense_elements=1 << 24)
     a, z = oracle(ds, q, config=small), oracle(ds, q, config=big)
     assert a.refined == z.refined and a.refined >= b * 300  # dense, not refined pairs
