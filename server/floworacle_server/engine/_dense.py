@@ -313,7 +313,7 @@ def fast_pass(batch: Batch, g: Group, screen_err: torch.Tensor) -> tuple[Partial
     u_acc = {dt: u for dt, u in SCREEN_DTYPES.values()}.get(acc_dtype, U32)
     co = batch.coef.take(g.slots)
     excl = batch.excluded(g.slots)
-    xc, h32 = scaled_queries(batch, g.slots), co.half.to(f32)
+    xc, h32 = scaled_queries(batch, g.slots, g.rows), co.half.to(f32)
     acc = _Acc.start(1, g.size, batch, 0)
     rows = cfg.chunk_rows(d)
     ref: torch.Tensor | None = None

@@ -4,8 +4,8 @@ For the slots of one row range, chunk by chunk, the screening logits
 
     lt_i = (c x_t) . x_i - h ||x_i||^2 + log p_i          (c = alpha / sigma^2, h = alpha^2 / (2 sigma^2))
 
-come from a GEMM in the screening precision (the query scaled by c once, so a chunk costs the
-GEMM and one pass); :func:`._bounds.screen_logit_error` bounds their error ``err`` by the same
+come from a GEMM in the screening precision (the query scaled by c once where the rows
+outnumber D, so a chunk costs the GEMM and one pass); :func:`._bounds.screen_logit_error` bounds their error ``err`` by the same
 amount for every row of the range. Kept per slot: a proven lower bound ``lower = max_i lt_i -
 err`` of the largest exact logit (up to the per-query constant, which cancels). A row is a
 *candidate* when its exact logit can lie within ``reach = ln(rows) + 37`` nats of the maximum, i.e.
@@ -34,7 +34,7 @@ import torch
 from floworacle_server.engine._batch import Batch, Group, mask_excluded
 from floworacle_server.engine._bounds import REACH_MARGIN
 
-__all__ = ["Screened", "screen", "screen_logits", "scaled_queries", "float32_floor"]
+__all__ = ["Screened", "ScreenQueries", "screen", "screen_logits", "scaled_queries", "float32_floor"]
 
 
 @dataclass
@@ -72,26 +72,44 @@ def float32_floor(x: torch.Tensor) -> torch.Tensor:
     return (x - x.abs() * 2.0**-22).to(torch.float32)
 
 
-def scaled_queries(batch: Batch, slots: torch.Tensor | slice) -> torch.Tensor:
-    """``c x_t`` of the slots in the screening dtype (formed in float32 from the screening copy
-    of the queries, rounded once to the screening dtype)."""
+@dataclass
+class ScreenQueries:
+    """Queries ready for the screening GEMM: ``x`` in the screening dtype, scaled by ``c``
+    already when ``scaled`` (one (q, D) pass instead of one (q, n) pass per chunk: worth it when
+    the rows outnumber D), else ``c32`` (q,) multiplies the GEMM's output."""
+
+    x: torch.Tensor
+    c32: torch.Tensor
+    scaled: bool
+
+    def take(self, rows: torch.Tensor) -> ScreenQueries:
+        return ScreenQueries(self.x.index_select(0, rows), self.c32.index_select(0, rows), self.scaled)
+
+
+def scaled_queries(batch: Batch, slots: torch.Tensor | slice, rows: int) -> ScreenQueries:
+    """The slots' queries for screening ``rows`` data rows (see :class:`ScreenQueries`); scaled
+    in float32 from the screening copy and rounded once to the screening dtype."""
     xs = batch.queries(slots, screen=True)
     c32 = (batch.coef.c[slots] if isinstance(slots, slice) else batch.coef.c.index_select(0, slots)).to(torch.float32)
+    if rows <= batch.dim:
+        return ScreenQueries(xs, c32, False)
     scaled = (xs if xs.dtype == torch.float32 else xs.to(torch.float32)) * c32[:, None]
-    return scaled if scaled.dtype == batch.model.dtype else scaled.to(batch.model.dtype)
+    return ScreenQueries(scaled if scaled.dtype == batch.model.dtype else scaled.to(batch.model.dtype), c32, True)
 
 
 def screen_logits(
-    batch: Batch, xc: torch.Tensor, rows: slice, h32: torch.Tensor, excluded: torch.Tensor | None
+    batch: Batch, xc: ScreenQueries, rows: slice, h32: torch.Tensor, excluded: torch.Tensor | None
 ) -> torch.Tensor:
-    """(q, n) float32 screening logits of scaled queries ``xc`` (:func:`scaled_queries`) over
-    data ``rows``; ``h32`` (q,) float32 ``alpha^2 / (2 sigma^2)``."""
+    """(q, n) float32 screening logits of queries ``xc`` (:func:`scaled_queries`) over data
+    ``rows``; ``h32`` (q,) float32 ``alpha^2 / (2 sigma^2)``."""
     ds = batch.ds
     chunk = ds.x[rows]
     dtype = batch.model.dtype
-    lt = xc @ (chunk if chunk.dtype == dtype else chunk.to(dtype)).T
+    lt = xc.x @ (chunk if chunk.dtype == dtype else chunk.to(dtype)).T
     if lt.dtype != torch.float32:
         lt = lt.to(torch.float32)
+    if not xc.scaled:
+        lt.mul_(xc.c32[:, None])
     lt.addr_(h32, batch.facts.sq32(ds)[rows], alpha=-1)
     if ds.log_weights is not None:
         lt.add_(ds.log_weights[rows].to(torch.float32)[None, :])
@@ -129,7 +147,7 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) ->
         starts = list(range(g.start, g.stop, rows_c))
         all_starts.append(starts)
         nch = len(starts)
-        xc = scaled_queries(batch, sl)
+        xc = scaled_queries(batch, sl, g.rows)
         excl = batch.excluded(sl)
         e_g, h32 = err[sl], h32_all[sl]
         kv_g, ki_g, lo_g = kept_v[sl], kept_i[sl], lower[sl]  # views: written in place
@@ -155,7 +173,7 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) ->
                     chunk_max[:, k] = tv[:, 0]
             else:
                 sub_excl = None if excl is None else excl[act]
-                lt = screen_logits(batch, xc.index_select(0, act), slice(s0, s1), h32[act], sub_excl)
+                lt = screen_logits(batch, xc.take(act), slice(s0, s1), h32[act], sub_excl)
                 tv, ti = lt.topk(width, dim=1)
                 kv, pos = torch.cat([kv_g[act], tv], dim=1).topk(keep, dim=1)
                 kv_g[act] = kv
