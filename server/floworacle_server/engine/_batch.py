@@ -247,13 +247,14 @@ class Batch:
 
 
 def mask_excluded(logits: torch.Tensor, excluded: torch.Tensor | None, start: int) -> None:
-    """In place: set ``logits[b, excluded[b] - start]`` to -inf where that row lies in the block
-    of columns ``[start, start + n)`` (a fixed number of small ops; no host read)."""
+    """In place: set ``logits[b, r - start]`` to -inf for each row ``r`` of ``excluded[b]`` ((B,)
+    or (B, m); -1 = none) that lies in the block of columns ``[start, start + n)`` (a fixed
+    number of small ops; no host read)."""
     if excluded is None:
         return
     n = logits.shape[1]
-    col = excluded - start
+    col = (excluded if excluded.ndim == 2 else excluded[:, None]) - start
     inside = (col >= 0) & (col < n)
-    col = col.clamp(0, n - 1)[:, None]
+    col = col.clamp(0, n - 1)
     cur = logits.gather(1, col)
-    logits.scatter_(1, col, torch.where(inside[:, None], torch.full_like(cur, -math.inf), cur))
+    logits.scatter_(1, col, torch.where(inside, torch.full_like(cur, -math.inf), cur))

@@ -37,9 +37,14 @@ class EngineConfig:
         dense_elements: float64 elements of one dense block (a float64 copy of data rows).
         dense_share: on top of that, a dense block's float64 copy may hold this share of the
             data set's bytes (bounds the extra memory on large data sets too).
-        early_dense: after the first chunk, queries whose screened logits all lie within half
-            the reach of each other (deep navigation) skip the rest of the screening and go to
-            the dense pass. Needs one host read in the middle of the batch.
+        early_dense: after the first chunk, queries whose screened logits all lie within
+            ``early_spread`` times the reach of each other (navigation) skip the rest of the
+            screening and go to the dense pass. Needs one host read in the middle of the batch.
+        early_spread: see ``early_dense``.
+        split: allow the split route (an exact head, a screened tail: see ``_passes``): on a
+            CPU it halves the middle of the path, where the dense pass would run two float64
+            GEMMs; on a GPU those take a fraction of a millisecond and the route's hundred
+            extra kernel launches would cost more.
         host_shortcuts: skip exact multiplications by 1 after a host check (CPU only: on a GPU
             the check costs more than the multiplication).
     """
@@ -53,6 +58,8 @@ class EngineConfig:
     dense_elements: int
     dense_share: float
     early_dense: bool
+    early_spread: float
+    split: bool
     host_shortcuts: bool
 
     def chunk_rows(self, dim: int) -> int:
@@ -92,9 +99,11 @@ CPU = EngineConfig(
     keep=8,
     rescreen_chunks=1 / 4,
     gather_elements=1 << 17,
-    dense_elements=1 << 19,
+    dense_elements=1 << 18,
     dense_share=1 / 320,
     early_dense=True,
+    early_spread=1.0,
+    split=True,
     host_shortcuts=True,
 )
 
@@ -109,5 +118,7 @@ CUDA = EngineConfig(
     dense_elements=1 << 28,
     dense_share=0.0,
     early_dense=False,
+    early_spread=0.5,
+    split=False,
     host_shortcuts=False,
 )

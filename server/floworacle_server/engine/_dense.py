@@ -38,7 +38,7 @@ from floworacle_server.engine._bounds import SCREEN_DTYPES, U32, U64, dense_logi
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._screen import scaled_queries, screen_logits
 
-__all__ = ["dense_passes", "fast_pass"]
+__all__ = ["dense_passes", "fast_pass", "screened_pass"]
 
 
 @dataclass
@@ -299,22 +299,36 @@ def dense_passes(batch: Batch, work: list[tuple[Group, list[int]]]) -> list[tupl
     return [_dense_bucket(batch, bucket) for bucket in _buckets(work)]
 
 
-def fast_pass(batch: Batch, g: Group, screen_err: torch.Tensor) -> tuple[Partials, torch.Tensor]:
-    """Fast mode for the slots of group ``g``: the screening logits used directly (their bound
+def screened_pass(
+    batch: Batch,
+    g: Group,
+    slots: torch.Tensor | slice,
+    screen_err: torch.Tensor,
+    leave_out: torch.Tensor | None = None,
+    full_logits: bool = False,
+) -> tuple[Partials, torch.Tensor]:
+    """The screening logits used directly over g's rows, for the slots ``slots`` (their bound
     ``screen_err`` (q,) is the logit error), float32 weighted sums (GPUs: the screening dtype).
 
-    The partials' logits are in the screening form (no per-query constant): fast partials merge
-    with fast partials of the same queries only."""
+    The fast mode, and the tail of the split route: ``leave_out`` (q, m) data rows to leave out
+    (the head, computed exactly elsewhere; -1 = none); ``full_logits`` subtracts the per-query
+    constant ``||x_t||^2 / (2 sigma^2)`` (float64) so the partials merge with exact ones;
+    otherwise they are in the screening form and merge with fast partials of the same queries
+    only. Returns (partials, logit error bound: screening, the weights' rounding to the
+    accumulation dtype and, with ``full_logits``, the constant's float64 sum)."""
     ds, cfg = batch.ds, batch.cfg
     f32, f64 = torch.float32, torch.float64
     d = ds.dim
     cuda = ds.device.type == "cuda"
     acc_dtype = batch.model.dtype if cuda else f32
     u_acc = {dt: u for dt, u in SCREEN_DTYPES.values()}.get(acc_dtype, U32)
-    co = batch.coef.take(g.slots)
-    excl = batch.excluded(g.slots)
-    xc, h32 = scaled_queries(batch, g.slots, g.rows), co.half.to(f32)
-    acc = _Acc.start(1, g.size, batch, 0)
+    co = batch.coef.take(slots)
+    excl = batch.excluded(slots)
+    if leave_out is not None:
+        excl = leave_out if excl is None else torch.cat([leave_out, excl[:, None]], dim=1)
+    xc, h32 = scaled_queries(batch, slots, g.rows), co.half.to(f32)
+    q = co.alpha.shape[0]
+    acc = _Acc.start(1, q, batch, 0)
     rows = cfg.chunk_rows(d)
     ref: torch.Tensor | None = None
     blocks = 0
@@ -340,4 +354,16 @@ def fast_pass(batch: Batch, g: Group, screen_err: torch.Tensor) -> tuple[Partial
     out_u = u_acc if acc_dtype != f32 else 0.0
     per_chunk = (1.01 * (rows + 2) * U32 + internal + data_u + out_u) * xmax
     mean_err = per_chunk + mean_rounding(4 * blocks, xmax)
-    return _finish(batch, acc, None, ref, rows, blocks, mean_err), screen_err + 1.01 * u_acc
+    err = screen_err + 1.01 * u_acc
+    offset = None
+    if full_logits:
+        xq = batch.queries(slots).to(f64)
+        qn2 = torch.linalg.vecdot(xq, xq)
+        offset = qn2 * co.inv2s2
+        err = err + (d + 4) * U64 * offset
+    return _finish(batch, acc, offset, ref, rows, blocks, mean_err), err
+
+
+def fast_pass(batch: Batch, g: Group, screen_err: torch.Tensor) -> tuple[Partials, torch.Tensor]:
+    """Fast mode for the slots of group ``g`` (see :func:`screened_pass`)."""
+    return screened_pass(batch, g, g.slots, screen_err)

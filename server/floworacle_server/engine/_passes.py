@@ -10,6 +10,12 @@
    - DENSE: more candidates than kept, and the dense float64 pass's logit bound
      (:func:`._bounds.dense_logit_error`, computable before the pass) is below
      ``DENSE_LOGIT_TOL``: the navigation stage, two float64 GEMMs over the slot's rows.
+   - SPLIT: more candidates than kept, but those within ``split_reach`` nats of the maximum (the
+     head) all among the kept rows (the middle of the path: the weight sits on a few samples
+     while thousands are within reach): the head in float64 from differences, the rest from
+     its screened logits with float32 sums, one screening GEMM and one accumulation GEMM
+     (:func:`._bounds.split_reach` proves the bound; not with the variance, which the tail
+     can dominate there).
    - RESCREEN: more candidates than kept where the dense bound is too loose (many samples
      within reach late in the path: duplicates, tight clusters), or, on CPUs, where the
      candidates counted while screening are few enough that screening their chunks again and
@@ -30,14 +36,24 @@ from dataclasses import dataclass
 
 import torch
 
-from floworacle_server.engine._batch import Batch
-from floworacle_server.engine._bounds import DENSE_LOGIT_TOL, dense_logit_error, screen_logit_error
-from floworacle_server.engine._dense import dense_passes, fast_pass
+from floworacle_server.engine._batch import Batch, Group
+from floworacle_server.engine._bounds import (
+    DENSE_LOGIT_TOL,
+    SCREEN_DTYPES,
+    U32,
+    dense_logit_error,
+    screen_logit_error,
+    split_reach,
+)
+from floworacle_server.engine._dense import dense_passes, fast_pass, screened_pass
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._refine import exact_single, refine, stack
 from floworacle_server.engine._screen import Screened, float32_floor, scaled_queries, screen, screen_logits
 
 __all__ = ["SlotPartials", "exact_partials", "fast_partials", "Route", "EmptyPosterior", "NonFiniteScreening"]
+
+
+SCREEN_DTYPES_U = {dt: u for dt, u in SCREEN_DTYPES.values()}
 
 
 class Route:
@@ -48,6 +64,7 @@ class Route:
     RESCREEN = 2
     EMPTY = 3
     BAD = 4
+    SPLIT = 5
 
 
 class EmptyPosterior(ValueError):
@@ -94,6 +111,7 @@ class _Candidates:
     width: list[int]
     tail: torch.Tensor
     kept_i: torch.Tensor
+    split_mass: torch.Tensor  # (S,) split route: bound on the tail's weight (n e^-R)
 
     def padded_rows(self, slots: torch.Tensor, widths: list[int]) -> torch.Tensor:
         """(n, max width) candidate rows of ``slots`` (-1 beyond each one's width)."""
@@ -112,30 +130,74 @@ def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight: torch.Tensor) 
     kept = scr.kept_v.to(f64)
     width = (kept >= thr[:, None]).sum(dim=1)
     many = kept[:, keep] >= thr
-    again = ~tight
+    cheap = torch.zeros_like(tight)
     if cfg.rescreen_chunks > 0:  # few chunks hold the candidates: screening them again is cheaper
         relevant = [
             (cm.to(f64) >= thr[g.slots, None]).sum(dim=1) <= max(1, int(cfg.rescreen_chunks * cm.shape[1]))
             for g, cm in zip(batch.groups, scr.chunk_max, strict=True)
         ]
-        again = again | (torch.cat(relevant) if len(relevant) > 1 else relevant[0])
+        cheap = torch.cat(relevant) if len(relevant) > 1 else relevant[0]
     lower = scr.lower
-    code = torch.where(again, Route.RESCREEN, Route.DENSE)
+    rows = batch.slot_rows
+    code = torch.where(tight, Route.DENSE, Route.RESCREEN)
+    split_mass = torch.zeros_like(lower)
+    head_w = width
+    if cfg.split and not batch.want.variance:
+        # the head: rows screened within R nats of the maximum, all among the kept ones?
+        r_head = split_reach(scr.err + _split_extra(batch), rows, _split_acc(batch))
+        head_thr = lower - r_head - scr.err
+        head_thr = head_thr - head_thr.abs() * 2.0**-40
+        head_w = (kept >= head_thr[:, None]).sum(dim=1)
+        code = torch.where((kept[:, keep] < head_thr) & (head_thr > thr), Route.SPLIT, code)
+        split_mass = rows * torch.exp(-r_head)
+    code = torch.where(cheap, Route.RESCREEN, code)
     code = torch.where(many, code, Route.SPARSE)
     if scr.early is not None:  # their kept rows stem from the first chunk only
         code = torch.where(scr.early, Route.DENSE, code)
     code = torch.where(lower == -math.inf, Route.EMPTY, code)
     code = torch.where(torch.isnan(lower) | (lower == math.inf), Route.BAD, code)
-    host = torch.stack([code, width]).tolist()  # the batch's one host read
-    rows = batch.slot_rows
     # left-out weight relative to the kept mass: the sparse path leaves out the rows screened
-    # below its candidates (each at most e^(lt + err - lower) of the largest), a dense pass
-    # nothing, a re-screen what lies below the threshold (e^-37 at most)
+    # below its candidates (each at most e^(lt + err - lower) of the largest), a dense or split
+    # pass nothing, a re-screen what lies below the threshold (e^-37 at most)
     below = kept.gather(1, width.clamp(max=keep)[:, None]).squeeze(1)
     tail = (rows - width) * torch.exp((below + scr.err - lower).clamp(max=0.0))
     tail = torch.where(code == Route.RESCREEN, torch.exp(-batch.slot_reach) * rows, tail)
-    tail = torch.where(code == Route.DENSE, 0.0, tail)
-    return _Candidates(host[0], host[1], tail, scr.kept_i)
+    tail = torch.where((code == Route.DENSE) | (code == Route.SPLIT), 0.0, tail)
+    width = torch.where(code == Route.SPLIT, head_w, width)
+    host = torch.stack([code, width]).tolist()  # the batch's one host read
+    return _Candidates(host[0], host[1], tail, scr.kept_i, split_mass)
+
+
+def _split_extra(batch: Batch) -> float:
+    """Logit error of a split route's tail on top of the screening bound: its weights rounded to
+    the accumulation dtype (the per-query constant's float64 sum is added per slot)."""
+    cuda = batch.ds.device.type == "cuda"
+    return 1.01 * (SCREEN_DTYPES_U.get(batch.model.dtype, U32) if cuda else U32)
+
+
+def _split_acc(batch: Batch) -> float:
+    """Relative rounding of a split route's float32 sums over one chunk (see the fast pass)."""
+    rows = batch.cfg.chunk_rows(batch.dim)
+    internal = 2 * batch.model.acc_u if batch.model.acc_u > U32 else 0.0
+    return 1.01 * (rows + 2) * U32 + internal + (2.0**-8 if batch.ds.device.type == "cuda" else 0.0)
+
+
+def _split(
+    batch: Batch, g: Group, slots: list[int], cands: _Candidates, serr: torch.Tensor
+) -> tuple[Partials, torch.Tensor, torch.Tensor]:
+    """The split route for ``slots`` (all in ``g``): exact head, screened tail, merged. Returns
+    (partials in the order of ``slots``, logit error bound, tail term of the mean's bound)."""
+    dev = batch.ds.device
+    idx = torch.tensor(slots, dtype=torch.int64, device=dev)
+    widths = [cands.width[i] for i in slots]
+    head_rows = cands.padded_rows(idx, widths)
+    head, herr = refine(batch, idx, head_rows, widths)
+    rest, terr = screened_pass(batch, g, idx, serr.index_select(0, idx), leave_out=head_rows, full_logits=True)
+    part = head.merge(rest)
+    tau = cands.split_mass.index_select(0, idx)
+    # the normaliser's shift from the tail's errors widens the head's; the tail's own weights
+    # are off by e^(2 e_t) at most (see _bounds)
+    return part, herr + tau * torch.expm1(terr), tau * torch.expm1(2.0 * terr)
 
 
 def _rescreen(
@@ -239,6 +301,14 @@ def exact_partials(batch: Batch) -> SlotPartials:
             refined += len(dense) * g.rows
     if work:
         pieces += dense_passes(batch, work)
+    split_tail: list[tuple[list[int], torch.Tensor]] = []
+    for g in batch.groups:
+        split = [i for i in range(g.s0, g.s1) if code[i] == Route.SPLIT]
+        if split:
+            part, err, extra = _split(batch, g, split, cands, serr)
+            pieces.append((split, part, err))
+            split_tail.append((split, extra))
+            refined += sum(width[i] for i in split)
     for gi, g in enumerate(batch.groups):
         again = [i for i in range(g.s0, g.s1) if code[i] == Route.RESCREEN]
         if again:
@@ -255,7 +325,10 @@ def exact_partials(batch: Batch) -> SlotPartials:
         back = torch.tensor(inv, dtype=torch.int64, device=dev)
         state = stack([p for _, p, _ in pieces]).select(back)
         logit_err = torch.cat([e for _, _, e in pieces]).index_select(0, back)
-    return SlotPartials(state, logit_err, refined, unit_normaliser=len(single) == s_total, tail=cands.tail)
+    tail = cands.tail
+    for slots_s, extra in split_tail:
+        tail = tail.index_copy(0, torch.tensor(slots_s, dtype=torch.int64, device=dev), extra)
+    return SlotPartials(state, logit_err, refined, unit_normaliser=len(single) == s_total, tail=tail)
 
 
 def fast_partials(batch: Batch) -> SlotPartials:

@@ -181,11 +181,11 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) ->
                 lo_g[act] = torch.maximum(lo_g[act], tv[:, 0].to(f64) - e_g[act])
                 chunk_max[act, k] = tv[:, 0]
             if k == 0 and nch > 1 and early_all is not None and dense_tight is not None:
-                # deep navigation: the first chunk's logits all lie within half the reach of
-                # each other, so (almost) every sample is a candidate; such slots go to the dense
-                # pass without screening the rest (a speed choice only: that pass is exact too)
+                # navigation: the first chunk's logits all lie within (a share of) the reach of
+                # each other, so most samples are candidates; such slots go to the dense pass
+                # without screening the rest (a speed choice only: that pass is exact too)
                 spread = (kv_g[:, 0] - lt.amin(dim=1)).to(f64) + 2 * e_g
-                early = (spread < rch / 2) & dense_tight[sl]
+                early = (spread < cfg.early_spread * rch) & dense_tight[sl]
                 if bool(early.any()):
                     early_all[sl] = early
                     act = (~early).nonzero().flatten()
