@@ -176,8 +176,8 @@ def _batch(
         qnorm_s = qnorm.index_select(0, slot_query)
         if ex_rows is not None:
             ex_rows = ex_rows.index_select(0, slot_query)
-    consts = Batch.consts(plan.groups, dev)
-    return Batch(ds, cfg, model, x, xs, qnorm, slot_query, coef, qnorm_s, ex_rows, plan.groups, want, f, consts)
+    consts, starts = Batch.consts(plan.groups, dev)
+    return Batch(ds, cfg, model, x, xs, qnorm, slot_query, coef, qnorm_s, ex_rows, plan.groups, want, f, consts, starts)
 
 
 def _partials(batch: Batch, precision: Precision, plan: _Plan, query: OracleQuery) -> SlotPartials:

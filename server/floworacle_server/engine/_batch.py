@@ -188,6 +188,7 @@ class Batch:
         facts: the data set's cached facts.
         slot_consts: (3, S) float64 per slot: the largest ||x_i||^2 of its rows, its reach
             ``ln(rows) + 37`` and its number of rows (built on the host, one copy).
+        slot_start: (S,) int64 first row of each slot's range.
     """
 
     ds: Dataset
@@ -204,13 +205,16 @@ class Batch:
     want: Want
     facts: DatasetFacts
     slot_consts: torch.Tensor
+    slot_start: torch.Tensor
 
     @staticmethod
-    def consts(groups: list[Group], device: torch.device) -> torch.Tensor:
-        """The (3, S) ``slot_consts`` of ``groups``."""
+    def consts(groups: list[Group], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (3, S) ``slot_consts`` and (S,) ``slot_start`` of ``groups``."""
         rows = np.array([g.rows for g in groups], dtype=np.float64)
+        sizes = [g.size for g in groups]
         per = np.stack([[g.max_sq for g in groups], np.log(np.maximum(rows, 1)) + REACH_MARGIN, rows])
-        return torch.from_numpy(np.repeat(per, [g.size for g in groups], axis=1)).to(device)
+        starts = np.repeat(np.array([g.start for g in groups], dtype=np.int64), sizes)
+        return torch.from_numpy(np.repeat(per, sizes, axis=1)).to(device), torch.from_numpy(starts).to(device)
 
     @property
     def slot_max_sq(self) -> torch.Tensor:

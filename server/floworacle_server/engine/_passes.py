@@ -2,7 +2,9 @@
 
 1. Every group's slots are screened (:mod:`._screen`).
 2. Each slot gets a route from what the screening proved, all slots at once and with **one**
-   host read per batch (codes and candidate counts):
+   host read per batch (codes and candidate counts; the CPU settings add a read after the first
+   chunk for early navigation, and the split and re-screen routes, which the GPU settings leave
+   off, read sizes of their own):
 
    - SPARSE: every candidate is among the kept rows (the refinement stage). They are gathered
      in a fixed-width layout and recomputed in float64 from differences (:mod:`._refine`); a
@@ -17,10 +19,10 @@
      (:func:`._bounds.split_reach` proves the bound; not with the variance, which the tail
      can dominate there).
    - RESCREEN: more candidates than kept where the dense bound is too loose (many samples
-     within reach late in the path: duplicates, tight clusters), or, on CPUs, where the
-     candidates counted while screening are few enough that screening their chunks again and
-     gathering them is cheaper than the dense pass. Variable sizes: host reads per chunk; it is
-     the one route whose host reads grow with the data.
+     within reach late in the path: duplicates, tight clusters) and the split route does not
+     apply, or, on CPUs, where the candidates lie in a quarter of the chunks or fewer, so that
+     screening those again and gathering the candidates costs less than either pass.
+     Variable sizes: host reads per chunk; the one route whose host reads grow with the data.
    - EMPTY / BAD: no sample left with positive weight, or a screening logit that is not finite
      (a query too large for float32): refused with ValueError.
 
@@ -132,8 +134,10 @@ def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight: torch.Tensor) 
     many = kept[:, keep] >= thr
     cheap = torch.zeros_like(tight)
     if cfg.rescreen_chunks > 0:  # few chunks hold the candidates: screening them again is cheaper
-        relevant = [
-            (cm.to(f64) >= thr[g.slots, None]).sum(dim=1) <= max(1, int(cfg.rescreen_chunks * cm.shape[1]))
+        relevant = [  # a group of one chunk is never cheaper to screen again
+            (cm.to(f64) >= thr[g.slots, None]).sum(dim=1) <= int(cfg.rescreen_chunks * cm.shape[1])
+            if cm is not None
+            else torch.zeros(g.size, dtype=torch.bool, device=thr.device)
             for g, cm in zip(batch.groups, scr.chunk_max, strict=True)
         ]
         cheap = torch.cat(relevant) if len(relevant) > 1 else relevant[0]
@@ -211,8 +215,11 @@ def _rescreen(
     gslots = torch.tensor(slots, dtype=torch.int64, device=dev)
     thr = thr_all.index_select(0, gslots)
     starts = scr.starts[gi]
-    loc = gslots - g.s0
-    need = (scr.chunk_max[gi].index_select(0, loc).to(torch.float64) >= thr[:, None]).tolist()
+    chunk_max = scr.chunk_max[gi]
+    if chunk_max is None:  # one chunk: it holds them
+        need = [[True] for _ in slots]
+    else:
+        need = (chunk_max.index_select(0, gslots - g.s0).to(torch.float64) >= thr[:, None]).tolist()
     co = batch.coef.take(gslots)
     h32 = co.half.to(torch.float32)
     thr32 = float32_floor(thr)

@@ -49,7 +49,8 @@ class Screened:
         chunk_rows: rows per chunk.
         kept_v: (S, keep + 1) float32 screened logits, descending (-inf where fewer rows exist).
         kept_i: (S, keep + 1) int64 data rows of ``kept_v`` (-1 where empty).
-        chunk_max: per group, (q, chunks) float32 largest screened logit of each chunk.
+        chunk_max: per group, (q, chunks) float32 largest screened logit of each chunk (None for
+            a group of one chunk).
     """
 
     lower: torch.Tensor
@@ -59,7 +60,7 @@ class Screened:
     chunk_rows: int
     kept_v: torch.Tensor
     kept_i: torch.Tensor
-    chunk_max: list[torch.Tensor]
+    chunk_max: list[torch.Tensor | None]
 
     def threshold(self, reach_s: torch.Tensor) -> torch.Tensor:
         """(S,) float64 candidate threshold ``lower - reach - err``, rounded down."""
@@ -86,11 +87,16 @@ class ScreenQueries:
         return ScreenQueries(self.x.index_select(0, rows), self.c32.index_select(0, rows), self.scaled)
 
 
-def scaled_queries(batch: Batch, slots: torch.Tensor | slice, rows: int) -> ScreenQueries:
+def scaled_queries(
+    batch: Batch, slots: torch.Tensor | slice, rows: int, c32: torch.Tensor | None = None
+) -> ScreenQueries:
     """The slots' queries for screening ``rows`` data rows (see :class:`ScreenQueries`); scaled
-    in float32 from the screening copy and rounded once to the screening dtype."""
+    in float32 from the screening copy and rounded once to the screening dtype. ``c32``: the
+    slots' c in float32 when the caller has it."""
     xs = batch.queries(slots, screen=True)
-    c32 = (batch.coef.c[slots] if isinstance(slots, slice) else batch.coef.c.index_select(0, slots)).to(torch.float32)
+    if c32 is None:
+        c = batch.coef.c[slots] if isinstance(slots, slice) else batch.coef.c.index_select(0, slots)
+        c32 = c.to(torch.float32)
     if rows <= batch.dim:
         return ScreenQueries(xs, c32, False)
     scaled = (xs if xs.dtype == torch.float32 else xs.to(torch.float32)) * c32[:, None]
@@ -135,23 +141,25 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) ->
     keep = cfg.keep + 1
     rows_c = cfg.chunk_rows(ds.dim)
     kept_v = torch.full((s_total, keep), -math.inf, dtype=f32, device=dev)
+    # rows relative to the slot's group start while screening (one add for all at the end)
     kept_i = torch.full((s_total, keep), -1, dtype=torch.int64, device=dev)
-    lower = torch.empty(s_total, dtype=f64, device=dev)
     leave = cfg.early_dense and dense_tight is not None
     early_all = torch.zeros(s_total, dtype=torch.bool, device=dev) if leave else None
     h32_all = batch.coef.half.to(f32)
-    chunk_maxes: list[torch.Tensor] = []
+    c32_all = batch.coef.c.to(f32)
+    chunk_maxes: list[torch.Tensor | None] = []
     all_starts: list[list[int]] = []
     for g in batch.groups:
         sl = g.slots
         starts = list(range(g.start, g.stop, rows_c))
         all_starts.append(starts)
         nch = len(starts)
-        xc = scaled_queries(batch, sl, g.rows)
+        xc = scaled_queries(batch, sl, g.rows, c32_all[sl])
         excl = batch.excluded(sl)
-        e_g, h32 = err[sl], h32_all[sl]
-        kv_g, ki_g, lo_g = kept_v[sl], kept_i[sl], lower[sl]  # views: written in place
-        chunk_max = torch.full((g.size, nch), -math.inf, dtype=f32, device=dev)
+        h32 = h32_all[sl]
+        kv_g, ki_g = kept_v[sl], kept_i[sl]  # views: written in place
+        # the chunk maxima (which chunks hold candidates) matter only past one chunk
+        chunk_max = torch.full((g.size, nch), -math.inf, dtype=f32, device=dev) if nch > 1 else None
         rch = _reach(g)
         act: torch.Tensor | None = None  # None: every slot of the group is still screened
         for k, s0 in enumerate(starts):
@@ -160,16 +168,16 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) ->
             if act is None:
                 lt = screen_logits(batch, xc, slice(s0, s1), h32, excl)
                 if k == 0:  # straight into the kept buffers
-                    torch.topk(lt, width, dim=1, out=(kv_g[:, :width], ki_g[:, :width]))
-                    ki_g[:, :width] += s0
-                    lo_g.copy_(kv_g[:, 0].to(f64) - e_g)
-                    chunk_max[:, 0] = kv_g[:, 0]
+                    outs = (kv_g, ki_g) if width == keep else (kv_g[:, :width], ki_g[:, :width])
+                    torch.topk(lt, width, dim=1, out=outs)
+                    if chunk_max is not None:
+                        chunk_max[:, 0] = kv_g[:, 0]
                 else:
                     tv, ti = lt.topk(width, dim=1)
                     kv, pos = torch.cat([kv_g, tv], dim=1).topk(keep, dim=1)
                     kv_g.copy_(kv)
-                    ki_g.copy_(torch.cat([ki_g, ti + s0], dim=1).gather(1, pos))
-                    torch.maximum(lo_g, tv[:, 0].to(f64) - e_g, out=lo_g)
+                    ki_g.copy_(torch.cat([ki_g, ti + (s0 - g.start)], dim=1).gather(1, pos))
+                    assert chunk_max is not None
                     chunk_max[:, k] = tv[:, 0]
             else:
                 sub_excl = None if excl is None else excl[act]
@@ -177,14 +185,14 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) ->
                 tv, ti = lt.topk(width, dim=1)
                 kv, pos = torch.cat([kv_g[act], tv], dim=1).topk(keep, dim=1)
                 kv_g[act] = kv
-                ki_g[act] = torch.cat([ki_g[act], ti + s0], dim=1).gather(1, pos)
-                lo_g[act] = torch.maximum(lo_g[act], tv[:, 0].to(f64) - e_g[act])
+                ki_g[act] = torch.cat([ki_g[act], ti + (s0 - g.start)], dim=1).gather(1, pos)
+                assert chunk_max is not None
                 chunk_max[act, k] = tv[:, 0]
             if k == 0 and nch > 1 and early_all is not None and dense_tight is not None:
                 # navigation: the first chunk's logits all lie within (a share of) the reach of
                 # each other, so most samples are candidates; such slots go to the dense pass
                 # without screening the rest (a speed choice only: that pass is exact too)
-                spread = (kv_g[:, 0] - lt.amin(dim=1)).to(f64) + 2 * e_g
+                spread = (kv_g[:, 0] - lt.amin(dim=1)).to(f64) + 2 * err[sl]
                 early = (spread < cfg.early_spread * rch) & dense_tight[sl]
                 if bool(early.any()):
                     early_all[sl] = early
@@ -193,4 +201,8 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) ->
                         break
             del lt
         chunk_maxes.append(chunk_max)
+    # the best kept logit is the best over all chunks: the proven lower bound of the maximum
+    lower = kept_v[:, 0].to(f64) - err
+    if any(g.start for g in batch.groups):
+        kept_i = torch.where(kept_i >= 0, kept_i + batch.slot_start[:, None], kept_i)
     return Screened(lower, err, early_all, all_starts, rows_c, kept_v, kept_i, chunk_maxes)
