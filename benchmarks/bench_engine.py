@@ -4,11 +4,18 @@ For B queries over N samples of dimension D a dense oracle does two GEMMs (4 B N
 roofline time is the measured time of exactly those two float32 GEMMs on this machine, in this
 run; a ratio of 1.0 means "as fast as the two bare GEMMs". The exact engine screens with one
 GEMM and recomputes only the candidates in float64, so in the refinement stage it can beat the
-dense roofline; in the navigation stage (all samples within reach) it runs a float64 pass.
+dense roofline; in the navigation stage (all samples within reach) it runs two float64 GEMMs, so
+the float64 GEMM pair of the same run is printed beside the roofline: it is that stage's floor.
+
+Flush-to-zero (``floworacle_server.engine.flush_denormals``, as the server's engine thread runs)
+is on for every engine timing; the dense float32 baseline is timed with it off and on (exp() of
+very negative float32 logits makes denormals, which many CPUs handle slowly). The per-call fixed
+cost is timed on a one-sample data set at B = 256, D = 3,072 (float32 queries, as the service
+passes them).
 
     python benchmarks/bench_engine.py                 # N=20,000, D=1,024 and the CIFAR-size case
     python benchmarks/bench_engine.py --case small --repeat 5
-    python benchmarks/bench_engine.py --device cuda   # on a GPU (adds bf16 / TF32 GEMM rates)
+    python benchmarks/bench_engine.py --device cuda   # on a GPU (adds bf16 / TF32 GEMM pairs)
 
 Peak extra memory (CPU) is the rise of the process's resident high-water mark during the call
 (reset through /proc/self/clear_refs), measured in a child process whose glibc mmap threshold is
@@ -32,7 +39,7 @@ import torch
 from floworacle import tune_allocator
 from floworacle.paths import get_path
 from floworacle_server.data import Dataset
-from floworacle_server.engine import OracleQuery, Precision, oracle
+from floworacle_server.engine import OracleQuery, Precision, flush_denormals, oracle
 
 CASES = {"small": (20_000, 1_024), "cifar": (50_000, 3_072), "imagenet": (1_281_167, 4_096)}
 
@@ -105,8 +112,9 @@ def memory_in_child(n: int, d: int, b: int, regime: str, mode: str, dtype: str, 
 
 def _memory_child(spec: dict) -> None:
     ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    flush_denormals()
     torch.manual_seed(0)
-    ds = Dataset.from_arrays("bench", torch.randn(spec["n"], spec["d"]), dtype=spec["dtype"])
+    ds = Dataset.from_arrays("bench", torch.randn(spec["n"], spec["d"]), dtype=spec["dtype"], fingerprint="sha256:b")
     rng = np.random.default_rng(0)
     xt, coeffs = make_queries(ds, regimes(spec["b"], rng)[spec["regime"]], rng)
     if spec["mode"] == "dense":
@@ -139,10 +147,11 @@ def make_queries(ds: Dataset, t: np.ndarray, rng: np.random.Generator) -> tuple[
 
 def run_case(
     n: int, d: int, b: int, device: torch.device, repeat: int, rng: np.random.Generator, dtype: str, screen: str
-) -> None:
+) -> dict[str, float]:
+    """Print one case's table; returns the exact mode's ratios by regime."""
     torch.manual_seed(0)
     x = torch.randn(n, d, device=device)
-    ds = Dataset.from_arrays("bench", x, device=device, dtype=dtype)
+    ds = Dataset.from_arrays("bench", x, device=device, dtype=dtype, fingerprint="sha256:bench")
     if dtype != "float32":
         x = ds.x.float()
     data_bytes = ds.x.numel() * ds.x.element_size()
@@ -152,7 +161,9 @@ def run_case(
     t_g2 = best_time(lambda: p32 @ x, device, repeat)
     roof = t_g1 + t_g2
     rate = 4 * b * n * d / roof / 1e9
+    t_f64 = _float64_pair(x, q32, p32, device, repeat)
     print(f"\n== N={n:,} D={d:,} B={b} on {device}: float32 GEMM roofline {roof * 1e3:.1f} ms ({rate:.0f} GFLOP/s)")
+    print(f"   float64 GEMM pair {t_f64 * 1e3:.1f} ms (roofline / float64 pair = {roof / t_f64:.2f})")
     if device.type == "cuda":
         for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
             xa, qa, pa = x.to(dt), q32.to(dt), p32.to(dt)
@@ -162,32 +173,62 @@ def run_case(
         tr = best_time(lambda: (q32 @ x.T, p32 @ x), device, repeat)
         torch.backends.cuda.matmul.allow_tf32 = False
         print(f"   tf32 GEMM pair {tr * 1e3:.2f} ms ({4 * b * n * d / tr / 1e12:.0f} TFLOP/s)")
-    print(f"{'t':>14} {'mode':>8} {'ms':>9} {'ratio':>7} {'f64 pairs/BN':>13} {'extra mem':>10}")
+    print(f"{'t':>14} {'mode':>12} {'ms':>9} {'ratio':>7} {'f64 pairs/BN':>13} {'extra mem':>10}")
+    ratios: dict[str, float] = {}
     for label, t in regimes(b, rng).items():
         xt, coeffs = make_queries(ds, t, rng)
         alpha = torch.from_numpy(coeffs.alpha).to(device)
         sigma = torch.from_numpy(coeffs.sigma).to(device)
         xt32 = xt.float()
-        base = best_time(
-            lambda xt32=xt32, alpha=alpha, sigma=sigma: dense_baseline(
-                x, ds.sq_norms.float(), xt32, alpha.float(), sigma.float()
-            ),
-            device,
-            repeat,
-        )
-        mem = memory_in_child(n, d, b, label, "dense", dtype, screen) if device.type == "cpu" else None
-        print(
-            f"{label:>14} {'dense':>8} {base * 1e3:9.1f} {roof / base:7.2f} {'-':>13} {_fmt_mem(mem, data_bytes):>10}"
-        )
+        for ftz in (False, True):
+            flush_denormals(ftz)
+            base = best_time(
+                lambda xt32=xt32, alpha=alpha, sigma=sigma: dense_baseline(
+                    x, ds.sq_norms.float(), xt32, alpha.float(), sigma.float()
+                ),
+                device,
+                repeat,
+            )
+            mem = memory_in_child(n, d, b, label, "dense", dtype, screen) if device.type == "cpu" and ftz else None
+            mode = f"dense {'ftz' if ftz else 'noftz'}"
+            mem_s = _fmt_mem(mem, data_bytes) if ftz else "-"
+            print(f"{label:>14} {mode:>12} {base * 1e3:9.1f} {roof / base:7.2f} {'-':>13} {mem_s:>10}")
         for prec in (Precision.EXACT, Precision.FAST):
             q = OracleQuery(x_t=xt, coeffs=coeffs, precision=prec)
             res = oracle(ds, q, screen=screen)
             te = best_time(lambda q=q: oracle(ds, q, screen=screen), device, repeat)
             mem = memory_in_child(n, d, b, label, prec.value, dtype, screen) if device.type == "cpu" else None
             frac = res.refined / (b * n)
+            if prec == Precision.EXACT:
+                ratios[label] = roof / te
             print(
-                f"{label:>14} {prec.value:>8} {te * 1e3:9.1f} {roof / te:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}"
+                f"{label:>14} {prec.value:>12} {te * 1e3:9.1f} {roof / te:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}"
             )
+    print(
+        "   exact / roofline: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+        + f" (flush-to-zero on; navigation floor = float64 pair {roof / t_f64:.2f})"
+    )
+    return ratios
+
+
+def _float64_pair(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, device: torch.device, repeat: int) -> float:
+    """Time of the same two GEMMs in float64 (the navigation stage's floor)."""
+    x64, q64, p64 = x.double(), q.double(), p.double()
+    return best_time(lambda: (q64 @ x64.T, p64 @ x64), device, repeat)
+
+
+def fixed_cost(device: torch.device, repeat: int, b: int = 256, d: int = 3072) -> None:
+    """Engine time of a batch over a one-sample data set: the per-call cost without the GEMMs."""
+    rng = np.random.default_rng(1)
+    ds = Dataset.from_arrays("one", rng.standard_normal((1, d)).astype(np.float32), device=device)
+    t = rng.uniform(0.05, 0.95, b)
+    c = get_path("linear").coefficients(t)
+    xt = torch.from_numpy(rng.standard_normal((b, d))).to(device)
+    for name, x in (("float32", xt.float()), ("float64", xt)):
+        q = OracleQuery(x_t=x, coeffs=c)
+        tm = best_time(lambda q=q: oracle(ds, q), device, max(repeat, 10))
+        print(f"   fixed cost (N = 1, B = {b}, D = {d:,}, {name} queries, velocity): {tm * 1e3:.2f} ms")
 
 
 def _fmt_mem(mem: int | None, data_bytes: int) -> str:
@@ -214,13 +255,20 @@ def main() -> None:
         return
     # Timed as the server runs the engine: `floworacle serve` pins the allocator's thresholds
     # (floworacle.tune_allocator); the memory is measured in children with their own settings.
+    # Flush-to-zero as the server's engine thread turns it on (first thing in the thread).
+    ftz = flush_denormals()
     tuned = False if args.no_tune_allocator else tune_allocator()
     device = torch.device(args.device)
     rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, allocator thresholds pinned: {tuned}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, allocator thresholds pinned: {tuned}, "
+        f"flush-to-zero verified on all threads: {ftz.verified}"
+    )
     for name, (n, d) in CASES.items():
         if args.case == name or (args.case == "all" and name != "imagenet"):
             run_case(n, d, args.batch, device, args.repeat, rng, args.dtype, args.screen)
+    flush_denormals()
+    fixed_cost(device, args.repeat)
 
 
 if __name__ == "__main__":

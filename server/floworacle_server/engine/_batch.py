@@ -98,7 +98,14 @@ class DatasetFacts:
     max_sq: float
     class_max_sq: list[float]
     _inverse: torch.Tensor | None = field(default=None, repr=False)
+    _sq32: torch.Tensor | None = field(default=None, repr=False)
     _range_max_sq: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
+
+    def sq32(self, ds: Dataset) -> torch.Tensor:
+        """(N,) float32 ``||x_i||^2`` for the screening epilogue (converted once)."""
+        if self._sq32 is None:
+            self._sq32 = ds.sq_norms.to(torch.float32)
+        return self._sq32
 
     def range_max_sq(self, ds: Dataset, start: int, stop: int) -> float:
         """Largest ||x_i||^2 over rows [start, stop) (cached; one host read per new range)."""
@@ -171,16 +178,17 @@ class Batch:
         model: the screening GEMM's precision and bound.
         x: (B, D) queries as sent (any float dtype) on the data's device: the exact values.
         xs: (B, D) queries in the screening dtype (``x`` itself when it already is).
-        qnorm: (B,) float64 ``||x_t||``.
+        qnorm: (B,) float64 upper bound of ``||x_t||`` (within (D + 4) u32 of it).
         slot_query: (S,) int64 query of each slot, or None when slot s is query s (S = B).
         coef: per-slot coefficients.
-        qnorm_s: (S,) float64 query norms per slot.
+        qnorm_s: (S,) float64 ``qnorm`` per slot.
         exclude: (S,) int64 data row each slot leaves out (-1: none), or None.
         groups: the slots' row ranges.
         want: which sums to produce.
         facts: the data set's cached facts.
         slot_consts: (3, S) float64 per slot: the largest ||x_i||^2 of its rows, its reach
             ``ln(rows) + 37`` and its number of rows (built on the host, one copy).
+        slot_start: (S,) int64 first row of each slot's range.
     """
 
     ds: Dataset
@@ -197,13 +205,16 @@ class Batch:
     want: Want
     facts: DatasetFacts
     slot_consts: torch.Tensor
+    slot_start: torch.Tensor
 
     @staticmethod
-    def consts(groups: list[Group], device: torch.device) -> torch.Tensor:
-        """The (3, S) ``slot_consts`` of ``groups``."""
+    def consts(groups: list[Group], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (3, S) ``slot_consts`` and (S,) ``slot_start`` of ``groups``."""
         rows = np.array([g.rows for g in groups], dtype=np.float64)
+        sizes = [g.size for g in groups]
         per = np.stack([[g.max_sq for g in groups], np.log(np.maximum(rows, 1)) + REACH_MARGIN, rows])
-        return torch.from_numpy(np.repeat(per, [g.size for g in groups], axis=1)).to(device)
+        starts = np.repeat(np.array([g.start for g in groups], dtype=np.int64), sizes)
+        return torch.from_numpy(np.repeat(per, sizes, axis=1)).to(device), torch.from_numpy(starts).to(device)
 
     @property
     def slot_max_sq(self) -> torch.Tensor:
@@ -240,13 +251,14 @@ class Batch:
 
 
 def mask_excluded(logits: torch.Tensor, excluded: torch.Tensor | None, start: int) -> None:
-    """In place: set ``logits[b, excluded[b] - start]`` to -inf where that row lies in the block
-    of columns ``[start, start + n)`` (a fixed number of small ops; no host read)."""
+    """In place: set ``logits[b, r - start]`` to -inf for each row ``r`` of ``excluded[b]`` ((B,)
+    or (B, m); -1 = none) that lies in the block of columns ``[start, start + n)`` (a fixed
+    number of small ops; no host read)."""
     if excluded is None:
         return
     n = logits.shape[1]
-    col = excluded - start
+    col = (excluded if excluded.ndim == 2 else excluded[:, None]) - start
     inside = (col >= 0) & (col < n)
-    col = col.clamp(0, n - 1)[:, None]
+    col = col.clamp(0, n - 1)
     cur = logits.gather(1, col)
-    logits.scatter_(1, col, torch.where(inside[:, None], torch.full_like(cur, -math.inf), cur))
+    logits.scatter_(1, col, torch.where(inside, torch.full_like(cur, -math.inf), cur))

@@ -16,8 +16,9 @@ multiply-adds gives ``|fl(x . y) - x . y| <= gamma_n sum_j |x_j y_j| <= gamma_n 
 float32 GEMM, see :func:`float32_gemm_unit_roundoff`) add their unit roundoffs. For ``n u <=
 0.01`` we use ``gamma_n <= 1.01 n u``.
 
-Screening logits ``lt_i = fl(c G_i - h ||x_i||^2 + log p_i)`` (``G = x_t . x_i`` from the
-screening GEMM, ``c = alpha / sigma^2``, ``h = alpha^2 / (2 sigma^2)``) differ from the exact
+Screening logits ``lt_i = fl(G_i - h ||x_i||^2 + log p_i)`` (``G = (c x_t) . x_i`` from the
+screening GEMM, the query scaled in float32 first, ``c = alpha / sigma^2``, ``h = alpha^2 / (2
+sigma^2)``) differ from the exact
 ``c x_t . x_i - h ||x_i||^2 + log p_i`` (the exact logit plus the per-query constant
 ``||x_t||^2 / (2 sigma^2)``) by at most :func:`screen_logit_error`: the GEMM bound
 ``gamma c ||x_t|| max||x_i||`` plus float32 rounding of ``c``, ``h``, ``||x_i||^2``, the product,
@@ -44,6 +45,16 @@ left out; a dense pass leaves nothing out. They move the mean by at most ``tau 2
 Float64 rounding of the weighted sums is carried by the partials (``mean_err``, see
 :mod:`._partials`); ``exp`` in float64 is within 2 u, which is counted as 2 u more logit error.
 
+Split route (:func:`split_reach`): a slot with many candidates whose weight sits on a few (the
+middle of the path) gets exact float64 logits for its *head*, the rows screened within ``R`` nats
+of the maximum (``lt >= lower - R - err``), and the screened logits (error ``e_t``, the screening
+bound plus the rounding of the weights to float32) for all other rows, whose weights then sum in
+float32. Each tail row's exact logit lies below ``lower - R``, so the tail weighs ``tau <= n e^-R``
+of the largest weight. With head logits off by ``e_h``, the normaliser moves by at most ``e_h +
+tau (e^e_t - 1)``, so the mean is off by at most ``(e^(2 (e_h + tau (e^e_t - 1))) - 1) 2 max|x| +
+tau (e^(2 e_t) - 1) 2 max|x|`` plus the float32 sums' rounding, which the merged partials weigh by
+the tail's mass. ``R`` is chosen so that both tail terms stay below ``SPLIT_TAIL_TOL``.
+
 Posterior variance (:func:`variance_error`): with perturbed weights ``g'`` and their mean ``x1'``,
 ``var' = sum g'_i ||x_i - x1||^2 - ||x1' - x1||^2``; ``|sum (g'_i - g_i) ||x_i - x1||^2| <= w var`` and
 ``||x1' - x1|| <= w sum g_i ||x_i - x1|| <= w sqrt(var)`` (Cauchy-Schwarz), so ``|var' - var| <=
@@ -67,6 +78,8 @@ __all__ = [
     "TINY64",
     "REACH_MARGIN",
     "DENSE_LOGIT_TOL",
+    "SPLIT_TAIL_TOL",
+    "split_reach",
     "SCREEN_DTYPES",
     "ScreenModel",
     "float32_gemm_unit_roundoff",
@@ -89,6 +102,10 @@ REACH_MARGIN = 37.0
 #: then carry relative errors below 2e-7, far inside the 1e-5 accuracy target); otherwise the
 #: candidates are recomputed from differences.
 DENSE_LOGIT_TOL = 1e-7
+#: The split route leaves the samples more than ``split_reach`` nats below the maximum to their
+#: screened logits and float32 sums: their share of the mean's error is at most this times
+#: 2 max|x| (see :func:`split_reach`).
+SPLIT_TAIL_TOL = 1e-8
 #: Unit roundoff of the inputs for each screening precision (the accumulation is float32).
 SCREEN_DTYPES: dict[str, tuple[torch.dtype, float]] = {
     "float32": (torch.float32, U32),
@@ -158,7 +175,8 @@ class ScreenModel:
         counts the float32 accumulation ``(D + 2) u32``, the rounding of the query to the
         screening dtype, of the data where it is stored in another dtype, of both inside the GEMM
         (TF32 / bf16 under a float32 matmul precision below "highest") and of the product where
-        the GEMM returns a half-precision result.
+        the GEMM returns a half-precision result; plus 2 u32 for scaling the query by c in
+        float32 before it (c rounded, the product rounded).
         """
         if screen not in SCREEN_DTYPES:
             raise ValueError(f"unknown screening precision {screen!r}; use one of {sorted(SCREEN_DTYPES)}")
@@ -173,7 +191,7 @@ class ScreenModel:
             internal = 0.0
             data_u = 0.0 if storage == dtype else u_in
             out_u = u_in
-        gamma = ((dim + 2) * U32 + u_in + data_u + internal + out_u) * 1.01 + 4 * U64
+        gamma = ((dim + 4) * U32 + u_in + data_u + internal + out_u) * 1.01 + 4 * U64
         return cls(dtype=dtype, gamma=gamma, acc_u=g)
 
 
@@ -228,6 +246,15 @@ def dense_logit_error(
     """(B,) bound on the error of the dense float64 pass's full logits (see module docstring)."""
     total = (qnorm + alpha.abs() * max_norm) ** 2
     return (dim + 8) * U64 * total * inv2s2 + U64 * max_abs_logw + TINY64 * (dim + 8) * (1.0 + total) * inv2s2
+
+
+def split_reach(err: torch.Tensor, rows: torch.Tensor, acc_rel: float) -> torch.Tensor:
+    """(S,) nats below the maximum past which the split route leaves rows to float32: ``R = ln(n)
+    + ln(max(e^(2 e_t) - 1, acc_rel) / SPLIT_TAIL_TOL)``, so that ``n e^-R`` times either stays
+    below the tolerance (``err`` the tail's logit bound, ``acc_rel`` the float32 sums' relative
+    rounding)."""
+    worst = torch.expm1(2.0 * err).clamp(min=acc_rel)
+    return torch.log(rows) + torch.log(worst / SPLIT_TAIL_TOL)
 
 
 def mean_rounding(terms: int, xmax: float, acc_u: float = U64) -> float:

@@ -27,19 +27,24 @@ class EngineConfig:
         keep: screened rows kept per query (a running top-``keep`` over all chunks). A query
             with at most ``keep`` candidates takes the sparse path: its candidates are exactly
             these rows, gathered and recomputed in float64 without a second GEMM.
+        rescreen_chunks: a query with more than ``keep`` candidates, all in at most this share
+            of its chunks, is screened again in those chunks and only its candidates are
+            recomputed in float64 (variable sizes: host reads); 0 = never: such queries take the
+            dense float64 pass (when its bound is tight enough). On a CPU a float64 pair costs
+            about what screening 250 rows does, against two float64 GEMMs over every row for the
+            dense pass.
         gather_elements: float64 elements of one block of gathered candidate rows.
         dense_elements: float64 elements of one dense block (a float64 copy of data rows).
         dense_share: on top of that, a dense block's float64 copy may hold this share of the
             data set's bytes (bounds the extra memory on large data sets too).
-        early_dense: after the first chunk, queries whose screened logits all lie within half
-            the reach of each other (deep navigation) skip the rest of the screening and go to
-            the dense pass. Needs one host read in the middle of the batch.
-        rescreen_share: queries with more than ``keep`` candidates, but at most this share of
-            their rows (an upper bound counted while screening), are screened again where their
-            candidates can be and only those are recomputed in float64 (variable sizes: host
-            reads); 0 = never: they take the dense float64 pass (when its bound is tight enough).
-            Break-even on a CPU: a float64 pair costs about what screening 64 rows does, against
-            two float64 GEMMs over every row for the dense pass.
+        early_dense: after the first chunk, queries whose screened logits all lie within
+            ``early_spread`` times the reach of each other (navigation) skip the rest of the
+            screening and go to the dense pass. Needs one host read in the middle of the batch.
+        early_spread: see ``early_dense``.
+        split: allow the split route (an exact head, a screened tail: see ``_passes``): on a
+            CPU it halves the middle of the path, where the dense pass would run two float64
+            GEMMs; on a GPU those take a fraction of a millisecond and the route's hundred
+            extra kernel launches would cost more.
         host_shortcuts: skip exact multiplications by 1 after a host check (CPU only: on a GPU
             the check costs more than the multiplication).
     """
@@ -48,11 +53,13 @@ class EngineConfig:
     chunk_min_rows: int
     chunk_max_rows: int
     keep: int
+    rescreen_chunks: float
     gather_elements: int
     dense_elements: int
     dense_share: float
     early_dense: bool
-    rescreen_share: float
+    early_spread: float
+    split: bool
     host_shortcuts: bool
 
     def chunk_rows(self, dim: int) -> int:
@@ -89,12 +96,14 @@ CPU = EngineConfig(
     chunk_elements=1 << 20,
     chunk_min_rows=256,
     chunk_max_rows=1024,
-    keep=16,
+    keep=8,
+    rescreen_chunks=1 / 4,
     gather_elements=1 << 17,
     dense_elements=1 << 18,
     dense_share=1 / 320,
     early_dense=True,
-    rescreen_share=1 / 64,
+    early_spread=1.0,
+    split=True,
     host_shortcuts=True,
 )
 
@@ -104,10 +113,12 @@ CUDA = EngineConfig(
     chunk_min_rows=4096,
     chunk_max_rows=65536,
     keep=64,
+    rescreen_chunks=0.0,
     gather_elements=1 << 24,
     dense_elements=1 << 28,
     dense_share=0.0,
     early_dense=False,
-    rescreen_share=0.0,
+    early_spread=0.5,
+    split=False,
     host_shortcuts=False,
 )

@@ -36,9 +36,9 @@ import torch
 from floworacle_server.engine._batch import Batch, Group, mask_excluded
 from floworacle_server.engine._bounds import SCREEN_DTYPES, U32, U64, dense_logit_error, mean_rounding
 from floworacle_server.engine._partials import Partials
-from floworacle_server.engine._screen import screen_logits
+from floworacle_server.engine._screen import scaled_queries, screen_logits
 
-__all__ = ["dense_passes", "fast_pass"]
+__all__ = ["dense_passes", "fast_pass", "screened_pass"]
 
 
 @dataclass
@@ -108,12 +108,11 @@ class _Acc:
         ``host_check``: skip the rescale when it is exactly 1 (CPU)."""
         g = self.groups
         r, n = logits.shape
-        mb = logits.max(dim=1).values
-        m_new = torch.maximum(self.m, mb)
-        safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        alive = torch.isfinite(self.m)
-        d_old = torch.where(alive, self.m - safe, torch.zeros_like(safe))
-        ca = torch.where(alive, torch.exp(d_old), torch.zeros_like(safe))
+        m_new = torch.maximum(self.m, logits.amax(dim=1))
+        # nothing seen yet (-inf): any finite shift will do, exp(-inf - shift) = 0
+        safe = m_new.clamp(min=-1e300)
+        d_old = self.m - safe  # -inf where the state is still empty, so its rescale is 0
+        ca = torch.exp(d_old)
         z = logits.sub_(safe[:, None])
         k = self.tl.shape[1]
         if k:
@@ -127,7 +126,8 @@ class _Acc:
             self.tl, self.ti = Partials.topk_union(self.tl, self.ti, bl, bi)
         p = torch.exp(z) if self.h is not None else z.exp_()
         if self.h is not None:  # before s changes
-            self.h = ca * (self.h + d_old * self.s) + torch.linalg.vecdot(p, z.clamp_(min=torch.finfo(z.dtype).min))
+            d = d_old.clamp(min=-1e300)  # an empty state has s = 0: no -inf * 0
+            self.h = ca * (self.h + d * self.s) + torch.linalg.vecdot(p, z.clamp_(min=torch.finfo(z.dtype).min))
         if self.q is not None:
             self.q = self.q * ca * ca + torch.linalg.vecdot(p, p)
         if self.s_sep is not None:
@@ -224,6 +224,7 @@ def _dense_bucket(batch: Batch, bucket: list[tuple[Group, list[int]]]) -> tuple[
     width = d + extra + 1
     xq = torch.zeros(g * per, width, dtype=f64, device=dev)
     xq[:, :d] = batch.queries(idx)
+    qn2 = torch.linalg.vecdot(xq[:, :d], xq[:, :d])  # float64: the per-query constant's own sum
     xq[:, :d].mul_(co.c[:, None])
     xq[:, width - 1] = -co.half
     xq = xq.view(g, per, width)
@@ -283,7 +284,7 @@ def _dense_bucket(batch: Batch, bucket: list[tuple[Group, list[int]]]) -> tuple[
     xmax = batch.facts.xmax
     # each block's GEMM adds gamma_rows of its own mass, each rescale and sum 4 u of the total
     mean_err = mean_rounding(rows + 4 * blocks, xmax)
-    part = _finish(batch, acc, qn * qn * co.inv2s2, ref, rows, blocks, mean_err)
+    part = _finish(batch, acc, qn2 * co.inv2s2, ref, rows, blocks, mean_err)
     slots = [s for _, ss in bucket for s in ss]
     if len(real) == g * per:
         return slots, part, err
@@ -298,29 +299,42 @@ def dense_passes(batch: Batch, work: list[tuple[Group, list[int]]]) -> list[tupl
     return [_dense_bucket(batch, bucket) for bucket in _buckets(work)]
 
 
-def fast_pass(batch: Batch, g: Group, screen_err: torch.Tensor) -> tuple[Partials, torch.Tensor]:
-    """Fast mode for the slots of group ``g``: the screening logits used directly (their bound
+def screened_pass(
+    batch: Batch,
+    g: Group,
+    slots: torch.Tensor | slice,
+    screen_err: torch.Tensor,
+    leave_out: torch.Tensor | None = None,
+    full_logits: bool = False,
+) -> tuple[Partials, torch.Tensor]:
+    """The screening logits used directly over g's rows, for the slots ``slots`` (their bound
     ``screen_err`` (q,) is the logit error), float32 weighted sums (GPUs: the screening dtype).
 
-    The partials' logits are in the screening form (no per-query constant): fast partials merge
-    with fast partials of the same queries only."""
+    The fast mode, and the tail of the split route: ``leave_out`` (q, m) data rows to leave out
+    (the head, computed exactly elsewhere; -1 = none); ``full_logits`` subtracts the per-query
+    constant ``||x_t||^2 / (2 sigma^2)`` (float64) so the partials merge with exact ones;
+    otherwise they are in the screening form and merge with fast partials of the same queries
+    only. Returns (partials, logit error bound: screening, the weights' rounding to the
+    accumulation dtype and, with ``full_logits``, the constant's float64 sum)."""
     ds, cfg = batch.ds, batch.cfg
     f32, f64 = torch.float32, torch.float64
     d = ds.dim
     cuda = ds.device.type == "cuda"
     acc_dtype = batch.model.dtype if cuda else f32
     u_acc = {dt: u for dt, u in SCREEN_DTYPES.values()}.get(acc_dtype, U32)
-    co = batch.coef.take(g.slots)
-    xs = batch.queries(g.slots, screen=True)
-    excl = batch.excluded(g.slots)
-    c32, h32 = co.c.to(f32), co.half.to(f32)
-    acc = _Acc.start(1, g.size, batch, 0)
+    co = batch.coef.take(slots)
+    excl = batch.excluded(slots)
+    if leave_out is not None:
+        excl = leave_out if excl is None else torch.cat([leave_out, excl[:, None]], dim=1)
+    xc, h32 = scaled_queries(batch, slots, g.rows), co.half.to(f32)
+    q = co.alpha.shape[0]
+    acc = _Acc.start(1, q, batch, 0)
     rows = cfg.chunk_rows(d)
     ref: torch.Tensor | None = None
     blocks = 0
     for s0 in range(g.start, g.stop, rows):
         s1 = min(s0 + rows, g.stop)
-        lt = screen_logits(batch, xs, slice(s0, s1), c32, h32, excl)
+        lt = screen_logits(batch, xc, slice(s0, s1), h32, excl)
         chunk = ds.x[s0:s1]
         x_acc = chunk if chunk.dtype == acc_dtype else chunk.to(acc_dtype)
         dref = None
@@ -340,4 +354,16 @@ def fast_pass(batch: Batch, g: Group, screen_err: torch.Tensor) -> tuple[Partial
     out_u = u_acc if acc_dtype != f32 else 0.0
     per_chunk = (1.01 * (rows + 2) * U32 + internal + data_u + out_u) * xmax
     mean_err = per_chunk + mean_rounding(4 * blocks, xmax)
-    return _finish(batch, acc, None, ref, rows, blocks, mean_err), screen_err + 1.01 * u_acc
+    err = screen_err + 1.01 * u_acc
+    offset = None
+    if full_logits:
+        xq = batch.queries(slots).to(f64)
+        qn2 = torch.linalg.vecdot(xq, xq)
+        offset = qn2 * co.inv2s2
+        err = err + (d + 4) * U64 * offset
+    return _finish(batch, acc, offset, ref, rows, blocks, mean_err), err
+
+
+def fast_pass(batch: Batch, g: Group, screen_err: torch.Tensor) -> tuple[Partials, torch.Tensor]:
+    """Fast mode for the slots of group ``g`` (see :func:`screened_pass`)."""
+    return screened_pass(batch, g, g.slots, screen_err)

@@ -17,9 +17,10 @@ LeVeque (1979), ``m2 = c_a m2_a + c_b m2_b + w ||mu_a - mu_b||^2`` with ``mu = v
 c_a s_a c_b s_b / s``: every term is >= 0, so no cancellation however sharply the posterior
 collapses. Top-k logits and indices merge by a top-k of the union.
 
-Rounding is carried along: ``mean_err`` bounds the componentwise error of ``v / s`` (the convex
-combination of two means is within the larger of their errors, plus 16 u max|x| for the rounded
-rescale factors, products and sums); ``m2_err`` (scaled like s) bounds the error of ``m2``: each
+Rounding is carried along: ``mean_err`` (per query) bounds the componentwise error of ``v / s``
+(the merged mean is the mass-weighted combination of the two, so its error is within the
+mass-weighted combination of theirs, plus 16 u max|x| for the rounded rescale factors, products
+and sums); ``m2_err`` (scaled like s) bounds the error of ``m2``: each
 merge adds ``(D + 8) u m2`` for its roundings and, for the means' errors ``e_a + e_b`` in the
 between term, ``2 sqrt(w T) sqrt(D) (e_a + e_b) + 3 w D (e_a + e_b)^2`` (``T`` the between term).
 
@@ -54,7 +55,14 @@ class Posterior:
     variance_rounding: torch.Tensor | None
     topk_indices: torch.Tensor
     topk_weights: torch.Tensor
-    mean_err: float
+    mean_err: torch.Tensor | float
+
+
+def per_query(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a (B,) float64 tensor shaped like ``like`` (B,)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.full_like(like, float(value))
 
 
 def _where_alive(alive: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -67,7 +75,8 @@ class Partials:
 
     ``topk_logits`` / ``topk_index`` have shape (B, k) (k may be 0); ``topk_index`` holds data
     rows (-1 for empty slots, whose logit is -inf). ``h``, ``q``, ``m2`` / ``m2_err`` are None
-    when not tracked. ``mean_err`` bounds ``|v / s - exact|`` componentwise; ``xmax`` is the max
+    when not tracked. ``mean_err`` (a float for every query, or (B,)) bounds ``|v / s - exact|``
+    componentwise; ``xmax`` is the max
     |x_ij| of the rows covered (for the merges' rounding bounds).
     """
 
@@ -80,7 +89,7 @@ class Partials:
     m2_err: torch.Tensor | None
     topk_logits: torch.Tensor
     topk_index: torch.Tensor
-    mean_err: float = 0.0
+    mean_err: torch.Tensor | float = 0.0
     xmax: float = 0.0
 
     @classmethod
@@ -163,7 +172,7 @@ class Partials:
             m2_err=pick(self.m2_err),
             topk_logits=self.topk_logits.index_select(0, rows),
             topk_index=self.topk_index.index_select(0, rows),
-            mean_err=self.mean_err,
+            mean_err=self.mean_err.index_select(0, rows) if isinstance(self.mean_err, torch.Tensor) else self.mean_err,
             xmax=self.xmax,
         )
 
@@ -178,9 +187,10 @@ class Partials:
             h = ca * (a.h + da * a.s) + cb * (b.h + db * b.s)
         if a.q is not None and b.q is not None:
             q = a.q * ca * ca + b.q * cb * cb
-        mean_err = max(a.mean_err, b.mean_err) + 16 * U64 * max(a.xmax, b.xmax)
+        sa, sb = a.s * ca, b.s * cb
+        share = torch.where(s > 0, sa / torch.where(s > 0, s, torch.ones_like(s)), torch.full_like(s, 0.5))
+        mean_err = share * a.mean_err + (1 - share) * b.mean_err + 16 * U64 * max(a.xmax, b.xmax)
         if a.m2 is not None and b.m2 is not None and a.m2_err is not None and b.m2_err is not None:
-            sa, sb = a.s * ca, b.s * cb
             both = (sa > 0) & (sb > 0)
             w = _where_alive(both, sa * sb / torch.where(both, s, torch.ones_like(s)))
             one = torch.ones_like(s)
@@ -219,7 +229,6 @@ class Partials:
             return
         out = Partials._combine(self.select(rows), other, None)
         self.put(rows, out)
-        self.mean_err, self.xmax = max(self.mean_err, out.mean_err), out.xmax
 
     def _assign(self, o: Partials) -> None:
         self.m, self.s, self.v, self.h, self.q = o.m, o.s, o.v, o.h, o.q
@@ -238,7 +247,9 @@ class Partials:
                 mine.index_copy_(0, rows, theirs)
         self.topk_logits.index_copy_(0, rows, part.topk_logits)
         self.topk_index.index_copy_(0, rows, part.topk_index)
-        self.mean_err, self.xmax = max(self.mean_err, part.mean_err), max(self.xmax, part.xmax)
+        mine = per_query(self.mean_err, self.m).clone()
+        self.mean_err = mine.index_copy_(0, rows, per_query(part.mean_err, part.m))
+        self.xmax = max(self.xmax, part.xmax)
 
     def rescaled(self, m: torch.Tensor) -> Partials:
         """The same partial expressed against a larger running maximum ``m`` >= self.m (what each
@@ -281,10 +292,11 @@ class Partials:
             if any(p.q is None for p in scaled)
             else sum((p.q for p in scaled if p.q is not None), torch.zeros_like(m))
         )
-        mean_err = max(p.mean_err for p in parts) + 16 * U64 * len(parts) * max(p.xmax for p in parts)
+        one = torch.ones_like(s)
+        mean_err = sum((p.s * p.mean_err for p in scaled), torch.zeros_like(s)) / torch.where(s > 0, s, one)
+        mean_err = mean_err + 16 * U64 * len(parts) * max(p.xmax for p in parts)
         m2 = m2_err = None
         if all(p.m2 is not None and p.m2_err is not None for p in scaled):
-            one = torch.ones_like(s)
             mu = v / torch.where(s > 0, s, one)[:, None]
             m2 = torch.zeros_like(m)
             m2_err = torch.zeros_like(m)

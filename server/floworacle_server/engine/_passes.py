@@ -2,7 +2,9 @@
 
 1. Every group's slots are screened (:mod:`._screen`).
 2. Each slot gets a route from what the screening proved, all slots at once and with **one**
-   host read per batch (codes and candidate counts):
+   host read per batch (codes and candidate counts; the CPU settings add a read after the first
+   chunk for early navigation, and the split and re-screen routes, which the GPU settings leave
+   off, read sizes of their own):
 
    - SPARSE: every candidate is among the kept rows (the refinement stage). They are gathered
      in a fixed-width layout and recomputed in float64 from differences (:mod:`._refine`); a
@@ -10,11 +12,17 @@
    - DENSE: more candidates than kept, and the dense float64 pass's logit bound
      (:func:`._bounds.dense_logit_error`, computable before the pass) is below
      ``DENSE_LOGIT_TOL``: the navigation stage, two float64 GEMMs over the slot's rows.
+   - SPLIT: more candidates than kept, but those within ``split_reach`` nats of the maximum (the
+     head) all among the kept rows (the middle of the path: the weight sits on a few samples
+     while thousands are within reach): the head in float64 from differences, the rest from
+     its screened logits with float32 sums, one screening GEMM and one accumulation GEMM
+     (:func:`._bounds.split_reach` proves the bound; not with the variance, which the tail
+     can dominate there).
    - RESCREEN: more candidates than kept where the dense bound is too loose (many samples
-     within reach late in the path: duplicates, tight clusters), or, on CPUs, where the
-     candidates counted while screening are few enough that screening their chunks again and
-     gathering them is cheaper than the dense pass. Variable sizes: host reads per chunk; it is
-     the one route whose host reads grow with the data.
+     within reach late in the path: duplicates, tight clusters) and the split route does not
+     apply, or, on CPUs, where the candidates lie in a quarter of the chunks or fewer, so that
+     screening those again and gathering the candidates costs less than either pass.
+     Variable sizes: host reads per chunk; the one route whose host reads grow with the data.
    - EMPTY / BAD: no sample left with positive weight, or a screening logit that is not finite
      (a query too large for float32): refused with ValueError.
 
@@ -30,14 +38,24 @@ from dataclasses import dataclass
 
 import torch
 
-from floworacle_server.engine._batch import Batch
-from floworacle_server.engine._bounds import DENSE_LOGIT_TOL, dense_logit_error, screen_logit_error
-from floworacle_server.engine._dense import dense_passes, fast_pass
+from floworacle_server.engine._batch import Batch, Group
+from floworacle_server.engine._bounds import (
+    DENSE_LOGIT_TOL,
+    SCREEN_DTYPES,
+    U32,
+    dense_logit_error,
+    screen_logit_error,
+    split_reach,
+)
+from floworacle_server.engine._dense import dense_passes, fast_pass, screened_pass
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._refine import exact_single, refine, stack
-from floworacle_server.engine._screen import Screened, float32_floor, screen, screen_logits
+from floworacle_server.engine._screen import Screened, float32_floor, scaled_queries, screen, screen_logits
 
 __all__ = ["SlotPartials", "exact_partials", "fast_partials", "Route", "EmptyPosterior", "NonFiniteScreening"]
+
+
+SCREEN_DTYPES_U = {dt: u for dt, u in SCREEN_DTYPES.values()}
 
 
 class Route:
@@ -48,6 +66,7 @@ class Route:
     RESCREEN = 2
     EMPTY = 3
     BAD = 4
+    SPLIT = 5
 
 
 class EmptyPosterior(ValueError):
@@ -85,31 +104,104 @@ class SlotPartials:
     tail: torch.Tensor
 
 
-def _routes(batch: Batch, scr: Screened, thr: torch.Tensor, tight: torch.Tensor) -> torch.Tensor:
-    """(2, S) int64: route code and kept-candidate count of every slot."""
+@dataclass
+class _Candidates:
+    """What the routing leaves for the refinement: per slot its route code and candidate count
+    (host lists), the weight left out (S,), and the kept rows (S, keep + 1), candidates first."""
+
+    code: list[int]
+    width: list[int]
+    tail: torch.Tensor
+    kept_i: torch.Tensor
+    split_mass: torch.Tensor  # (S,) split route: bound on the tail's weight (n e^-R)
+
+    def padded_rows(self, slots: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """(n, max width) candidate rows of ``slots`` (-1 beyond each one's width)."""
+        dev = slots.device
+        wmax = max(widths)
+        cols = torch.arange(wmax, device=dev)[None, :]
+        wt = torch.tensor(widths, dtype=torch.int64, device=dev)[:, None]
+        return self.kept_i.index_select(0, slots)[:, :wmax].masked_fill(cols >= wt, -1)
+
+
+def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight: torch.Tensor) -> _Candidates:
+    """Route every slot with the batch's one host read (code and candidate count of each)."""
     f64 = torch.float64
-    keep = batch.cfg.keep
+    cfg = batch.cfg
+    keep = cfg.keep
     kept = scr.kept_v.to(f64)
     width = (kept >= thr[:, None]).sum(dim=1)
-    complete = kept[:, keep] < thr
+    many = kept[:, keep] >= thr
+    cheap = torch.zeros_like(tight)
+    if cfg.rescreen_chunks > 0:  # few chunks hold the candidates: screening them again is cheaper
+        relevant = [  # a group of one chunk is never cheaper to screen again
+            (cm.to(f64) >= thr[g.slots, None]).sum(dim=1) <= int(cfg.rescreen_chunks * cm.shape[1])
+            if cm is not None
+            else torch.zeros(g.size, dtype=torch.bool, device=thr.device)
+            for g, cm in zip(batch.groups, scr.chunk_max, strict=True)
+        ]
+        cheap = torch.cat(relevant) if len(relevant) > 1 else relevant[0]
     lower = scr.lower
-    bad = torch.isnan(lower) | (lower == math.inf)
-    empty = lower == -math.inf
-    rescreen = ~tight
-    share = batch.cfg.rescreen_share
-    if share > 0 and scr.count is not None:
-        limit = (share * batch.slot_rows).clamp(min=keep + 1)
-        cheap = scr.count <= limit
-        if scr.early is not None:
-            cheap &= ~scr.early
-        rescreen = rescreen | cheap
-    code = torch.where(rescreen, Route.RESCREEN, Route.DENSE)
-    code = torch.where(complete, Route.SPARSE, code)
+    rows = batch.slot_rows
+    code = torch.where(tight, Route.DENSE, Route.RESCREEN)
+    split_mass = torch.zeros_like(lower)
+    head_w = width
+    if cfg.split and not batch.want.variance:
+        # the head: rows screened within R nats of the maximum, all among the kept ones?
+        r_head = split_reach(scr.err + _split_extra(batch), rows, _split_acc(batch))
+        head_thr = lower - r_head - scr.err
+        head_thr = head_thr - head_thr.abs() * 2.0**-40
+        head_w = (kept >= head_thr[:, None]).sum(dim=1)
+        code = torch.where((kept[:, keep] < head_thr) & (head_thr > thr), Route.SPLIT, code)
+        split_mass = rows * torch.exp(-r_head)
+    code = torch.where(cheap, Route.RESCREEN, code)
+    code = torch.where(many, code, Route.SPARSE)
     if scr.early is not None:  # their kept rows stem from the first chunk only
         code = torch.where(scr.early, Route.DENSE, code)
-    code = torch.where(empty, Route.EMPTY, code)
-    code = torch.where(bad, Route.BAD, code)
-    return torch.stack([code, width])
+    code = torch.where(lower == -math.inf, Route.EMPTY, code)
+    code = torch.where(torch.isnan(lower) | (lower == math.inf), Route.BAD, code)
+    # left-out weight relative to the kept mass: the sparse path leaves out the rows screened
+    # below its candidates (each at most e^(lt + err - lower) of the largest), a dense or split
+    # pass nothing, a re-screen what lies below the threshold (e^-37 at most)
+    below = kept.gather(1, width.clamp(max=keep)[:, None]).squeeze(1)
+    tail = (rows - width) * torch.exp((below + scr.err - lower).clamp(max=0.0))
+    tail = torch.where(code == Route.RESCREEN, torch.exp(-batch.slot_reach) * rows, tail)
+    tail = torch.where((code == Route.DENSE) | (code == Route.SPLIT), 0.0, tail)
+    width = torch.where(code == Route.SPLIT, head_w, width)
+    host = torch.stack([code, width]).tolist()  # the batch's one host read
+    return _Candidates(host[0], host[1], tail, scr.kept_i, split_mass)
+
+
+def _split_extra(batch: Batch) -> float:
+    """Logit error of a split route's tail on top of the screening bound: its weights rounded to
+    the accumulation dtype (the per-query constant's float64 sum is added per slot)."""
+    cuda = batch.ds.device.type == "cuda"
+    return 1.01 * (SCREEN_DTYPES_U.get(batch.model.dtype, U32) if cuda else U32)
+
+
+def _split_acc(batch: Batch) -> float:
+    """Relative rounding of a split route's float32 sums over one chunk (see the fast pass)."""
+    rows = batch.cfg.chunk_rows(batch.dim)
+    internal = 2 * batch.model.acc_u if batch.model.acc_u > U32 else 0.0
+    return 1.01 * (rows + 2) * U32 + internal + (2.0**-8 if batch.ds.device.type == "cuda" else 0.0)
+
+
+def _split(
+    batch: Batch, g: Group, slots: list[int], cands: _Candidates, serr: torch.Tensor
+) -> tuple[Partials, torch.Tensor, torch.Tensor]:
+    """The split route for ``slots`` (all in ``g``): exact head, screened tail, merged. Returns
+    (partials in the order of ``slots``, logit error bound, tail term of the mean's bound)."""
+    dev = batch.ds.device
+    idx = torch.tensor(slots, dtype=torch.int64, device=dev)
+    widths = [cands.width[i] for i in slots]
+    head_rows = cands.padded_rows(idx, widths)
+    head, herr = refine(batch, idx, head_rows, widths)
+    rest, terr = screened_pass(batch, g, idx, serr.index_select(0, idx), leave_out=head_rows, full_logits=True)
+    part = head.merge(rest)
+    tau = cands.split_mass.index_select(0, idx)
+    # the normaliser's shift from the tail's errors widens the head's; the tail's own weights
+    # are off by e^(2 e_t) at most (see _bounds)
+    return part, herr + tau * torch.expm1(terr), tau * torch.expm1(2.0 * terr)
 
 
 def _rescreen(
@@ -124,13 +216,12 @@ def _rescreen(
     thr = thr_all.index_select(0, gslots)
     starts = scr.starts[gi]
     chunk_max = scr.chunk_max[gi]
-    if chunk_max is not None:
-        loc = gslots - g.s0
-        need = (chunk_max.index_select(0, loc).to(torch.float64) >= thr[:, None]).tolist()
+    if chunk_max is None:  # one chunk: it holds them
+        need = [[True] for _ in slots]
     else:
-        need = [[True] * len(starts) for _ in slots]
+        need = (chunk_max.index_select(0, gslots - g.s0).to(torch.float64) >= thr[:, None]).tolist()
     co = batch.coef.take(gslots)
-    c32, h32 = co.c.to(torch.float32), co.half.to(torch.float32)
+    h32 = co.half.to(torch.float32)
     thr32 = float32_floor(thr)
     pair_slot: list[torch.Tensor] = []
     pair_row: list[torch.Tensor] = []
@@ -141,9 +232,7 @@ def _rescreen(
         s1 = min(s0 + scr.chunk_rows, g.stop)
         idx = torch.tensor(sel, dtype=torch.int64, device=dev)
         sub = gslots.index_select(0, idx)
-        lt = screen_logits(
-            batch, batch.queries(sub, screen=True), slice(s0, s1), c32[idx], h32[idx], batch.excluded(sub)
-        )
+        lt = screen_logits(batch, scaled_queries(batch, sub, g.rows), slice(s0, s1), h32[idx], batch.excluded(sub))
         hits = (lt >= thr32[idx][:, None]).nonzero()
         pair_slot.append(idx[hits[:, 0]])
         pair_row.append(hits[:, 1] + s0)
@@ -184,42 +273,31 @@ def exact_partials(batch: Batch) -> SlotPartials:
     tight = derr <= DENSE_LOGIT_TOL
     scr = screen(batch, serr, tight if cfg.early_dense else None)
     thr = scr.threshold(batch.slot_reach)
-    code, width = _routes(batch, scr, thr, tight).tolist()  # the batch's one host read
+    cands = _route(batch, scr, thr, tight)
+    code, width = cands.code, cands.width
     for i, c in enumerate(code):
         if c == Route.BAD:
             raise NonFiniteScreening(i)
         if c == Route.EMPTY:
             raise EmptyPosterior(i)
     want = batch.want
-    # left-out weight, relative to the kept mass: the refinement stage leaves out exactly the
-    # rows screened below the kept candidates, each at most e^(lt + err - lower) of the largest
-    wt_all = torch.tensor(width, dtype=torch.int64, device=dev).clamp_(max=cfg.keep)
-    below = scr.kept_v.gather(1, wt_all[:, None]).squeeze(1).to(torch.float64)
-    tail_sparse = (batch.slot_rows - wt_all) * torch.exp((below + scr.err - scr.lower).clamp(max=0.0))
-    tail_rescreen = torch.exp(-batch.slot_reach + torch.log(batch.slot_rows))
-    is_dense = torch.tensor([c == Route.DENSE for c in code], device=dev)
-    is_again = torch.tensor([c == Route.RESCREEN for c in code], device=dev)
-    tail = torch.where(is_dense, 0.0, torch.where(is_again, tail_rescreen, tail_sparse))
     pieces: list[tuple[list[int], Partials, torch.Tensor]] = []
     refined = 0
     single = [i for i in range(s_total) if code[i] == Route.SPARSE and width[i] == 1]
     if single:
         if len(single) == s_total:
-            part, err = exact_single(batch, slice(0, s_total), scr.kept_i[:, 0])
+            part, err = exact_single(batch, slice(0, s_total), cands.kept_i[:, 0])
         else:
             idx = torch.tensor(single, dtype=torch.int64, device=dev)
-            part, err = exact_single(batch, idx, scr.kept_i[:, 0].index_select(0, idx))
+            part, err = exact_single(batch, idx, cands.kept_i[:, 0].index_select(0, idx))
         pieces.append((single, part, err))
         refined += len(single) if want.logits else 0
     multi = [i for i in range(s_total) if code[i] == Route.SPARSE and width[i] > 1]
     if multi:
+        multi.sort(key=lambda i: -width[i])  # widest first: blocks of similar widths
         idx = torch.tensor(multi, dtype=torch.int64, device=dev)
         widths = [width[i] for i in multi]
-        wmax = max(widths)
-        rows = scr.kept_i.index_select(0, idx)[:, :wmax]
-        wt = torch.tensor(widths, dtype=torch.int64, device=dev)
-        rows = rows.masked_fill(torch.arange(wmax, device=dev)[None, :] >= wt[:, None], -1)
-        part, err = refine(batch, idx, rows, widths)
+        part, err = refine(batch, idx, cands.padded_rows(idx, widths), widths)
         pieces.append((multi, part, err))
         refined += sum(widths)
     work = []
@@ -230,6 +308,14 @@ def exact_partials(batch: Batch) -> SlotPartials:
             refined += len(dense) * g.rows
     if work:
         pieces += dense_passes(batch, work)
+    split_tail: list[tuple[list[int], torch.Tensor]] = []
+    for g in batch.groups:
+        split = [i for i in range(g.s0, g.s1) if code[i] == Route.SPLIT]
+        if split:
+            part, err, extra = _split(batch, g, split, cands, serr)
+            pieces.append((split, part, err))
+            split_tail.append((split, extra))
+            refined += sum(width[i] for i in split)
     for gi, g in enumerate(batch.groups):
         again = [i for i in range(g.s0, g.s1) if code[i] == Route.RESCREEN]
         if again:
@@ -246,6 +332,9 @@ def exact_partials(batch: Batch) -> SlotPartials:
         back = torch.tensor(inv, dtype=torch.int64, device=dev)
         state = stack([p for _, p, _ in pieces]).select(back)
         logit_err = torch.cat([e for _, _, e in pieces]).index_select(0, back)
+    tail = cands.tail
+    for slots_s, extra in split_tail:
+        tail = tail.index_copy(0, torch.tensor(slots_s, dtype=torch.int64, device=dev), extra)
     return SlotPartials(state, logit_err, refined, unit_normaliser=len(single) == s_total, tail=tail)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from floworacle_server.engine._batch import Batch
 from floworacle_server.engine._bounds import U64, mean_rounding, pair_logit_error
-from floworacle_server.engine._partials import Partials
+from floworacle_server.engine._partials import Partials, per_query
 
 __all__ = ["exact_single", "exact_rows", "refine", "stack"]
 
@@ -191,6 +191,6 @@ def stack(parts: list[Partials]) -> Partials:
         m2_err=cat("m2_err"),
         topk_logits=torch.cat([p.topk_logits for p in parts]),
         topk_index=torch.cat([p.topk_index for p in parts]),
-        mean_err=max(p.mean_err for p in parts),
+        mean_err=torch.cat([per_query(p.mean_err, p.m) for p in parts]),
         xmax=max(p.xmax for p in parts),
     )

@@ -32,7 +32,7 @@ def test_one_gemm_model_for_oracle_and_nearest(matmul_precision: None, setting: 
     assert _nearest._gemm_unit_roundoff(cpu) == u
     model = ScreenModel.choose("float32", cpu, torch.float32, 100)
     inside = 0.0 if u == 2.0**-24 else 2 * u  # both operands rounded inside the GEMM
-    assert model.gamma == pytest.approx(((100 + 2) * 2.0**-24 + 2.0**-24 + inside) * 1.01 + 4 * 2.0**-53)
+    assert model.gamma == pytest.approx(((100 + 4) * 2.0**-24 + 2.0**-24 + inside) * 1.01 + 4 * 2.0**-53)
 
 
 @pytest.mark.parametrize("setting", ["high", "medium"])
@@ -66,10 +66,9 @@ def test_screening_logit_bound_holds_for_the_float32_gemm(scale: float, offset: 
     alpha, sigma = c.alpha, c.sigma
     cc, h = alpha / sigma**2, alpha**2 / (2 * sigma**2)
     sq = (X.astype(np.float64) ** 2).sum(axis=1)
-    lt = torch.from_numpy(xt).float() @ torch.from_numpy(X).T
-    lt.mul_(torch.from_numpy(cc).float()[:, None]).addr_(
-        torch.from_numpy(h).float(), torch.from_numpy(sq).float(), alpha=-1
-    )
+    # the engine's evaluation: the query rounded to float32 and scaled by c there, one GEMM
+    xc = torch.from_numpy(xt).float() * torch.from_numpy(cc).float()[:, None]
+    lt = (xc @ torch.from_numpy(X).T).addr_(torch.from_numpy(h).float(), torch.from_numpy(sq).float(), alpha=-1)
     exact = cc[:, None] * (xt.astype(np.longdouble) @ X.astype(np.longdouble).T) - h[:, None] * sq[None, :]
     err = np.abs(lt.double().numpy() - exact.astype(np.float64)).max(axis=1)
     model = ScreenModel.choose("float32", torch.device("cpu"), torch.float32, d)

@@ -223,7 +223,7 @@ def test_dense_pass_blocks_and_padded_groups_equal_one_block() -> None:
     labels = torch.from_numpy(np.tile([0, 1, 2, -1], b // 4))
     exclude = torch.from_numpy(rng.integers(-1, 1500, b))
     q = OracleQuery(x_t=xt, coeffs=c, labels=labels, exclude=exclude, outputs=ALL, top_k=5)
-    small = replace(CPU, dense_elements=256 * 24, dense_share=0.0, early_dense=False, rescreen_share=0.0)
+    small = replace(CPU, dense_elements=256 * 24, dense_share=0.0, early_dense=False)
     big = replace(small, dense_elements=1 << 24)
     a, z = oracle(ds, q, config=small), oracle(ds, q, config=big)
     assert a.refined == z.refined and a.refined >= b * 300  # dense, not refined pairs
@@ -337,3 +337,45 @@ def test_shape_nan_and_singular_end_policy() -> None:
     xt = 0.9999 * X[:1].astype(np.float64) + 1e-4 * np.ones((1, 4))
     res = oracle(ds, OracleQuery(x_t=torch.from_numpy(xt), coeffs=c, outputs=ALL, top_k=1))
     _check(res, oracle_reference(X, xt, c.alpha, c.sigma, c.d_alpha, c.d_sigma))
+
+
+def test_split_route_exact_head_and_screened_tail_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In the middle of the path the weight sits on a few samples while many more are within
+    # reach: those few (the head) are recomputed in float64, the rest (the tail) keep their
+    # screened logits and float32 sums; the answer must stay within its bound and 1e-10 of the
+    # reference, with left-out samples, top-k, entropy and ESS
+    from floworacle_server.engine import _passes
+
+    seen: dict[str, list[int]] = {}
+    route = _passes._route
+
+    def spy(*args):
+        out = route(*args)
+        seen["code"] = out.code
+        return out
+
+    monkeypatch.setattr(_passes, "_route", spy)
+    rng = np.random.default_rng(31)
+    X = rng.standard_normal((4000, 256)).astype(np.float32)
+    ds = Dataset.from_arrays("s", X)
+    t = np.repeat([0.32, 0.33, 0.37], 6)
+    c = get_path("linear").coefficients(t)
+    src = rng.integers(0, 4000, len(t))
+    xt = _queries(rng, X, t, c)
+    exclude = np.where(np.arange(len(t)) % 2 == 0, src, -1)
+    q = OracleQuery(x_t=torch.from_numpy(xt), coeffs=c, exclude=torch.from_numpy(exclude), outputs=ALL[:-1], top_k=3)
+    res = oracle(ds, q, chunk_rows=256)
+    assert _passes.Route.SPLIT in seen["code"]
+    for b in range(len(t)):
+        w = np.ones(4000)
+        if exclude[b] >= 0:
+            w[exclude[b]] = 0.0
+        sl = slice(b, b + 1)
+        ref = oracle_reference(X, xt[sl], c.alpha[sl], c.sigma[sl], c.d_alpha[sl], c.d_sigma[sl], weights=w)
+        err = np.abs(res.x1_hat[b].numpy() - ref.x1_hat[0]).max()
+        assert err <= res.x1_hat_error_bound[b].item(), b
+        assert res.x1_hat_error_bound[b].item() < 1e-6  # a bound that says exact
+        assert rel_err(res.velocity[b].numpy(), ref.velocity[0]) < 1e-10, b
+        assert abs(res.entropy[b].item() - ref.entropy[0]) < 1e-8 and abs(res.ess[b].item() / ref.ess[0] - 1) < 1e-8
+        top = np.argsort(-ref.weights[0], kind="stable")[:3]
+        np.testing.assert_allclose(res.topk_weights[b].numpy(), ref.weights[0][top], atol=1e-10)
