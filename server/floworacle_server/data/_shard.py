@@ -23,7 +23,16 @@ import torch
 if TYPE_CHECKING:
     from floworacle_server.data._dataset import Dataset
 
-__all__ = ["ShardSpec", "ShardOf", "GlobalFacts", "shard_rows", "shard_arrays", "make_shard", "local_facts"]
+__all__ = [
+    "ShardSpec",
+    "ShardOf",
+    "GlobalFacts",
+    "shard_rows",
+    "shard_arrays",
+    "make_shard",
+    "local_facts",
+    "facts_of",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,7 @@ class GlobalFacts:
         class_alive: rows of positive weight per class (equal to ``class_counts`` without weights).
         abs_max: max |x_ij| over all stored values.
         max_sq: max ||x_i||^2 over all rows; ``class_max_sq`` per class.
+        max_abs_logw: max |log p_i| over the rows of positive weight (0 without weights).
     """
 
     num_samples: int
@@ -56,6 +66,7 @@ class GlobalFacts:
     abs_max: float
     max_sq: float
     class_max_sq: tuple[float, ...]
+    max_abs_logw: float = 0.0
 
 
 @dataclass
@@ -92,10 +103,15 @@ def shard_rows(labels: np.ndarray | None, num_samples: int, spec: ShardSpec) -> 
 
 def local_facts(ds: Dataset, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """This shard's part of the whole set's facts, to be merged over the gang: (maxima to reduce
-    with max: abs_max, max_sq, class_max_sq..., counts to reduce with sum: class_alive...)."""
+    with max: abs_max, max_sq, max_abs_logw, class_max_sq..., counts to reduce with sum:
+    class_alive...)."""
     rows = 65536
     abs_max = max((float(ds.x[s : s + rows].abs().max()) for s in range(0, ds.num_samples, rows)), default=0.0)
-    maxima = [abs_max, float(ds.sq_norms.max()) if ds.num_samples else 0.0]
+    logw = 0.0
+    if ds.log_weights is not None:
+        finite = torch.isfinite(ds.log_weights)
+        logw = float(ds.log_weights[finite].abs().max()) if bool(finite.any()) else 0.0
+    maxima = [abs_max, float(ds.sq_norms.max()) if ds.num_samples else 0.0, logw]
     alive: list[int] = []
     if ds.class_offsets is not None:
         off = ds.class_offsets.tolist()
@@ -108,13 +124,19 @@ def local_facts(ds: Dataset, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _facts_from(ds: Dataset, num_samples: int, class_counts: tuple[int, ...]) -> GlobalFacts:
     maxima, alive = local_facts(ds, len(class_counts))
+    return facts_of(num_samples, class_counts, maxima, alive)
+
+
+def facts_of(num_samples: int, class_counts: tuple[int, ...], maxima: np.ndarray, alive: np.ndarray) -> GlobalFacts:
+    """:class:`GlobalFacts` from (merged) :func:`local_facts` arrays."""
     return GlobalFacts(
         num_samples=num_samples,
         class_counts=class_counts,
         class_alive=tuple(int(a) for a in alive),
         abs_max=float(maxima[0]),
         max_sq=float(maxima[1]),
-        class_max_sq=tuple(float(m) for m in maxima[2:]),
+        class_max_sq=tuple(float(m) for m in maxima[3:]),
+        max_abs_logw=float(maxima[2]),
     )
 
 

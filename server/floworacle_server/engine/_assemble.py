@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from floworacle_server.data._dataset import Dataset
 from floworacle_server.engine._batch import Batch, Coef, Group, Want, facts
-from floworacle_server.engine._bounds import U32, U64, ScreenModel, variance_error, x1_error
+from floworacle_server.engine._bounds import REACH_MARGIN, U32, U64, ScreenModel, variance_error, x1_error
 from floworacle_server.engine._config import EngineConfig
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._passes import (
@@ -51,7 +52,7 @@ from floworacle_server.engine._passes import (
 )
 from floworacle_server.engine._types import OUTPUTS, OracleQuery, OracleResult, Precision
 
-__all__ = ["oracle", "compute_partials"]
+__all__ = ["oracle", "compute_partials", "SlotMerge"]
 
 
 @dataclass
@@ -165,7 +166,7 @@ def _batch(
     ex_rows = None
     if exclude is not None:
         ex = exclude.to(device=dev, dtype=torch.int64)
-        ex_rows = torch.where(ex >= 0, f.inverse_index(ds)[ex.clamp(min=0)], ex)
+        ex_rows = torch.where(ex >= 0, ds.rows_of(ex.clamp(min=0)), ex)  # -1: not held here (a shard)
     if plan.slot_query is None:
         slot_query = None
         coef = Coef.build(alpha, sigma)
@@ -184,23 +185,52 @@ def _partials(batch: Batch, precision: Precision, plan: _Plan, query: OracleQuer
     """The slots' partials; data-dependent refusals become actionable ValueErrors."""
     try:
         return fast_partials(batch) if precision == Precision.FAST else exact_partials(batch)
-    except NonFiniteScreening as exc:
+    except (NonFiniteScreening, EmptyPosterior) as exc:
+        raise _refusal(exc, batch, plan, query) from None
+
+
+def _refusal(exc: NonFiniteScreening | EmptyPosterior, batch: Batch, plan: _Plan, query: OracleQuery) -> ValueError:
+    """The actionable refusal of a slot the engine cannot answer."""
+    if isinstance(exc, NonFiniteScreening):
         b = exc.slot if plan.slot_query is None else int(plan.slot_query[exc.slot])
-        raise ValueError(
+        return ValueError(
             f"x_t[{b}] has a NaN or Inf, or is too large for the oracle's float32 screening to stay finite; "
             "send finite queries scaled to ordinary magnitudes (|values| below ~1e15)"
-        ) from None
-    except EmptyPosterior as exc:
-        b = exc.slot if plan.slot_query is None else int(plan.slot_query[exc.slot])
-        y = plan.slot_label[exc.slot]
-        scope = "the data set" if y < 0 else f"class {y}"
-        left = ""
-        if query.exclude is not None:
-            left = f" once sample {int(_host(query.exclude)[b])} is excluded"
-        raise ValueError(
-            f"query {b}: no sample with positive weight is left in {scope} of data set {batch.ds.name!r}{left}; "
-            "its posterior is empty: drop the exclusion or query a larger set"
-        ) from None
+        )
+    b = exc.slot if plan.slot_query is None else int(plan.slot_query[exc.slot])
+    y = plan.slot_label[exc.slot]
+    scope = "the data set" if y < 0 else f"class {y}"
+    left = ""
+    if query.exclude is not None:
+        left = f" once sample {int(_host(query.exclude)[b])} is excluded"
+    return ValueError(
+        f"query {b}: no sample with positive weight is left in {scope} of data set {batch.ds.name!r}{left}; "
+        "its posterior is empty: drop the exclusion or query a larger set"
+    )
+
+
+class SlotMerge(Protocol):
+    """A gang's merge of every shard's slot partials (:mod:`._merge`); called on every rank with
+    this rank's partials, or None and the refusal when it could not compute them; returns the
+    merged partials (top-k indices in the data set's original order) or raises the refusal the
+    gang agreed on."""
+
+    def __call__(self, sp: SlotPartials | None, refusal: ValueError | None, batch: Batch) -> SlotPartials: ...
+
+
+def _out_of_reach(p: Partials, ds: Dataset, plan: _Plan) -> None:
+    """In place: top-k entries more than ``ln n + REACH_MARGIN`` nats below the maximum (n: the
+    rows of the slot's range in the whole data set) become empty slots (index -1), as a single
+    process never computes them (a shard's own maximum may lie far below the gang's, so its
+    candidates reach further down)."""
+    whole = ds.shard.facts if ds.shard is not None else None
+    counts = whole.class_counts if whole is not None else ()
+    n_all = ds.total_samples
+    rows = np.array([n_all if y < 0 else counts[y] for y in plan.slot_label], dtype=np.float64)
+    reach = torch.from_numpy(np.log(np.maximum(rows, 1)) + REACH_MARGIN).to(p.m.device)
+    far = p.topk_logits < (p.m - reach)[:, None]
+    p.topk_logits.masked_fill_(far, -math.inf)
+    p.topk_index.masked_fill_(far, -1)
 
 
 def oracle(
@@ -210,13 +240,16 @@ def oracle(
     chunk_rows: int | None = None,
     screen: str = "float32",
     config: EngineConfig | None = None,
+    merge: SlotMerge | None = None,
 ) -> OracleResult:
     """Evaluate the oracle for a batch of queries (see the module docstrings for the method).
 
     Labels < 0 mean an unconditional query; labels >= 0 a class-conditional one, or a guided one
     when ``query.guidance`` is set (guided inside [t_lo, t_hi], conditional outside).
     ``config``: block sizes (default: the data device's); ``chunk_rows`` overrides its screening
-    chunk. Returns float64 tensors on the data's device; shapes (B, D), (B,), (B, k).
+    chunk. ``merge``: ``ds`` is one shard of a gang and every rank calls this with the same query;
+    the shards' partials are merged before the outputs are assembled, so every rank returns the
+    whole data set's answer. Returns float64 tensors on the data's device; shapes (B, D), (B,), (B, k).
 
     Raises:
         ValueError: a posterior left empty (all of a class's samples weigh 0, or the only ones
@@ -231,7 +264,7 @@ def oracle(
     outputs = set(query.outputs)
     assert outputs <= set(OUTPUTS), f"unknown outputs {sorted(outputs - set(OUTPUTS))}"
     top_k = query.top_k if "topk" in outputs else 0
-    assert 0 <= query.top_k <= ds.num_samples and ("topk" not in outputs or top_k >= 1), "top_k out of range"
+    assert 0 <= query.top_k <= ds.total_samples and ("topk" not in outputs or top_k >= 1), "top_k out of range"
     dev = ds.device
     cfg = (config or EngineConfig.for_device(dev)).with_chunk_rows(chunk_rows)
     x = x_t.reshape(b, d).to(dev)
@@ -245,10 +278,24 @@ def oracle(
         ess="ess" in outputs,
         variance="variance" in outputs,
         top_k=top_k,
-        logits=False,
+        logits=merge is not None,  # partials to be merged need their exact logits
+        keep_empty=merge is not None,
     )
     batch = _batch(ds, x, alpha, sigma, plan, query.exclude, want, cfg, screen)
-    sp = _partials(batch, query.precision, plan, query)
+    if merge is None:
+        sp = _partials(batch, query.precision, plan, query)
+    else:
+        try:
+            mine: SlotPartials | None = _partials(batch, query.precision, plan, query)
+            refusal = None
+        except ValueError as exc:
+            mine, refusal = None, exc
+        sp = merge(mine, refusal, batch)
+        empty = (sp.partials.s == 0).nonzero()  # on the whole data set now
+        if empty.numel():
+            raise _refusal(EmptyPosterior(int(empty[0, 0])), batch, plan, query)
+        if query.precision == Precision.EXACT and top_k:
+            _out_of_reach(sp.partials, ds, plan)
     post = sp.partials.finalize(consume=True, unit_normaliser=sp.unit_normaliser)
     xmax = batch.facts.xmax
     x1_err = x1_error(sp.logit_error, post.mean_err, xmax, sp.tail)
@@ -280,7 +327,7 @@ def oracle(
             x1_err.index_copy_(0, gq, mixed)
             x1max = torch.full((b,), xmax, dtype=torch.float64, device=dev)
             x1max.index_fill_(0, gq, (abs(1 - w) + abs(w)) * xmax)
-    if tk_i.shape[1]:
+    if tk_i.shape[1] and not sp.topk_original:
         tk_i = torch.where(tk_i >= 0, ds.original_index[tk_i.clamp(min=0)], tk_i)
     velocity = eps_hat = score = None
     # each output is built in its own float64 copy of x_t (exact; converting first and working in

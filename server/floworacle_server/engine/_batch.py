@@ -34,6 +34,9 @@ class Want:
     #: exact logits even where a lone candidate's weight is 1 whatever its logit (partials that
     #: may be merged with others need them; the oracle's own answers do not)
     logits: bool = True
+    #: a slot without any sample of positive weight gets an empty partial instead of a refusal
+    #: (a gang's shard: whether the posterior is empty is decided after the merge)
+    keep_empty: bool = False
 
 
 @dataclass
@@ -97,7 +100,6 @@ class DatasetFacts:
     #: largest ||x_i||^2 of the whole data set and of each class
     max_sq: float
     class_max_sq: list[float]
-    _inverse: torch.Tensor | None = field(default=None, repr=False)
     _sq32: torch.Tensor | None = field(default=None, repr=False)
     _range_max_sq: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
 
@@ -116,23 +118,19 @@ class DatasetFacts:
             self._range_max_sq[key] = float(ds.sq_norms[start:stop].max())
         return self._range_max_sq[key]
 
-    def inverse_index(self, ds: Dataset) -> torch.Tensor:
-        """(N,) int64: the row of each original data set index (the inverse of original_index)."""
-        if self._inverse is None:
-            inv = torch.empty_like(ds.original_index)
-            inv[ds.original_index] = torch.arange(ds.num_samples, device=ds.device)
-            self._inverse = inv
-        return self._inverse
-
 
 _FACTS: dict[int, tuple[weakref.ref[Dataset], DatasetFacts]] = {}
 
 
 def facts(ds: Dataset) -> DatasetFacts:
-    """The cached :class:`DatasetFacts` of ``ds`` (dropped when the data set is)."""
+    """The cached :class:`DatasetFacts` of ``ds`` (dropped when the data set is). For a shard of a
+    gang, the extremes, the weights' range and the empty or weightless classes are the whole data
+    set's (``ds.shard.facts``), so that refusals and error bounds are those of the whole; row
+    ranges are the shard's own."""
     hit = _FACTS.get(id(ds))
     if hit is not None and hit[0]() is ds:
         return hit[1]
+    whole = ds.shard.facts if ds.shard is not None else None
     max_abs_logw = 0.0
     dead: set[int] = set()
     empty: set[int] = set()
@@ -152,13 +150,18 @@ def facts(ds: Dataset) -> DatasetFacts:
         off = ds.class_offsets.tolist()
         ranges = list(zip(off[:-1], off[1:], strict=True))
         class_max = [float(ds.sq_norms[a:b].max()) if b > a else 0.0 for a, b in ranges]
+    max_sq = float(ds.sq_norms.max())
+    if whole is not None:
+        empty = {y for y, n in enumerate(whole.class_counts) if n == 0}
+        dead = {y for y, (n, a) in enumerate(zip(whole.class_counts, whole.class_alive, strict=True)) if n and not a}
+        class_max, max_sq, max_abs_logw = list(whole.class_max_sq), whole.max_sq, whole.max_abs_logw
     out = DatasetFacts(
         xmax=ds.abs_max(),
         max_abs_logw=max_abs_logw,
         empty_classes=frozenset(empty),
         dead_classes=frozenset(dead),
         class_ranges=ranges,
-        max_sq=float(ds.sq_norms.max()),
+        max_sq=max_sq,
         class_max_sq=class_max,
     )
     for (a, b), v in zip(ranges, class_max, strict=True):

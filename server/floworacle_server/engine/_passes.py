@@ -24,7 +24,9 @@
      screening those again and gathering the candidates costs less than either pass.
      Variable sizes: host reads per chunk; the one route whose host reads grow with the data.
    - EMPTY / BAD: no sample left with positive weight, or a screening logit that is not finite
-     (a query too large for float32): refused with ValueError.
+     (a query too large for float32): refused with ValueError. A gang's shard
+     (``Want.keep_empty``) gives an EMPTY slot an empty partial instead: the posterior is empty
+     only if it is on every shard, which the merge tells.
 
 3. The routes' partials are put into one (S,) state in slot order.
 
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from floworacle_server.engine._batch import Batch, Group
+from floworacle_server.engine._batch import Batch, Group, Want
 from floworacle_server.engine._bounds import (
     DENSE_LOGIT_TOL,
     SCREEN_DTYPES,
@@ -95,6 +97,8 @@ class SlotPartials:
         refined: (query, sample) pairs whose logits were computed in float64.
         unit_normaliser: every slot had exactly one candidate (its s is exactly 1).
         tail: (S,) bound on the weight of the samples left out, relative to the kept mass.
+        topk_original: the top-k indices are the data set's original indices already (a gang's
+            merged partials), not rows.
     """
 
     partials: Partials
@@ -102,6 +106,7 @@ class SlotPartials:
     refined: int
     unit_normaliser: bool
     tail: torch.Tensor
+    topk_original: bool = False
 
 
 @dataclass
@@ -255,6 +260,22 @@ def _rescreen(
     return part.select(inv), err[inv], int(ps.shape[0])
 
 
+def _refuse(code: list[int], want: Want) -> None:
+    """Raise for the first slot that cannot be answered: a non-finite screening logit, or (unless
+    ``want.keep_empty``) a posterior without any sample of positive weight."""
+    for i, c in enumerate(code):
+        if c == Route.BAD:
+            raise NonFiniteScreening(i)
+        if c == Route.EMPTY and not want.keep_empty:
+            raise EmptyPosterior(i)
+
+
+def _empty(batch: Batch, n: int) -> Partials:
+    """Empty partials (no sample) for ``n`` slots, tracking what the batch's others track."""
+    w = batch.want
+    return Partials.empty(n, batch.dim, w.top_k, batch.ds.device, entropy=w.entropy, ess=w.ess, variance=w.variance)
+
+
 def _slot_errors(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(S,) screening and dense-pass logit error bounds of every slot."""
     co = batch.coef
@@ -275,14 +296,13 @@ def exact_partials(batch: Batch) -> SlotPartials:
     thr = scr.threshold(batch.slot_reach)
     cands = _route(batch, scr, thr, tight)
     code, width = cands.code, cands.width
-    for i, c in enumerate(code):
-        if c == Route.BAD:
-            raise NonFiniteScreening(i)
-        if c == Route.EMPTY:
-            raise EmptyPosterior(i)
     want = batch.want
+    _refuse(code, want)
     pieces: list[tuple[list[int], Partials, torch.Tensor]] = []
     refined = 0
+    empty = [i for i in range(s_total) if code[i] == Route.EMPTY]
+    if empty:  # a shard's slot without a sample of positive weight (keep_empty)
+        pieces.append((empty, _empty(batch, len(empty)), torch.zeros(len(empty), dtype=torch.float64, device=dev)))
     single = [i for i in range(s_total) if code[i] == Route.SPARSE and width[i] == 1]
     if single:
         if len(single) == s_total:
@@ -333,6 +353,8 @@ def exact_partials(batch: Batch) -> SlotPartials:
         state = stack([p for _, p, _ in pieces]).select(back)
         logit_err = torch.cat([e for _, _, e in pieces]).index_select(0, back)
     tail = cands.tail
+    if empty:  # nothing of weight was left out of an empty slot
+        tail = tail.index_fill(0, torch.tensor(empty, dtype=torch.int64, device=dev), 0.0)
     for slots_s, extra in split_tail:
         tail = tail.index_copy(0, torch.tensor(slots_s, dtype=torch.int64, device=dev), extra)
     return SlotPartials(state, logit_err, refined, unit_normaliser=len(single) == s_total, tail=tail)
@@ -354,10 +376,5 @@ def fast_partials(batch: Batch) -> SlotPartials:
         state, logit_err = stack(parts), torch.cat(errs)
     m = state.m
     bad = torch.isnan(m) | (m == math.inf)
-    codes = torch.where(bad, Route.BAD, torch.where(m == -math.inf, Route.EMPTY, Route.SPARSE)).tolist()
-    for i, c in enumerate(codes):
-        if c == Route.BAD:
-            raise NonFiniteScreening(i)
-        if c == Route.EMPTY:
-            raise EmptyPosterior(i)
+    _refuse(torch.where(bad, Route.BAD, torch.where(m == -math.inf, Route.EMPTY, Route.SPARSE)).tolist(), batch.want)
     return SlotPartials(state, logit_err, 0, unit_normaliser=False, tail=torch.zeros_like(logit_err))

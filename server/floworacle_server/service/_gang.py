@@ -158,8 +158,13 @@ class Gang:
         self._guard(lambda: dist.all_gather(out, buf))
         return torch.stack(out).to(t.device)
 
-    def agree(self, ok: bool) -> bool:
-        """True when every rank's ``ok`` is True (one small all-reduce)."""
-        flag = torch.tensor([_OK if ok else _REFUSED], dtype=torch.int64)
+    def agree_or_raise(self, refusal: ValueError | None) -> None:
+        """Return when no rank refused the batch (one small all-reduce); else raise, on every
+        rank, a ValueError with the first refusing rank's message."""
+        flag = torch.tensor([_OK if refusal is None else _REFUSED], dtype=torch.int64)
         self.all_reduce(flag, "max")
-        return int(flag[0]) == _OK
+        if int(flag[0]) == _OK:
+            return
+        messages: list[str | None] = [None] * self.world_size
+        self._guard(lambda: dist.all_gather_object(messages, None if refusal is None else str(refusal)))
+        raise ValueError(next(m for m in messages if m is not None))
