@@ -341,7 +341,7 @@ class ServiceMetrics:
         self._datasets.snapshot = tuple(
             _DatasetSnapshot(
                 name=str(ds.name),
-                num_samples=int(ds.num_samples),
+                num_samples=int(getattr(ds, "total_samples", ds.num_samples)),
                 dim=int(ds.dim),
                 fingerprint=str(ds.fingerprint),
                 resident_bytes=int(ds.resident_bytes),

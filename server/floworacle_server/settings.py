@@ -180,6 +180,42 @@ class Settings(BaseSettings):
         "(floworacle.tune_allocator); resident memory keeps up to 256 MiB of freed blocks.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Logging level.")
+    gang_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="A gang's collective timeout: a rank that hangs this long turns the gang's answers into "
+        "UNAVAILABLE and rank 0 exits (a rank that dies does at once).",
+    )
+    gang_backend: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto", description="torch.distributed backend of a gang: auto is NCCL on CUDA devices, else gloo."
+    )
+    # Where this process sits in a gang: set by torchrun (or any launcher) through the standard
+    # environment variables, not by flags.
+    rank: int = Field(default=0, ge=0, description="Rank in the gang.", json_schema_extra={"env": "RANK"})
+    world_size: int = Field(
+        default=1,
+        ge=1,
+        description="Processes in the gang; more than 1 shards every data set over them.",
+        json_schema_extra={"env": "WORLD_SIZE"},
+    )
+    local_rank: int = Field(
+        default=0,
+        ge=0,
+        description="Rank on this node (picks cuda:LOCAL_RANK).",
+        json_schema_extra={"env": "LOCAL_RANK"},
+    )
+    master_addr: str = Field(
+        default="127.0.0.1",
+        description="Rendezvous host of the gang (rank 0's).",
+        json_schema_extra={"env": "MASTER_ADDR"},
+    )
+    master_port: int = Field(
+        default=29500,
+        ge=1,
+        le=65535,
+        description="Rendezvous port of the gang.",
+        json_schema_extra={"env": "MASTER_PORT"},
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -239,6 +275,12 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _gang_place(self) -> Settings:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a gang of WORLD_SIZE = {self.world_size}")
+        return self
+
+    @model_validator(mode="after")
     def _labels_match(self) -> Settings:
         bare = [s for s in self.labels if "=" not in s]
         if bare and (len(bare) > 1 or len(self.data) != 1):
@@ -281,13 +323,19 @@ class Settings(BaseSettings):
         return None
 
 
+def _env_name(name: str) -> str:
+    """The environment variable of a setting: ``FLOWORACLE_<FIELD>``, or the launcher's own name
+    (RANK, WORLD_SIZE, ...) for the gang's placement."""
+    extra = Settings.model_fields[name].json_schema_extra
+    own = extra.get("env") if isinstance(extra, dict) else None
+    return str(own) if own else ENV_PREFIX + name.upper()
+
+
 def _env_values(environ: Mapping[str, str]) -> dict[str, str]:
-    """``FLOWORACLE_<FIELD>`` variables of ``environ`` (case-insensitive), as strings: the model's
-    validators parse them (lists from "a,b" or a JSON list, booleans from true/false/1/0)."""
+    """The settings' environment variables in ``environ`` (case-insensitive), as strings: the
+    model's validators parse them (lists from "a,b" or a JSON list, booleans from true/false/1/0)."""
     upper = {k.upper(): v for k, v in environ.items()}
-    return {
-        name: upper[ENV_PREFIX + name.upper()] for name in Settings.model_fields if ENV_PREFIX + name.upper() in upper
-    }
+    return {name: upper[_env_name(name)] for name in Settings.model_fields if _env_name(name) in upper}
 
 
 def _flag_values(args: argparse.Namespace | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -361,6 +409,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         kind, arg = _flag_type(info.annotation)
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if "env" in extra:  # set by the launcher's environment, not by a flag
+            continue
         default = info.get_default(call_default_factory=True)
         hidden = default in (None, [], "") or extra.get("show_default") is False
         shown = "" if hidden else f" (default: {default})"
@@ -387,6 +437,8 @@ def settings_markdown() -> str:
         kind, _ = _flag_type(info.annotation)
         flag = "--" + name.replace("_", "-")
         flag = f"`--[no-]{flag[2:]}`" if kind == "bool" else f"`{flag}`" + (" (repeatable)" if kind == "list" else "")
+        if isinstance(info.json_schema_extra, dict) and "env" in info.json_schema_extra:
+            flag = "(launcher)"
         default = info.get_default(call_default_factory=True)
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         shown = (
@@ -395,5 +447,5 @@ def settings_markdown() -> str:
             else ("none" if default in (None, [], "") else f"`{default}`")
         )
         meaning = (info.description or "").replace("|", "\\|")
-        rows.append(f"| `{name}` | {flag} | `{ENV_PREFIX}{name.upper()}` | {shown} | {meaning} |")
+        rows.append(f"| `{name}` | {flag} | `{_env_name(name)}` | {shown} | {meaning} |")
     return "\n".join(rows)

@@ -163,17 +163,16 @@ def attach_features(
     if dataset.features is not None:
         raise ValueError(f"data set {dataset.name!r} already has features")
     _check_metric(metric)
-    stored = np.asarray(features) if prepared else prepare_features(features, dataset.num_samples, metric)
-    if prepared and (stored.dtype != np.float32 or stored.shape[0] != dataset.num_samples or stored.ndim != 2):
-        raise ValueError(
-            f"stored features must be float32 ({dataset.num_samples}, F), got {stored.dtype} {stored.shape}"
-        )
+    n = dataset.total_samples  # a shard gets the whole set's features and keeps its rows
+    stored = np.asarray(features) if prepared else prepare_features(features, n, metric)
+    if prepared and (stored.dtype != np.float32 or stored.shape[0] != n or stored.ndim != 2):
+        raise ValueError(f"stored features must be float32 ({n}, F), got {stored.dtype} {stored.shape}")
     fp = fingerprint or fingerprint_features(stored, metric)
     order = dataset.original_index.cpu()
     with warnings.catch_warnings():
         # a memory-mapped features file is read-only; indexing by the row order copies it
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        x = torch.from_numpy(np.ascontiguousarray(stored))[order].to(dataset.device)
+        x = torch.from_numpy(np.ascontiguousarray(stored[order.numpy()])).to(dataset.device)  # only these rows
     sq = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     for s in range(0, x.shape[0], _ROWS):
         sq[s : s + _ROWS] = x[s : s + _ROWS].to(torch.float64).pow(2).sum(dim=1)

@@ -36,6 +36,7 @@ from floworacle_server.data._features import (
 )
 from floworacle_server.data._formats import LoadedArrays, load_arrays, load_side_array, validate_arrays
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, load_nearest_indexes
+from floworacle_server.data._shard import ShardSpec, shard_arrays, shard_rows
 
 __all__ = [
     "INDEX_FORMAT",
@@ -300,8 +301,12 @@ def load_index(
     progress: bool = False,
     exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES,
     with_indexes: bool = True,
+    shard: ShardSpec | None = None,
 ) -> Dataset:
     """Load an index directory as a :class:`Dataset` on ``device``, with its features and faiss indexes.
+
+    With ``shard`` only that shard's rows are read from the memory-mapped files (a gang's rank;
+    see :mod:`._shard`); faiss indexes, which span the whole set, are not loaded then.
 
     Args:
         index_dir: directory written by :func:`build_index`.
@@ -369,6 +374,22 @@ def load_index(
                 f"{p}: contents do not match the manifest fingerprint (expected {manifest['fingerprint']}, "
                 f"found {found_all}); the files were changed or corrupted, rebuild the index"
             )
+    if shard is not None:
+        held = shard_rows(labels, shape[0], shard)
+        x_held = torch.from_numpy(np.asarray(data[held]))  # reads only these rows of the memory map
+        if dtype == "bfloat16":  # the file holds the bits
+            x_held = x_held.view(torch.bfloat16)
+        ds = shard_arrays(
+            name or str(manifest["name"]), x_held, held, labels, weights, shard,
+            num_samples=shape[0], num_classes=int(manifest.get("num_classes") or 0), sample_shape=tuple(shape[1:]),
+            dtype=dtype, device=device, fingerprint=data_fp, scale_factor=float(manifest["scale_factor"]),
+        )  # fmt: skip
+        ds.exact_nearest_max_samples = int(exact_nearest_max_samples)
+        if feat_section:
+            attach_features(
+                ds, features, str(feat_section["metric"]), prepared=True, fingerprint=str(feat_section["fingerprint"])
+            )
+        return ds
     # torch warns on read-only memory maps; the rows are copied when sorted or moved, never written
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

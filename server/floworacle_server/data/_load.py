@@ -14,6 +14,7 @@ from floworacle_server.data._features import attach_features
 from floworacle_server.data._formats import SUPPORTED_SUFFIXES, load_arrays
 from floworacle_server.data._index import is_index_dir, load_index
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES
+from floworacle_server.data._shard import ShardSpec, make_shard
 
 __all__ = ["load_dataset"]
 
@@ -31,6 +32,7 @@ def load_dataset(
     features: Any | None = None,
     features_metric: str = "l2",
     exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES,
+    shard: ShardSpec | None = None,
 ) -> Dataset:
     """Load ``spec``: ``"digits"``, an index directory, or a data file.
 
@@ -44,6 +46,8 @@ def load_dataset(
             index keeps the dtype it was built with.
         scale_factor: multiplies file samples before storage; an index was scaled at build time.
         verify: for an index, recompute its fingerprint before trusting it.
+        shard: load only that shard of a gang (:mod:`._shard`); an index directory reads just
+            its rows from the memory-mapped files, anything else is loaded whole and cut.
         features: (N, F) feature embeddings (an array or a file) for ``digits`` and data files;
             an index carries its own (``floworacle index build --features``).
         features_metric: "l2" or "cosine".
@@ -59,7 +63,7 @@ def load_dataset(
         ds = load_digits(device=device, dtype=dtype)
         if name:
             ds.name = name
-        return _nearest_extras(ds, features, features_metric, exact_nearest_max_samples)
+        return _cut(_nearest_extras(ds, features, features_metric, exact_nearest_max_samples), shard)
     p = Path(s)
     if p.is_dir():
         if not is_index_dir(p):
@@ -72,8 +76,9 @@ def load_dataset(
                 "them"
             )
         return load_index(
-            p, device=device, verify=verify, name=name, exact_nearest_max_samples=exact_nearest_max_samples
-        )
+            p, device=device, verify=verify, name=name, exact_nearest_max_samples=exact_nearest_max_samples,
+            shard=shard, with_indexes=shard is None,
+        )  # fmt: skip
     if not p.exists():
         raise ValueError(
             f"data {s!r} not found; give 'digits', an index directory, or a file ({', '.join(SUPPORTED_SUFFIXES)})"
@@ -92,7 +97,22 @@ def load_dataset(
             dtype=dtype,
             device=device,
         )
-    return _nearest_extras(ds, features, features_metric, exact_nearest_max_samples)
+    return _cut(_nearest_extras(ds, features, features_metric, exact_nearest_max_samples), shard)
+
+
+def _cut(ds: Dataset, shard: ShardSpec | None) -> Dataset:
+    """``ds`` itself, or its shard (with the whole set's features' rows of the shard)."""
+    if shard is None:
+        return ds
+    part = make_shard(ds, shard)
+    part.exact_nearest_max_samples = ds.exact_nearest_max_samples
+    if ds.features is not None:  # the whole set's feature rows in caller order, cut like the data
+        whole = torch.empty_like(ds.features.x)
+        whole[ds.original_index.to(whole.device)] = ds.features.x
+        fp = ds.features.fingerprint
+        part.fingerprint = ds.features.data_fingerprint
+        attach_features(part, whole.cpu().numpy(), ds.features.metric, prepared=True, fingerprint=fp)
+    return part
 
 
 def _nearest_extras(ds: Dataset, features: Any | None, metric: str, exact_max: int) -> Dataset:

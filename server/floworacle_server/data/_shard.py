@@ -77,6 +77,8 @@ class ShardOf:
 
     spec: ShardSpec
     facts: GlobalFacts
+    #: bytes the whole gang holds of this data set (set by the gang; 0 until then)
+    resident_bytes: int = 0
 
 
 def shard_rows(labels: np.ndarray | None, num_samples: int, spec: ShardSpec) -> np.ndarray:

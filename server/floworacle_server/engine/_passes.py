@@ -17,7 +17,7 @@
      while thousands are within reach): the head in float64 from differences, the rest from
      its screened logits with float32 sums, one screening GEMM and one accumulation GEMM
      (:func:`._bounds.split_reach` proves the bound; not with the variance, which the tail
-     can dominate there).
+     can dominate there, and not on a gang's shards, whose partials merge in float64 only).
    - RESCREEN: more candidates than kept where the dense bound is too loose (many samples
      within reach late in the path: duplicates, tight clusters) and the split route does not
      apply, or, on CPUs, where the candidates lie in a quarter of the chunks or fewer, so that
@@ -151,7 +151,7 @@ def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight: torch.Tensor) 
     code = torch.where(tight, Route.DENSE, Route.RESCREEN)
     split_mass = torch.zeros_like(lower)
     head_w = width
-    if cfg.split and not batch.want.variance:
+    if cfg.split and not batch.want.variance and not batch.want.keep_empty:  # (a gang's shards: float64 only)
         # the head: rows screened within R nats of the maximum, all among the kept ones?
         r_head = split_reach(scr.err + _split_extra(batch), rows, _split_acc(batch))
         head_thr = lower - r_head - scr.err

@@ -151,7 +151,7 @@ def exclusion_rows(ds: Dataset, exclude: torch.Tensor | None, b: int, k: int) ->
     if e.shape != (b,):
         raise ValueError(f"exclude must have shape ({b},) (one index or -1 per query), got {tuple(e.shape)}")
     e = e.to(device=ds.device, dtype=torch.int64)
-    n = ds.num_samples
+    n = ds.total_samples
     if b and (int(e.min()) < -1 or int(e.max()) >= n):
         raise ValueError(f"exclude holds data set indices 0..{n - 1} or -1 (none); got values outside that range")
     has = e >= 0

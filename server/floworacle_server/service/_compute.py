@@ -20,6 +20,7 @@ from floworacle.paths import PathCoefficients
 from floworacle.protocol import BOUND_FIELDS, OUTPUTS, PRECISIONS, fill, pb
 from floworacle_server.data import Dataset
 from floworacle_server.engine import NearestResult, OracleQuery, OracleResult
+from floworacle_server.service._gang import Gang
 from floworacle_server.service._requests import NearestJob, OracleJob
 
 __all__ = ["OracleRunner", "NearestRunner", "empty_oracle_response", "empty_nearest_response"]
@@ -120,9 +121,11 @@ class OracleRunner:
     exclusions (rows without one exclude nothing, -1), path and dtypes.
     """
 
-    def __init__(self, chunk_rows: int | None = None, screen: str = "float32") -> None:
+    def __init__(self, chunk_rows: int | None = None, screen: str = "float32", gang: Gang | None = None) -> None:
         self.chunk_rows = chunk_rows
         self.screen = screen
+        #: a gang's rank 0: every batch goes to every rank and their partials are merged
+        self.gang = gang
         #: Seconds of the last engine call alone (without merging and response encoding); the
         #: end-to-end benchmark splits a call's time into compute and transport with it.
         self.last_engine_seconds = 0.0
@@ -151,7 +154,10 @@ class OracleRunner:
             precision=jobs[0].precision,
         )
         start_engine = time.perf_counter()
-        res = oracle(ds, query, chunk_rows=self.chunk_rows, screen=self.screen)
+        if self.gang is not None:
+            res = self.gang.oracle(ds, query, self.chunk_rows, self.screen)
+        else:
+            res = oracle(ds, query, chunk_rows=self.chunk_rows, screen=self.screen)
         self.last_engine_seconds = time.perf_counter() - start_engine
         out: list[pb.OracleResponse] = []
         start = 0
@@ -189,6 +195,9 @@ class NearestRunner:
     """Runs merged :class:`NearestJob` batches (same data set and search mode) with the largest k;
     each job keeps its own first k columns (nearest first)."""
 
+    def __init__(self, gang: Gang | None = None) -> None:
+        self.gang = gang
+
     def __call__(self, jobs: Sequence[NearestJob]) -> tuple[list[pb.NearestResponse], int]:
         from floworacle_server.engine import nearest, posterior_nearest
 
@@ -198,9 +207,15 @@ class NearestRunner:
         first = jobs[0]  # every job of the batch has the same search mode (it is in the key)
         exclude = _vector(jobs, "exclude", -1)
         nprobe = first.nprobe or None
+        alpha = sigma = None
         if first.alpha is not None:
             alpha = torch.from_numpy(np.concatenate([j.alpha for j in jobs if j.alpha is not None]))
             sigma = torch.from_numpy(np.concatenate([j.sigma for j in jobs if j.sigma is not None]))
+        if self.gang is not None:
+            res = self.gang.nearest(
+                ds, x, k, exact=first.exact, nprobe=nprobe, space=first.space, exclude=exclude, alpha=alpha, sigma=sigma
+            )
+        elif alpha is not None:
             res = posterior_nearest(ds, x, alpha, sigma, k=k, exclude=exclude, exact=first.exact, nprobe=nprobe)
         else:
             res = nearest(ds, x, k, space=first.space, exclude=exclude, exact=first.exact, nprobe=nprobe)

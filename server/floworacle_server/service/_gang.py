@@ -25,15 +25,27 @@ keep computing until rank 0 stops them (launchers signal every rank of a group a
 
 from __future__ import annotations
 
+import contextlib
+import os
 import datetime
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+from floworacle.paths import PathCoefficients
+from floworacle_server.data import Dataset, DatasetStore
+from floworacle_server.data._shard import facts_of, local_facts
+from floworacle_server.engine import Guidance, NearestResult, OracleQuery, OracleResult, Precision, nearest, oracle
+from floworacle_server.engine import posterior_nearest as posterior_nearest_search
+from floworacle_server.engine._merge import merge_slot_partials
 
 __all__ = ["GangSpec", "Gang", "GangBroken"]
 
@@ -41,6 +53,10 @@ log = logging.getLogger(__name__)
 
 #: Status codes of the agreement round (a rank's outcome for one batch, max over the gang).
 _OK, _REFUSED = 0, 1
+
+
+class _NoLock(contextlib.nullcontext):  # type: ignore[type-arg]
+    """The other ranks' stand-in for rank 0's command lock."""
 
 
 class GangBroken(RuntimeError):
@@ -73,14 +89,26 @@ class Gang:
     def __init__(self, spec: GangSpec, device: torch.device) -> None:
         self.spec = spec
         self.device = device
-        self._lock = threading.Lock()
+        #: rank 0 sends each command and runs its collectives under this lock (the engine thread
+        #: and the heartbeat take turns; every rank sees the same order)
+        self.lock = threading.Lock()
         self._broken: str | None = None
+        self._last = 0.0
+        self._beat: threading.Thread | None = None
+        self._beating = threading.Event()
 
     # -- membership ---------------------------------------------------------------------------
     def join(self) -> None:
         """Join the process group (blocks until every rank has joined or the timeout passes)."""
         s = self.spec
-        log.info("joining a gang of %d as rank %d (%s, %s)", s.world_size, s.rank, s.backend, s.init_method)
+        log.info(
+            "joining a gang of %d as rank %d (pid %d, %s, %s)",
+            s.world_size,
+            s.rank,
+            os.getpid(),
+            s.backend,
+            s.init_method,
+        )
         dist.init_process_group(
             s.backend,
             init_method=s.init_method,
@@ -168,3 +196,255 @@ class Gang:
         messages: list[str | None] = [None] * self.world_size
         self._guard(lambda: dist.all_gather_object(messages, None if refusal is None else str(refusal)))
         raise ValueError(next(m for m in messages if m is not None))
+
+    # -- start-up -------------------------------------------------------------------------------
+    def complete_facts(self, store: DatasetStore) -> None:
+        """Every rank loaded only its shard: merge the shards' facts into the whole set's (the
+        extremes with max, the weighted rows per class with sum), and check that every rank holds
+        the same data sets with the same fingerprints."""
+        names = [(ds.name, ds.fingerprint, ds.total_samples) for ds in store]
+        every: list[Any] = [None] * self.world_size
+        self._guard(lambda: dist.all_gather_object(every, names))
+        if any(e != names for e in every):
+            raise ValueError(
+                f"the gang's ranks hold different data sets: {every}; start every rank with the same --data"
+            )
+        for ds in store:
+            assert ds.shard is not None, "a gang's data sets are shards"
+            counts = ds.shard.facts.class_counts
+            maxima, alive = local_facts(ds, len(counts))
+            self.all_reduce(mx := torch.from_numpy(maxima.copy()), "max")
+            self.all_reduce(al := torch.from_numpy(alive.copy()), "sum")
+            resident = torch.tensor([ds.resident_bytes], dtype=torch.int64)
+            self.all_reduce(resident, "sum")
+            ds.shard.facts = facts_of(ds.shard.facts.num_samples, counts, mx.numpy(), al.numpy())
+            ds.shard.resident_bytes = int(resident[0])
+
+    # -- one batch, on every rank -------------------------------------------------------------------
+    def _merge(self, sp: Any, refusal: ValueError | None, batch: Any) -> Any:
+        return merge_slot_partials(self, sp, refusal, batch)
+
+    def oracle(self, ds: Dataset, query: OracleQuery, chunk_rows: int | None, screen: str) -> OracleResult:
+        """Rank 0: send the batch to the other ranks and compute this shard's part; every rank
+        ends with the whole set's answer (ValueError: a refusal the gang agreed on)."""
+        with self._turn():
+            if self.rank == 0:
+                self._send_oracle(ds.name, query)
+            return oracle(ds, query, chunk_rows=chunk_rows, screen=screen, merge=self._merge)
+
+    def _turn(self) -> Any:
+        """Rank 0's hold on the gang for one command (others: nothing to hold)."""
+        self._last = time.monotonic()
+        return self.lock if self.rank == 0 else _NoLock()
+
+    # -- liveness -----------------------------------------------------------------------------------
+    def start_heartbeat(self, on_broken: Callable[[str], None]) -> None:
+        """Rank 0: while the gang is idle, a ping every quarter of the timeout, so a rank that
+        died is noticed (health NOT_SERVING) without waiting for a request, and the other ranks'
+        wait for the next command never runs into the collective timeout."""
+        period = max(0.2, self.spec.timeout_s / 4)
+
+        def beat() -> None:
+            while not self._beating.wait(period / 2):
+                if time.monotonic() - self._last < period:
+                    continue
+                with self._turn():
+                    try:
+                        self.broadcast_object({"op": "ping"})
+                        self.agree_or_raise(None)
+                    except GangBroken as exc:
+                        on_broken(str(exc))
+                        return
+
+        self._beat = threading.Thread(target=beat, name="floworacle-gang-heartbeat", daemon=True)
+        self._beat.start()
+
+    def stop_heartbeat(self) -> None:
+        self._beating.set()
+        if self._beat is not None:
+            self._beat.join(timeout=self.spec.timeout_s)
+
+    def nearest(
+        self,
+        ds: Dataset,
+        x: torch.Tensor,
+        k: int,
+        *,
+        exact: bool | None,
+        nprobe: int | None,
+        space: str,
+        exclude: torch.Tensor | None,
+        alpha: torch.Tensor | None,
+        sigma: torch.Tensor | None,
+    ) -> NearestResult:
+        """Rank 0: send the search; every rank: its shard's k nearest, then the gang's k nearest of
+        those (gathered, merged by the search's own ranking, ties by index)."""
+        with self._turn():
+            if self.rank == 0:
+                self._send_nearest(ds.name, x, k, exact, nprobe, space, exclude, alpha, sigma)
+            return self._nearest(
+                ds, x, k, exact=exact, nprobe=nprobe, space=space, exclude=exclude, alpha=alpha, sigma=sigma
+            )
+
+    def _nearest(
+        self,
+        ds: Dataset,
+        x: torch.Tensor,
+        k: int,
+        *,
+        exact: bool | None,
+        nprobe: int | None,
+        space: str,
+        exclude: torch.Tensor | None,
+        alpha: torch.Tensor | None,
+        sigma: torch.Tensor | None,
+    ) -> NearestResult:
+        kk = min(k, ds.num_samples - (1 if exclude is not None else 0))
+        refusal: ValueError | None = None
+        res = None
+        try:
+            if kk < 1:
+                raise ValueError("no rows")  # pragma: no cover - shards hold >= 2 rows each
+            if exclude is not None and k > ds.total_samples - self.world_size:
+                # each shard leaves one row out of its own search, so W rows may be missing at worst
+                raise ValueError(
+                    f"k = {k} with exclude is more than a gang of {self.world_size} shards can answer: "
+                    f"k must be at most N - {self.world_size} = {ds.total_samples - self.world_size} here"
+                )
+            if alpha is not None:
+                res = posterior_nearest_search(
+                    ds, x, alpha, sigma, k=kk, exact=exact, nprobe=nprobe, space=space, exclude=exclude
+                )
+            else:
+                res = nearest(ds, x, kk, exact=exact, nprobe=nprobe, space=space, exclude=exclude)
+        except ValueError as exc:
+            refusal = exc
+        self.agree_or_raise(refusal)
+        assert res is not None
+        b = x.shape[0]
+        key = res.distances.to(torch.float64) ** 2
+        if alpha is not None and ds.log_weights is not None:  # the posterior ranks by weight, not distance
+            rows = ds.rows_of(res.indices.clamp(min=0))
+            pen = (2.0 * sigma**2 / alpha**2)[:, None] * -ds.log_weights[rows.clamp(min=0)]  # type: ignore[operator]
+            key = key + pen
+        pad = k - kk
+
+        def padded(t: torch.Tensor, fill: float | int) -> torch.Tensor:
+            return torch.cat([t, t.new_full((b, pad), fill)], dim=1) if pad else t
+
+        idx = padded(res.indices, -1)
+        cols = [padded(key, math.inf), padded(res.distances.to(torch.float64), math.inf), idx.to(torch.float64)]
+        if res.labels is not None:
+            cols.append(padded(res.labels, -1).to(torch.float64))
+        if res.similarities is not None:
+            cols.append(padded(res.similarities.to(torch.float64), -math.inf))
+        every = self.all_gather(torch.stack(cols))  # (W, c, B, k)
+        every = every.permute(1, 2, 0, 3).reshape(len(cols), b, self.world_size * k)
+        # nearest first, ties by the smaller index (the order a single process gives)
+        order = np.lexsort((every[2].numpy(), every[0].numpy()), axis=-1)[:, :k]
+        pick = torch.from_numpy(order)
+        take = lambda c: torch.gather(every[c], 1, pick)  # noqa: E731
+        labels = take(3).to(torch.int64) if res.labels is not None else None
+        sims = take(3 + (res.labels is not None)) if res.similarities is not None else None
+        return NearestResult(
+            indices=take(2).to(torch.int64),
+            distances=take(1),
+            labels=labels,
+            approximate=bool(res.approximate),
+            similarities=sims,
+        )
+
+    # -- commands from rank 0 ----------------------------------------------------------------------
+    def _send_oracle(self, name: str, q: OracleQuery) -> None:
+        x = q.x_t.reshape(q.x_t.shape[0], -1)
+        c = q.coeffs
+        header = {
+            "op": "oracle",
+            "dataset": name,
+            "shape": tuple(x.shape),
+            "dtype": str(x.dtype).removeprefix("torch."),
+            "t": q.t is not None,
+            "labels": q.labels is not None,
+            "exclude": q.exclude is not None,
+            "guidance": None if q.guidance is None else (q.guidance.scale, q.guidance.t_lo, q.guidance.t_hi),
+            "outputs": tuple(q.outputs),
+            "top_k": q.top_k,
+            "precision": q.precision.value,
+        }
+        self.broadcast_object(header)
+        self.broadcast_tensor(x, tuple(x.shape), x.dtype)
+        coefs = torch.from_numpy(np.stack([c.alpha, c.sigma, c.d_alpha, c.d_sigma]).astype(np.float64))
+        self.broadcast_tensor(coefs, tuple(coefs.shape), torch.float64)
+        for vec, dt in ((q.t, torch.float64), (q.labels, torch.int64), (q.exclude, torch.int64)):
+            if vec is not None:
+                self.broadcast_tensor(vec.to(dt), (x.shape[0],), dt)
+
+    def _receive_oracle(self, h: dict[str, Any]) -> OracleQuery:
+        b = h["shape"][0]
+        x = self.broadcast_tensor(None, h["shape"], getattr(torch, h["dtype"])).cpu()
+        coefs = self.broadcast_tensor(None, (4, b), torch.float64).cpu().numpy()
+        vec = {n: self.broadcast_tensor(None, (b,), dt).cpu() if h[n] else None
+               for n, dt in (("t", torch.float64), ("labels", torch.int64), ("exclude", torch.int64))}  # fmt: skip
+        g = h["guidance"]
+        return OracleQuery(
+            x_t=x,
+            coeffs=PathCoefficients(*coefs),
+            t=vec["t"],
+            labels=vec["labels"],
+            guidance=None if g is None else Guidance(*g),
+            exclude=vec["exclude"],
+            outputs=tuple(h["outputs"]),
+            top_k=int(h["top_k"]),
+            precision=Precision(h["precision"]),
+        )
+
+    def _send_nearest(self, name: str, x: torch.Tensor, k: int, exact: bool | None, nprobe: int | None, space: str,
+                      exclude: torch.Tensor | None, alpha: torch.Tensor | None, sigma: torch.Tensor | None) -> None:  # fmt: skip
+        header = {"op": "nearest", "dataset": name, "shape": tuple(x.shape), "k": k, "exact": exact, "nprobe": nprobe,
+                  "space": space, "exclude": exclude is not None, "posterior": alpha is not None}  # fmt: skip
+        self.broadcast_object(header)
+        self.broadcast_tensor(x.to(torch.float64), tuple(x.shape), torch.float64)
+        if alpha is not None and sigma is not None:
+            self.broadcast_tensor(torch.stack([alpha, sigma]).to(torch.float64), (2, x.shape[0]), torch.float64)
+        if exclude is not None:
+            self.broadcast_tensor(exclude.to(torch.int64), (x.shape[0],), torch.int64)
+
+    def stop_workers(self) -> None:
+        """Rank 0: tell the other ranks to leave (after the drain)."""
+        self.stop_heartbeat()
+        if self._broken is None:
+            with self._turn():
+                try:
+                    self.broadcast_object({"op": "stop"})
+                except GangBroken:
+                    log.warning("could not reach every rank to stop it: %s", self._broken)
+
+    def serve_commands(self, store: DatasetStore, chunk_rows: int | None, screen: str) -> None:
+        """The other ranks' loop: compute every batch rank 0 sends, until it says stop. Raises
+        :class:`GangBroken` when the gang breaks."""
+        with torch.no_grad():
+            while True:
+                h = self.broadcast_object(None)
+                if h["op"] == "stop":
+                    log.info("rank 0 stopped the gang")
+                    return
+                if h["op"] == "ping":
+                    self.agree_or_raise(None)
+                    continue
+                ds = store.get(h["dataset"])
+                try:
+                    if h["op"] == "oracle":
+                        self.oracle(ds, self._receive_oracle(h), chunk_rows, screen)
+                    elif h["op"] == "nearest":
+                        b = h["shape"][0]
+                        x = self.broadcast_tensor(None, h["shape"], torch.float64).cpu()
+                        alpha = sigma = None
+                        if h["posterior"]:
+                            alpha, sigma = self.broadcast_tensor(None, (2, b), torch.float64).cpu()
+                        ex = self.broadcast_tensor(None, (b,), torch.int64).cpu() if h["exclude"] else None
+                        self.nearest(ds, x, h["k"], exact=h["exact"], nprobe=h["nprobe"], space=h["space"],
+                                     exclude=ex, alpha=alpha, sigma=sigma)  # fmt: skip
+                    else:
+                        raise GangBroken(f"unknown gang command {h['op']!r}")
+                except ValueError:
+                    pass  # refused by the whole gang alike; rank 0 answers the caller

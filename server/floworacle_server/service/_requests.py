@@ -225,7 +225,7 @@ def _exclude(req: pb.OracleRequest | pb.NearestRequest, ds: Dataset, b: int) -> 
     if not req.HasField("exclude"):
         return None
     exclude = _decode(req.exclude, "exclude", "int64")
-    rules.check_exclude(exclude, b, ds.num_samples)
+    rules.check_exclude(exclude, b, ds.total_samples)
     return exclude
 
 
@@ -258,7 +258,7 @@ def parse_oracle(req: pb.OracleRequest, store: DatasetStore, limits: Limits) -> 
 
     top_k = int(req.top_k)
     outputs = rules.outputs_from_enums(req.outputs, top_k)
-    rules.check_top_k(top_k, any(o.name == "topk" for o in outputs), ds.num_samples)
+    rules.check_top_k(top_k, any(o.name == "topk" for o in outputs), ds.total_samples)
     precision = Precision(rules.precision_from_enum(req.precision))
 
     out_dtype = in_dtype
@@ -302,7 +302,7 @@ def parse_nearest(req: pb.NearestRequest, store: DatasetStore, limits: Limits) -
     x, _, _ = _queries(req.x, "x", ds, limits, req.HasField("x"), space)
     b = int(x.shape[0])
     k = int(req.k)
-    rules.check_k(k, ds.num_samples)
+    rules.check_k(k, ds.total_samples)
     t = _float_vector(req.t, "t", b) if req.HasField("t") else None
     coeffs = _coefficients(req, t, b, for_nearest=True)
     if coeffs is not None:

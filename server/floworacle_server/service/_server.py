@@ -19,12 +19,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from floworacle.protocol import SERVICE_NAME, pb_grpc, server_options
-from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset, load_digits
+from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset
+from floworacle_server.data._shard import ShardSpec
 from floworacle_server.engine import calibrate_nearest_backend
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
 from floworacle_server.service._batcher import DynamicBatcher
 from floworacle_server.service._budget import ByteBudget
+from floworacle_server.service._gang import Gang
 from floworacle_server.service._requests import Limits
 from floworacle_server.service._servicer import FlowOracleServicer
 from floworacle_server.settings import Settings
@@ -39,23 +41,23 @@ def dataset_health_name(dataset: str) -> str:
     return f"{SERVICE_NAME}/{dataset}"
 
 
-def build_store(settings: Settings) -> DatasetStore:
+def build_store(settings: Settings, shard: ShardSpec | None = None) -> DatasetStore:
     """Load the data sets the settings name (the embedded ``digits`` on the CPU when none).
 
     An index directory is verified against the fingerprint in its manifest while it loads; one
-    whose files changed since ``floworacle index build`` raises instead of being served.
+    whose files changed since ``floworacle index build`` raises instead of being served. With
+    ``shard`` (a gang's rank) each data set is that rank's shard: an index directory reads only its
+    rows (rank 0 verifies the fingerprint), anything else loads whole and is cut.
 
     Raises:
         ValueError: a data argument that cannot be loaded (the message says why).
     """
     store = DatasetStore()
+    verify = shard is None or shard.rank == 0
     if not settings.data:
         # The first-run experience: digits on the CPU unless a device was asked for explicitly.
         device = "cpu" if settings.device == "auto" else settings.resolved_device()
-        ds = load_digits(device=device, dtype=settings.dtype)
-        if settings.name:
-            ds.name = settings.name
-        store.add(ds)
+        store.add(load_dataset(DIGITS_NAME, name=settings.name, device=device, dtype=settings.dtype, shard=shard))
         return store
     device = settings.resolved_device()
     for spec in settings.data:
@@ -64,7 +66,12 @@ def build_store(settings: Settings) -> DatasetStore:
         else:
             path = spec
             name = settings.name or (DIGITS_NAME if path == DIGITS_NAME else Path(path).stem)
-        store.add(load_dataset(path, name=name, labels=settings.labels_for(name), device=device, dtype=settings.dtype))
+        labels = settings.labels_for(name)
+        store.add(
+            load_dataset(
+                path, name=name, labels=labels, device=device, dtype=settings.dtype, verify=verify, shard=shard
+            )
+        )
     return store
 
 
@@ -150,6 +157,9 @@ class OracleServer:
             the file), else None.
         port: the bound gRPC port (after :meth:`start`).
         metrics_port: the bound metrics port, or None when metrics HTTP is off.
+        gang: rank 0's membership of a gang (its data sets are shards), or None.
+        failed: set when the gang broke (health is NOT_SERVING then); ``floworacle serve``
+            exits non-zero on it so the orchestrator restarts the group.
     """
 
     def __init__(
@@ -160,11 +170,14 @@ class OracleServer:
         metrics: ServiceMetrics | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         server_credentials: grpc.ServerCredentials | None = None,
+        gang: Gang | None = None,
     ) -> None:
         if len(store) == 0:
             raise ValueError("the server needs at least one data set")
         self.settings = settings
         self.store = store
+        self.gang = gang
+        self.failed = asyncio.Event()
         self.metrics = metrics if metrics is not None else ServiceMetrics()
         self.batcher = DynamicBatcher(
             max_batch_rows=settings.max_batch_rows,
@@ -226,6 +239,8 @@ class OracleServer:
             max_stream_inflight_bytes=s.max_stream_inflight_bytes,
             budget=ByteBudget(s.max_inflight_bytes, on_idle=self._released),
             auth=self.auth,
+            gang=self.gang,
+            on_gang_broken=self._gang_broken,
         )
         self._servicer = servicer
         pb_grpc.add_FlowOracleServicer_to_server(servicer, server)
@@ -271,6 +286,15 @@ class OracleServer:
                     f"cannot serve metrics on {host}:{s.metrics_port}: {exc} "
                     "(use --metrics-port 0 for any free port, -1 for none)"
                 ) from exc
+
+    def _gang_broken(self, reason: str) -> None:
+        """A rank of the gang failed: every health name NOT_SERVING, and ``failed`` set (once)."""
+        if self.failed.is_set():
+            return
+        log.error("the gang broke (%s): answering UNAVAILABLE, health NOT_SERVING; exiting", reason)
+        self.failed.set()
+        for name in self.health_names():
+            asyncio.ensure_future(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
 
     def _released(self, freed: int) -> None:
         """Once nothing is in flight after a burst, hand the heap's free blocks back to the system
@@ -343,8 +367,10 @@ def create_server(
     metrics: ServiceMetrics | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     server_credentials: grpc.ServerCredentials | None = None,
+    gang: Gang | None = None,
 ) -> OracleServer:
-    """Build (not start) a server: the given store, or the data sets the settings name.
+    """Build (not start) a server: the given store, or the data sets the settings name (a gang's
+    rank 0: its shards, with ``gang``).
 
     TLS comes from ``settings.tls_cert`` / ``tls_key`` (mutual TLS with ``tls_client_ca``) and
     bearer-token authentication from ``settings.auth_tokens_file``.
@@ -370,4 +396,5 @@ def create_server(
         metrics=metrics,
         interceptors=interceptors,
         server_credentials=server_credentials,
+        gang=gang,
     )

@@ -25,6 +25,7 @@ from floworacle_server.service._compute import (
     empty_nearest_response,
     empty_oracle_response,
 )
+from floworacle_server.service._gang import Gang, GangBroken
 from floworacle_server.service._requests import Limits, RpcFailure, parse_nearest, parse_oracle, resolve_dataset
 
 __all__ = ["FlowOracleServicer", "dataset_info"]
@@ -53,10 +54,11 @@ STREAM_RETRY_S = 30.0
 def dataset_info(ds: Dataset, default_name: str | None) -> pb.DatasetInfo:
     """The wire description of a resident data set (its nearest-search facts included)."""
     near = nearest_info(ds)
+    resident = ds.shard.resident_bytes if ds.shard is not None and ds.shard.resident_bytes else ds.resident_bytes
     return pb.DatasetInfo(
         name=ds.name,
         fingerprint=ds.fingerprint,
-        num_samples=ds.num_samples,
+        num_samples=ds.total_samples,
         sample_shape=list(ds.sample_shape),
         dim=ds.dim,
         storage_dtype=dtype_by_name(ds.storage_dtype).enum,  # type: ignore[arg-type]
@@ -64,7 +66,7 @@ def dataset_info(ds: Dataset, default_name: str | None) -> pb.DatasetInfo:
         has_weights=ds.log_weights is not None,
         scale_factor=ds.scale_factor,
         device=str(ds.device),
-        resident_bytes=ds.resident_bytes,
+        resident_bytes=resident,
         is_default=ds.name == default_name,
         nearest_backend=near.backend,
         nearest_backend_reason=near.backend_reason,
@@ -105,6 +107,13 @@ def _as_failure(exc: BaseException) -> RpcFailure:
         return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), reason="deadline")
     if isinstance(exc, BatcherClosedError):
         return RpcFailure(grpc.StatusCode.UNAVAILABLE, str(exc), reason="draining")
+    if isinstance(exc, GangBroken):
+        return RpcFailure(
+            grpc.StatusCode.UNAVAILABLE,
+            f"a rank of this server's gang failed ({exc}); no answer was computed over fewer shards. The gang is "
+            "restarting: retry (the SDK retries until the call's deadline) or use another replica",
+            reason="unavailable",
+        )
     if isinstance(exc, ValueError):  # the engine's (and codec's) contract for bad query contents
         return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc), reason="invalid")
     if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing CUDA
@@ -145,6 +154,8 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         max_stream_inflight_bytes: int = 8 << 20,
         budget: ByteBudget | None = None,
         auth: _TokenCheck | None = None,
+        gang: Gang | None = None,
+        on_gang_broken: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.batcher = batcher
@@ -157,8 +168,9 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         #: With tokens on: each stream message is checked against the current token set, so a
         #: token revoked (file edited, SIGHUP) ends the streams opened with it.
         self.auth = auth
-        self._oracle_runner = OracleRunner(chunk_rows, screen)
-        self._nearest_runner = NearestRunner()
+        self._oracle_runner = OracleRunner(chunk_rows, screen, gang)
+        self._nearest_runner = NearestRunner(gang)
+        self._on_gang_broken = on_gang_broken
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -192,6 +204,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 code = grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:  # every failure becomes one status, here
+                self._notice(exc)
                 failure = _as_failure(exc)
                 code = failure.code
                 if failure.reason != "other":
@@ -368,7 +381,12 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         out.response.CopyFrom(resp)
         return out
 
+    def _notice(self, exc: BaseException) -> None:
+        if isinstance(exc, GangBroken) and self._on_gang_broken is not None:
+            self._on_gang_broken(str(exc))
+
     def _stream_error(self, req: pb.OracleRequest, exc: BaseException) -> pb.OracleStreamResponse:
+        self._notice(exc)
         failure = _as_failure(exc)
         if failure.reason != "other":
             self.metrics.rejected(failure.reason)

@@ -59,6 +59,9 @@ def test_env_lists_and_flags_lists():
 def test_every_setting_has_its_generated_flag_and_the_docs_table_matches():
     parser = build_parser()
     for name, info in Settings.model_fields.items():
+        if isinstance(info.json_schema_extra, dict) and "env" in info.json_schema_extra:
+            assert "--" + name.replace("_", "-") not in parser.format_help()  # the launcher's, no flag
+            continue
         flag = "--" + name.replace("_", "-")
         default = info.get_default(call_default_factory=True)
         if isinstance(default, bool):
@@ -68,6 +71,15 @@ def test_every_setting_has_its_generated_flag_and_the_docs_table_matches():
             args = parser.parse_args(["serve", flag, str(default + 1)])
             assert getattr(load_settings(args, env={}), name) == default + 1, name
     assert settings_markdown() in (ROOT / "docs" / "server.md").read_text(), "regenerate the table in docs/server.md"
+
+
+def test_the_gang_placement_comes_from_the_launchers_environment():
+    s = load_settings(
+        {}, env={"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "h0", "MASTER_PORT": "29511"}
+    )
+    assert (s.rank, s.world_size, s.local_rank, s.master_addr, s.master_port) == (2, 4, 0, "h0", 29511)
+    with pytest.raises(ValidationError, match="outside a gang"):
+        load_settings({}, env={"RANK": "4", "WORLD_SIZE": "4"})
 
 
 def test_tune_allocator_flag_and_environment():
