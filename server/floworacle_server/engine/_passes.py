@@ -12,12 +12,13 @@
    - DENSE: more candidates than kept, and the dense float64 pass's logit bound
      (:func:`._bounds.dense_logit_error`, computable before the pass) is below
      ``DENSE_LOGIT_TOL``: the navigation stage, two float64 GEMMs over the slot's rows.
-   - SPLIT: more candidates than kept, but those within ``split_reach`` nats of the maximum (the
-     head) all among the kept rows (the middle of the path: the weight sits on a few samples
-     while thousands are within reach): the head in float64 from differences, the rest from
-     its screened logits with float32 sums, one screening GEMM and one accumulation GEMM
-     (:func:`._bounds.split_reach` proves the bound; not with the variance, which the tail
-     can dominate there).
+   - SPLIT (opt-in, ``EngineConfig.split``): more candidates than kept, but those within
+     ``split_reach`` nats of the maximum (the head) all among the kept rows (the middle of the
+     path: the weight sits on a few samples while thousands are within reach): the head in
+     float64 from differences, the rest from its screened logits with float32 sums, one
+     screening GEMM and one accumulation GEMM (:func:`._bounds.split_reach` proves the bound,
+     within 1e-8 of max|x|: not float64-accurate, hence opt-in; never with the variance, which
+     the tail can dominate there).
    - RESCREEN: more candidates than kept where the dense bound is too loose (many samples
      within reach late in the path: duplicates, tight clusters) and the split route does not
      apply, or, on CPUs, where the candidates lie in a quarter of the chunks or fewer, so that
