@@ -12,12 +12,14 @@
    - DENSE: more candidates than kept, and the dense float64 pass's logit bound
      (:func:`._bounds.dense_logit_error`, computable before the pass) is below
      ``DENSE_LOGIT_TOL``: the navigation stage, two float64 GEMMs over the slot's rows.
-   - SPLIT: more candidates than kept, but those within ``split_reach`` nats of the maximum (the
-     head) all among the kept rows (the middle of the path: the weight sits on a few samples
-     while thousands are within reach): the head in float64 from differences, the rest from
-     its screened logits with float32 sums, one screening GEMM and one accumulation GEMM
-     (:func:`._bounds.split_reach` proves the bound; not with the variance, which the tail
-     can dominate there, and not on a gang's shards, whose partials merge in float64 only).
+   - SPLIT (opt-in, ``EngineConfig.split``): more candidates than kept, but those within
+     ``split_reach`` nats of the maximum (the head) all among the kept rows (the middle of the
+     path: the weight sits on a few samples while thousands are within reach): the head in
+     float64 from differences, the rest from its screened logits with float32 sums, one
+     screening GEMM and one accumulation GEMM (:func:`._bounds.split_reach` proves the bound,
+     within 1e-8 of max|x|: not float64-accurate, hence opt-in; never with the variance, which
+     the tail can dominate there, and not on a gang's shards, whose partials merge in float64
+     only).
    - RESCREEN: more candidates than kept where the dense bound is too loose (many samples
      within reach late in the path: duplicates, tight clusters) and the split route does not
      apply, or, on CPUs, where the candidates lie in a quarter of the chunks or fewer, so that
@@ -36,6 +38,7 @@ The fast mode (``Precision.FAST``) skips 2 and 3: one streamed pass of the scree
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -129,14 +132,19 @@ class _Candidates:
         return self.kept_i.index_select(0, slots)[:, :wmax].masked_fill(cols >= wt, -1)
 
 
-def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight: torch.Tensor) -> _Candidates:
-    """Route every slot with the batch's one host read (code and candidate count of each)."""
+def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight_of: Callable[[], torch.Tensor]) -> _Candidates:
+    """Route every slot with the batch's one host read (code and candidate count of each);
+    ``tight_of()`` gives the slots whose dense bound is tight enough (computed when needed)."""
     f64 = torch.float64
     cfg = batch.cfg
     keep = cfg.keep
     kept = scr.kept_v.to(f64)
     width = (kept >= thr[:, None]).sum(dim=1)
     many = kept[:, keep] >= thr
+    if cfg.host_shortcuts and scr.early is None and not bool(many.any()):
+        # every slot sparse (the refinement stage; a CPU's host check is cheaper than the ops)
+        return _sparse_only(batch, scr, kept, width)
+    tight = tight_of()
     cheap = torch.zeros_like(tight)
     if cfg.rescreen_chunks > 0:  # few chunks hold the candidates: screening them again is cheaper
         relevant = [  # a group of one chunk is never cheaper to screen again
@@ -175,6 +183,17 @@ def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight: torch.Tensor) 
     width = torch.where(code == Route.SPLIT, head_w, width)
     host = torch.stack([code, width]).tolist()  # the batch's one host read
     return _Candidates(host[0], host[1], tail, scr.kept_i, split_mass)
+
+
+def _sparse_only(batch: Batch, scr: Screened, kept: torch.Tensor, width: torch.Tensor) -> _Candidates:
+    """:func:`_route` when no slot has more candidates than kept: SPARSE, EMPTY or BAD only."""
+    lower = scr.lower
+    code = torch.where(lower == -math.inf, Route.EMPTY, Route.SPARSE)
+    code = torch.where(torch.isnan(lower) | (lower == math.inf), Route.BAD, code)
+    below = kept.gather(1, width.clamp(max=batch.cfg.keep)[:, None]).squeeze(1)
+    tail = (batch.slot_rows - width) * torch.exp((below + scr.err - lower).clamp(max=0.0))
+    host = torch.stack([code, width]).tolist()  # the batch's one host read
+    return _Candidates(host[0], host[1], tail, scr.kept_i, torch.zeros_like(lower))
 
 
 def _split_extra(batch: Batch) -> float:
@@ -276,13 +295,20 @@ def _empty(batch: Batch, n: int) -> Partials:
     return Partials.empty(n, batch.dim, w.top_k, batch.ds.device, entropy=w.entropy, ess=w.ess, variance=w.variance)
 
 
-def _slot_errors(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S,) screening and dense-pass logit error bounds of every slot."""
-    co = batch.coef
-    model, facts, d = batch.model, batch.facts, batch.dim
-    serr = screen_logit_error(model, co.c, co.half, batch.qnorm_s, batch.slot_max_sq, facts.max_abs_logw, d)
-    derr = dense_logit_error(batch.qnorm_s, co.alpha, batch.slot_max_sq.sqrt(), co.inv2s2, facts.max_abs_logw, d)
-    return serr, derr
+def _screen_errors(batch: Batch) -> torch.Tensor:
+    """(S,) screening logit error bound of every slot."""
+    co, facts = batch.coef, batch.facts
+    return screen_logit_error(
+        batch.model, co.c, co.half, batch.qnorm_s, batch.slot_max_sq, facts.max_abs_logw, batch.dim
+    )
+
+
+def _dense_errors(batch: Batch) -> torch.Tensor:
+    """(S,) logit error bound of the dense float64 pass for every slot."""
+    co, facts = batch.coef, batch.facts
+    return dense_logit_error(
+        batch.qnorm_s, co.alpha, batch.slot_max_sq.sqrt(), co.inv2s2, facts.max_abs_logw, batch.dim
+    )
 
 
 def exact_partials(batch: Batch) -> SlotPartials:
@@ -290,11 +316,18 @@ def exact_partials(batch: Batch) -> SlotPartials:
     ds, cfg = batch.ds, batch.cfg
     dev = ds.device
     s_total = batch.slots
-    serr, derr = _slot_errors(batch)
-    tight = derr <= DENSE_LOGIT_TOL
-    scr = screen(batch, serr, tight if cfg.early_dense else None)
+    serr = _screen_errors(batch)
+    tight_cache: list[torch.Tensor] = []
+
+    def tight_of() -> torch.Tensor:
+        """Slots whose dense float64 bound is below DENSE_LOGIT_TOL (computed once, if asked)."""
+        if not tight_cache:
+            tight_cache.append(_dense_errors(batch) <= DENSE_LOGIT_TOL)
+        return tight_cache[0]
+
+    scr = screen(batch, serr, tight_of if cfg.early_dense else None)
     thr = scr.threshold(batch.slot_reach)
-    cands = _route(batch, scr, thr, tight)
+    cands = _route(batch, scr, thr, tight_of)
     code, width = cands.code, cands.width
     want = batch.want
     _refuse(code, want)
@@ -363,7 +396,7 @@ def exact_partials(batch: Batch) -> SlotPartials:
 def fast_partials(batch: Batch) -> SlotPartials:
     """Fast-mode partials of every slot: the screening logits used directly (one host read, to
     refuse empty or non-finite posteriors)."""
-    serr, _ = _slot_errors(batch)
+    serr = _screen_errors(batch)
     parts: list[Partials] = []
     errs: list[torch.Tensor] = []
     for g in batch.groups:

@@ -27,6 +27,7 @@ Left-out samples (leave-one-out) get -inf before anything is kept, so they neith
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -128,12 +129,12 @@ def _reach(g: Group) -> float:
     return math.log(max(g.rows, 1)) + REACH_MARGIN
 
 
-def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) -> Screened:
+def screen(batch: Batch, err: torch.Tensor, dense_tight: Callable[[], torch.Tensor] | None) -> Screened:
     """Screen every slot of ``batch`` over its group's rows (see module docstring).
 
-    ``err`` (S,): the screening error bound of each slot; ``dense_tight`` (S,) bool: slots whose
-    dense float64 bound is tight enough for the dense pass (only those may leave the screening
-    after the first chunk), or None to never leave early.
+    ``err`` (S,): the screening error bound of each slot; ``dense_tight()`` gives (S,) bool, the
+    slots whose dense float64 bound is tight enough for the dense pass (only those may leave the
+    screening after the first chunk); None: never leave early.
     """
     ds, cfg = batch.ds, batch.cfg
     dev = ds.device
@@ -144,7 +145,7 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) ->
     # rows relative to the slot's group start while screening (one add for all at the end)
     kept_i = torch.full((s_total, keep), -1, dtype=torch.int64, device=dev)
     leave = cfg.early_dense and dense_tight is not None
-    early_all = torch.zeros(s_total, dtype=torch.bool, device=dev) if leave else None
+    early_all: torch.Tensor | None = None  # set when some slot leaves early (the host knows)
     h32_all = batch.coef.half.to(f32)
     c32_all = batch.coef.c.to(f32)
     chunk_maxes: list[torch.Tensor | None] = []
@@ -188,13 +189,15 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: torch.Tensor | None) ->
                 ki_g[act] = torch.cat([ki_g[act], ti + (s0 - g.start)], dim=1).gather(1, pos)
                 assert chunk_max is not None
                 chunk_max[act, k] = tv[:, 0]
-            if k == 0 and nch > 1 and early_all is not None and dense_tight is not None:
+            if k == 0 and nch > 1 and leave and dense_tight is not None:
                 # navigation: the first chunk's logits all lie within (a share of) the reach of
                 # each other, so most samples are candidates; such slots go to the dense pass
                 # without screening the rest (a speed choice only: that pass is exact too)
                 spread = (kv_g[:, 0] - lt.amin(dim=1)).to(f64) + 2 * err[sl]
-                early = (spread < cfg.early_spread * rch) & dense_tight[sl]
+                early = (spread < cfg.early_spread * rch) & dense_tight()[sl]
                 if bool(early.any()):
+                    if early_all is None:
+                        early_all = torch.zeros(s_total, dtype=torch.bool, device=dev)
                     early_all[sl] = early
                     act = (~early).nonzero().flatten()
                     if act.numel() == 0:

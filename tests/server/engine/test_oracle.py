@@ -342,8 +342,8 @@ def test_shape_nan_and_singular_end_policy() -> None:
 def test_split_route_exact_head_and_screened_tail_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     # In the middle of the path the weight sits on a few samples while many more are within
     # reach: those few (the head) are recomputed in float64, the rest (the tail) keep their
-    # screened logits and float32 sums; the answer must stay within its bound and 1e-10 of the
-    # reference, with left-out samples, top-k, entropy and ESS
+    # screened logits; the answer must stay within its bound and 1e-10 of the reference, with
+    # left-out samples, top-k, entropy and ESS
     from floworacle_server.engine import _passes
 
     seen: dict[str, list[int]] = {}
@@ -364,7 +364,7 @@ def test_split_route_exact_head_and_screened_tail_within_its_bound(monkeypatch: 
     xt = _queries(rng, X, t, c)
     exclude = np.where(np.arange(len(t)) % 2 == 0, src, -1)
     q = OracleQuery(x_t=torch.from_numpy(xt), coeffs=c, exclude=torch.from_numpy(exclude), outputs=ALL[:-1], top_k=3)
-    res = oracle(ds, q, chunk_rows=256)
+    res = oracle(ds, q, chunk_rows=256, config=replace(CPU, split=True))  # an opt-in route
     assert _passes.Route.SPLIT in seen["code"]
     for b in range(len(t)):
         w = np.ones(4000)
