@@ -346,7 +346,6 @@ def nearest(
     *,
     chunk_rows: int | None = None,
     backend: str = "auto",
-    **options: Any,  # TEMP-COMPAT
 ) -> NearestResult:
     """Exact k nearest stored samples (L2) of each point.
 
@@ -367,7 +366,6 @@ def nearest(
     Raises:
         ValueError: bad shape, non-finite points, k out of range, unknown backend.
     """
-    _compat(options)  # TEMP-COMPAT
     _check_k(dataset, k)
     y = _as_queries(dataset, x, "x")
     if chunk_rows is not None and chunk_rows < 1:
@@ -377,16 +375,6 @@ def nearest(
         return _result(dataset, torch.empty(0, k, dtype=torch.float64, device=y.device), _empty_rows(y, k))
     sq, rows = _knn(dataset, y, k, None, chunk_rows, backend)
     return _result(dataset, sq, rows)
-
-
-def _compat(options: dict[str, Any]) -> None:  # TEMP-COMPAT
-    if (
-        options.get("exclude") is not None
-        or options.get("exact") is False
-        or options.get("nprobe")
-        or options.get("space", "data") != "data"
-    ):
-        raise NotImplementedError("TEMP-COMPAT: not built yet")
 
 
 def _empty_rows(y: torch.Tensor, k: int) -> torch.Tensor:
@@ -401,7 +389,6 @@ def posterior_nearest(
     *,
     k: int = 1,
     chunk_rows: int | None = None,
-    **options: Any,  # TEMP-COMPAT
 ) -> NearestResult:
     """The samples with the largest posterior weight ``gamma_i`` at time t (top-k, default the argmax).
 
@@ -425,7 +412,6 @@ def posterior_nearest(
     Raises:
         ValueError: alpha <= 0, sigma missing/negative for a weighted data set, bad shapes.
     """
-    _compat(options)  # TEMP-COMPAT
     _check_k(dataset, k)
     xt = _as_queries(dataset, x_t, "x_t")
     b = xt.shape[0]

@@ -693,8 +693,6 @@ def oracle(
     Returns float64 tensors on the data's device; shapes (B, D), (B,), (B, k).
     """
     b, d = _validate(ds, query)
-    if query.exclude is not None:  # TEMP-COMPAT
-        raise NotImplementedError("TEMP-COMPAT: exclude not built yet")
     dev = ds.device
     x_in = query.x_t.reshape(b, d)
     xq = x_in.to(device=dev, dtype=torch.float64)

@@ -54,7 +54,6 @@ class OracleQuery:
     outputs: tuple[str, ...] = ("velocity",)
     top_k: int = 0
     precision: Precision = Precision.EXACT
-    exclude: torch.Tensor | None = None  # TEMP-COMPAT
 
 
 @dataclass
@@ -79,8 +78,6 @@ class OracleResult:
     ess: torch.Tensor | None = None
     x1_hat_error_bound: torch.Tensor | None = None
     velocity_error_bound: torch.Tensor | None = None
-    variance: torch.Tensor | None = None  # TEMP-COMPAT
-    variance_error_bound: torch.Tensor | None = None  # TEMP-COMPAT
     refined: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -93,5 +90,3 @@ class NearestResult:
     indices: torch.Tensor
     distances: torch.Tensor
     labels: torch.Tensor | None = None
-    approximate: bool = False  # TEMP-COMPAT
-    similarities: torch.Tensor | None = None  # TEMP-COMPAT
