@@ -1,14 +1,29 @@
-"""The oracle engine: streamed exact posterior means over a resident data set (imports only torch)."""
+"""The oracle engine: streamed exact posterior means over a resident data set (imports only torch).
 
+Rooms: ``_bounds`` (the one rounding-error model), ``_config`` (per-device block sizes),
+``_batch`` (per-batch state), ``_screen`` (screening GEMM and candidates), ``_refine`` (float64
+logits from differences), ``_dense`` (dense float64 and fast passes), ``_partials`` (mergeable
+sums), ``_passes`` (routing), ``_assemble`` (the outputs), ``_nearest`` (nearest samples),
+``_flush`` (flush-to-zero).
+"""
+
+from floworacle_server.engine._assemble import compute_partials, oracle
+from floworacle_server.engine._bounds import DENSE_LOGIT_TOL, REACH_MARGIN, SCREEN_DTYPES
+from floworacle_server.engine._config import CPU, CUDA, EngineConfig
+from floworacle_server.engine._flush import FlushState, flush_denormals
 from floworacle_server.engine._nearest import nearest, posterior_nearest
-from floworacle_server.engine._oracle import REACH_MARGIN, SCREEN_DTYPES, compute_partials, default_chunk_rows, oracle
 from floworacle_server.engine._partials import Partials, Posterior
 from floworacle_server.engine._types import OUTPUTS, Guidance, NearestResult, OracleQuery, OracleResult, Precision
 
 __all__ = [
+    "CPU",
+    "CUDA",
+    "DENSE_LOGIT_TOL",
     "OUTPUTS",
     "REACH_MARGIN",
     "SCREEN_DTYPES",
+    "EngineConfig",
+    "FlushState",
     "Guidance",
     "NearestResult",
     "OracleQuery",
@@ -17,8 +32,8 @@ __all__ = [
     "Posterior",
     "Precision",
     "compute_partials",
-    "default_chunk_rows",
+    "flush_denormals",
     "nearest",
-    "posterior_nearest",
     "oracle",
+    "posterior_nearest",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from floworacle_server.data._dataset import Dataset
+from floworacle_server.engine._bounds import float32_gemm_unit_roundoff as _gemm_unit_roundoff
 from floworacle_server.engine._types import NearestResult
 
 __all__ = ["nearest", "posterior_nearest", "NEAREST_BACKENDS", "screening_error_bound"]
@@ -31,23 +32,6 @@ try:  # faiss is optional: the torch path is always available
     import faiss as _faiss
 except ImportError:  # pragma: no cover - faiss-cpu is a server dependency
     _faiss = None
-
-
-def _gemm_unit_roundoff(device: torch.device) -> float:
-    """Unit roundoff of a float32 matmul under the current torch settings.
-
-    "highest" is true float32 (2^-24); "high" may use TF32 (10-bit mantissa, 2^-11) and
-    "medium" bfloat16 (2^-8). The bound must follow what the GEMM really does.
-    """
-    precision = torch.get_float32_matmul_precision()
-    u = 2.0**-24
-    if precision == "high":
-        u = 2.0**-11
-    elif precision == "medium":
-        u = 2.0**-8
-    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        u = max(u, 2.0**-11)
-    return u
 
 
 def screening_error_bound(

@@ -11,8 +11,8 @@ from floworacle.paths import PathCoefficients
 
 __all__ = ["Precision", "Guidance", "OracleQuery", "OracleResult", "NearestResult", "OUTPUTS"]
 
-#: Output names the engine knows; diagnostics are "topk", "entropy", "ess".
-OUTPUTS = ("velocity", "x1_hat", "eps_hat", "score", "topk", "entropy", "ess")
+#: Output names the engine knows; diagnostics are "topk", "entropy", "ess", "variance".
+OUTPUTS = ("velocity", "x1_hat", "eps_hat", "score", "topk", "entropy", "ess", "variance")
 
 
 class Precision(str, Enum):
@@ -39,8 +39,12 @@ class OracleQuery:
         x_t: (B, D) queries, any float dtype, on any device (moved to the data's device).
         coeffs: path coefficients, each (B,) float64.
         t: (B,) float64 times, or None (needed only for a guidance interval).
-        labels: (B,) int64 class labels for class-conditional / guided queries, or None.
+        labels: (B,) int64 class labels for class-conditional / guided queries (-1 = an
+            unconditional query), or None.
         guidance: CFG setting (needs labels and t), or None.
+        exclude: (B,) int64 data set indices (the caller's original order, as in
+            ``topk_indices``), -1 for none: that sample weighs 0 for that query (leave-one-out),
+            in the unconditional and the conditional posterior alike; or None.
         outputs: names from :data:`OUTPUTS`.
         top_k: number of top posterior weights for "topk".
         precision: EXACT or FAST.
@@ -51,6 +55,7 @@ class OracleQuery:
     t: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     guidance: Guidance | None = None
+    exclude: torch.Tensor | None = None
     outputs: tuple[str, ...] = ("velocity",)
     top_k: int = 0
     precision: Precision = Precision.EXACT
@@ -62,10 +67,12 @@ class OracleResult:
 
     ``x1_hat_error_bound`` and ``velocity_error_bound`` are (B,) upper bounds on the max abs
     error of each query's x1_hat / velocity against the exact value over the stored data.
+    ``variance`` (B,) is the posterior variance ``sum_i gamma_i ||x_i - x1_hat||^2`` (the trace
+    of the posterior covariance) and ``variance_error_bound`` an upper bound on its absolute error.
     ``refined`` counts the (query, sample) pairs recomputed in float64.
     For guided queries, x1_hat / eps_hat / score are the guided combination of the
     unconditional and conditional ones (linear in the same way as the velocity), and the
-    diagnostics are those of the conditional posterior.
+    diagnostics (top-k, entropy, ESS, variance) are those of the conditional posterior.
     """
 
     x1_hat: torch.Tensor
@@ -76,6 +83,8 @@ class OracleResult:
     topk_weights: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     ess: torch.Tensor | None = None
+    variance: torch.Tensor | None = None
+    variance_error_bound: torch.Tensor | None = None
     x1_hat_error_bound: torch.Tensor | None = None
     velocity_error_bound: torch.Tensor | None = None
     refined: int = 0

@@ -1,0 +1,267 @@
+"""The engine's one rounding-error model: unit roundoffs, GEMM settings and every proven bound.
+
+Model (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., sections 2.2 and 3.1):
+each floating-point operation gives ``fl(a op b) = (a op b)(1 + d) + e`` with ``|d| <= u`` and
+an underflow term ``|e| <= tiny``. With flush-to-zero and denormals-are-zero turned on (see
+:mod:`._flush`), ``tiny`` is the smallest *normal* number (2^-126 in float32, 2^-1022 in float64)
+instead of half the smallest subnormal, and every input below it is read as 0, which is again an
+absolute error below ``tiny`` times the other factor. Every bound below carries such terms; they
+are some 30 orders of magnitude below the weights that matter: a sample within reach of the
+maximum logit has weight at least ``e^-(ln N + 37) > 1e-25`` (N < 10^9) relative to the largest,
+far above 2^-126 ~ 1.2e-38, so flushing never touches a weight that is kept.
+
+Dot products: with ``gamma_n = n u / (1 - n u)``, any summation order with or without fused
+multiply-adds gives ``|fl(x . y) - x . y| <= gamma_n sum_j |x_j y_j| <= gamma_n ||x|| ||y||``
+(Cauchy-Schwarz); inputs rounded first (to the screening dtype, or to TF32 / bfloat16 inside a
+float32 GEMM, see :func:`float32_gemm_unit_roundoff`) add their unit roundoffs. For ``n u <=
+0.01`` we use ``gamma_n <= 1.01 n u``.
+
+Screening logits ``lt_i = fl(c G_i - h ||x_i||^2 + log p_i)`` (``G = x_t . x_i`` from the
+screening GEMM, ``c = alpha / sigma^2``, ``h = alpha^2 / (2 sigma^2)``) differ from the exact
+``c x_t . x_i - h ||x_i||^2 + log p_i`` (the exact logit plus the per-query constant
+``||x_t||^2 / (2 sigma^2)``) by at most :func:`screen_logit_error`: the GEMM bound
+``gamma c ||x_t|| max||x_i||`` plus float32 rounding of ``c``, ``h``, ``||x_i||^2``, the product,
+the subtraction and the sum, at most six roundings of each of the three terms (slack 1.02).
+
+Exact logits from differences (:func:`pair_logit_error`): ``d2 = sum_j (x_tj - alpha x_ij)^2`` in
+float64 carries ``(D + 4) u d2`` from the squares and their sum, plus, where ``alpha x_ij`` is
+rounded before the subtraction, ``sum_j 2 u |alpha x_ij| |x_tj - alpha x_ij| <= 2 u |alpha|
+||x_i|| sqrt(d2)`` and its square (Cauchy-Schwarz); times ``1 / (2 sigma^2)`` (its own rounding is
+inside the slack), plus ``u |log p_i|`` for adding the log weight.
+
+Dense float64 logits (:func:`dense_logit_error`): the GEMM gives ``c x_t . x_i`` with
+``(D + 1) u c ||x_t|| ||x_i||`` (``c x_t`` rounded first), ``h ||x_i||^2`` carries the error of the
+stored ``||x_i||^2`` (a float64 sum of D squares) and two roundings, and the per-query constant
+``||x_t||^2 / (2 sigma^2)`` its own float64 sum; all three are below
+``(D + 8) u (||x_t|| + alpha max||x_i||)^2 / (2 sigma^2)``.
+
+Posterior mean (:func:`x1_error`): logits off by at most ``e`` change every weight by a factor in
+``[e^-2e, e^2e]`` (numerator and normaliser), so with ``w = e^2e - 1``, ``|x1' - x1|_j <= sum_i
+|g'_i - g_i| |x_ij - x1_j| <= w 2 max|x|``. The samples left out weigh ``tau`` relative to the
+kept mass: at most ``e^-37`` (each lies more than ``ln n + 37`` nats below the maximum), and in
+the refinement stage at most ``(n - k) e^(lt_(k+1) + err - lower)`` from the best screened logit
+left out; a dense pass leaves nothing out. They move the mean by at most ``tau 2 max|x|``.
+Float64 rounding of the weighted sums is carried by the partials (``mean_err``, see
+:mod:`._partials`); ``exp`` in float64 is within 2 u, which is counted as 2 u more logit error.
+
+Posterior variance (:func:`variance_error`): with perturbed weights ``g'`` and their mean ``x1'``,
+``var' = sum g'_i ||x_i - x1||^2 - ||x1' - x1||^2``; ``|sum (g'_i - g_i) ||x_i - x1||^2| <= w var`` and
+``||x1' - x1|| <= w sum g_i ||x_i - x1|| <= w sqrt(var)`` (Cauchy-Schwarz), so ``|var' - var| <=
+(w + w^2) var <= (w + w^2) var' / (1 - w - w^2)``: relative, however small the variance. The
+omitted tail moves it by at most ``tau (4 max ||x_i||^2 + var)`` (a mixture's variance is the
+kept part's, the tail's and the squared gap of their means, weighted); rounding is carried by the
+partials (``m2_err``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "U64",
+    "U32",
+    "TINY32",
+    "TINY64",
+    "REACH_MARGIN",
+    "DENSE_LOGIT_TOL",
+    "SCREEN_DTYPES",
+    "ScreenModel",
+    "float32_gemm_unit_roundoff",
+    "reach",
+    "screen_logit_error",
+    "pair_logit_error",
+    "dense_logit_error",
+    "mean_rounding",
+    "x1_error",
+    "variance_error",
+]
+
+U64 = 2.0**-53
+U32 = 2.0**-24
+TINY64 = 2.0**-1022  # smallest normal float64: absolute error of one operation under FTZ / DAZ
+TINY32 = 2.0**-126
+#: Nats beyond ln(N) below the maximum past which samples are dropped: N e^-(ln N + 37) < 2^-53.
+REACH_MARGIN = 37.0
+#: Dense float64 logits are used only when their error bound is below this many nats (weights
+#: then carry relative errors below 2e-7, far inside the 1e-5 accuracy target); otherwise the
+#: candidates are recomputed from differences.
+DENSE_LOGIT_TOL = 1e-7
+#: Unit roundoff of the inputs for each screening precision (the accumulation is float32).
+SCREEN_DTYPES: dict[str, tuple[torch.dtype, float]] = {
+    "float32": (torch.float32, U32),
+    "bfloat16": (torch.bfloat16, 2.0**-8),
+    "float16": (torch.float16, 2.0**-11),
+}
+_TF32 = 2.0**-11
+_BF16 = 2.0**-8
+
+
+def _backend_precision(path: tuple[str, ...]) -> str:
+    """``torch.backends.<path>.fp32_precision`` where this torch has it (2.9+), else "none"."""
+    obj: object = torch.backends
+    for name in path:
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return "none"
+    value = getattr(obj, "fp32_precision", "none")
+    return value if isinstance(value, str) else "none"
+
+
+def float32_gemm_unit_roundoff(device: torch.device) -> float:
+    """Unit roundoff of a float32 GEMM's *inputs* under the current torch settings, on ``device``.
+
+    ``torch.set_float32_matmul_precision``: "highest" is true float32 (2^-24); "high" allows
+    TF32 (10-bit mantissas, 2^-11) or bfloat16x3 (more accurate than TF32); "medium" allows
+    bfloat16 (2^-8), on CPUs through oneDNN as well as on GPUs. The per-backend settings of newer
+    torch (``torch.backends.cuda.matmul.fp32_precision``, ``torch.backends.mkldnn.matmul.
+    fp32_precision``) and ``torch.backends.cuda.matmul.allow_tf32`` can lower it further. The
+    bound takes the worst of everything that applies; the accumulation stays float32 (2^-24).
+    """
+    u = U32
+    legacy = torch.get_float32_matmul_precision()
+    if legacy == "high":
+        u = _TF32
+    elif legacy == "medium":
+        u = _BF16
+    backend = ("cuda", "matmul") if device.type == "cuda" else ("mkldnn", "matmul")
+    flag = _backend_precision(backend)
+    if flag == "tf32":
+        u = max(u, _TF32)
+    elif flag == "bf16":
+        u = max(u, _BF16)
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        u = max(u, _TF32)
+    return u
+
+
+@dataclass(frozen=True)
+class ScreenModel:
+    """The screening GEMM as it really runs: its dtype and its relative dot-product bound.
+
+    ``|G - x_t . x_i| <= gamma ||x_t|| ||x_i|| + tiny (D + 2) (||x_t||_inf + max|x| + 1)``.
+    ``acc_u`` is the unit roundoff of a float32 GEMM's inputs under the current settings (used
+    for the fast mode's float32 weighted sums).
+    """
+
+    dtype: torch.dtype
+    gamma: float
+    acc_u: float
+
+    @classmethod
+    def choose(cls, screen: str, device: torch.device, storage: torch.dtype, dim: int) -> ScreenModel:
+        """The model for screening precision ``screen`` over data stored as ``storage``.
+
+        Half-precision screening is used on CUDA only (half GEMMs are slow on CPUs). The bound
+        counts the float32 accumulation ``(D + 2) u32``, the rounding of the query to the
+        screening dtype, of the data where it is stored in another dtype, of both inside the GEMM
+        (TF32 / bf16 under a float32 matmul precision below "highest") and of the product where
+        the GEMM returns a half-precision result.
+        """
+        if screen not in SCREEN_DTYPES:
+            raise ValueError(f"unknown screening precision {screen!r}; use one of {sorted(SCREEN_DTYPES)}")
+        dtype, u_in = SCREEN_DTYPES[screen]
+        if device.type != "cuda" and dtype != torch.float32:
+            dtype, u_in = torch.float32, U32
+        g = float32_gemm_unit_roundoff(device)
+        if dtype == torch.float32:
+            internal = 0.0 if g == U32 else 2 * g  # both operands rounded inside the GEMM
+            data_u, out_u = 0.0, 0.0
+        else:
+            internal = 0.0
+            data_u = 0.0 if storage == dtype else u_in
+            out_u = u_in
+        gamma = ((dim + 2) * U32 + u_in + data_u + internal + out_u) * 1.01 + 4 * U64
+        return cls(dtype=dtype, gamma=gamma, acc_u=g)
+
+
+def reach(rows: int) -> float:
+    """Nats below the maximum logit within which samples are kept: ``ln(rows) + 37``."""
+    return math.log(max(rows, 1)) + REACH_MARGIN
+
+
+def screen_logit_error(
+    model: ScreenModel,
+    c: torch.Tensor,
+    h: torch.Tensor,
+    qnorm: torch.Tensor,
+    max_sq: torch.Tensor,
+    max_abs_logw: float,
+    dim: int,
+) -> torch.Tensor:
+    """(B,) bound on ``|lt_i - (c x_t . x_i - h ||x_i||^2 + log p_i)|`` for every row of a range.
+
+    ``c``, ``h``, ``qnorm`` (B,) float64; ``max_sq`` () float64 = max ||x_i||^2 over the range;
+    ``max_abs_logw``: max |log p_i| over the weighted rows (0 without weights).
+    """
+    cq = c * qnorm * max_sq.sqrt()
+    err = model.gamma * cq + 6 * U32 * (1.02 * cq + h * max_sq + max_abs_logw)
+    # underflow (flush-to-zero) in the GEMM and the epilogue: far below anything above
+    return err + TINY32 * (dim + 8) * (c * (qnorm + max_sq.sqrt() + 1.0) + 1.0)
+
+
+def pair_logit_error(
+    d2: torch.Tensor, inv2s2: torch.Tensor, alpha_xnorm: torch.Tensor, logw: torch.Tensor | None, dim: int
+) -> torch.Tensor:
+    """Bound on the error of ``log p_i - d2 / (2 sigma^2)`` from float64 differences (elementwise).
+
+    ``d2`` computed squared distances, ``inv2s2 = 1 / (2 sigma^2)``, ``alpha_xnorm = |alpha|
+    ||x_i||`` (broadcast against d2), ``logw`` the log weights of the rows or None.
+    """
+    err = ((dim + 4) * U64 * d2 + 2.02 * U64 * alpha_xnorm * d2.sqrt() + 2.0 * U64 * U64 * alpha_xnorm**2) * inv2s2
+    err = err + TINY64 * (dim + 4) * (1.0 + 2.0 * d2.sqrt()) * inv2s2
+    if logw is not None:
+        err = err + U64 * torch.where(torch.isfinite(logw), logw.abs(), torch.zeros_like(logw))
+    return err
+
+
+def dense_logit_error(
+    qnorm: torch.Tensor,
+    alpha: torch.Tensor,
+    max_norm: torch.Tensor,
+    inv2s2: torch.Tensor,
+    max_abs_logw: float,
+    dim: int,
+) -> torch.Tensor:
+    """(B,) bound on the error of the dense float64 pass's full logits (see module docstring)."""
+    total = (qnorm + alpha.abs() * max_norm) ** 2
+    return (dim + 8) * U64 * total * inv2s2 + U64 * max_abs_logw + TINY64 * (dim + 8) * (1.0 + total) * inv2s2
+
+
+def mean_rounding(terms: int, xmax: float, acc_u: float = U64) -> float:
+    """Bound on the componentwise rounding error of a weighted mean of ``terms`` samples.
+
+    ``v = sum_i p_i x_i`` accumulated in a precision of unit roundoff ``acc_u`` carries
+    ``gamma_terms sum p |x| <= 1.01 terms acc_u s max|x|``; ``s`` its own float64 sum; the division
+    one more rounding: ``(1.01 terms acc_u + (terms + 4) u64) max|x|``.
+    """
+    return (1.01 * terms * acc_u + (terms + 4) * U64) * xmax + TINY64 * (terms + 4)
+
+
+def x1_error(logit_err: torch.Tensor, mean_err: torch.Tensor | float, xmax: float, tail: torch.Tensor) -> torch.Tensor:
+    """(B,) bound on ``max_j |x1_hat_j - exact_j|`` from the logits' error bound (B,), the
+    partials' rounding bound ``mean_err``, the data's max |x_ij| and ``tail`` (B,), a bound on
+    the weight of the samples left out relative to the kept mass."""
+    spread = 2.0 * xmax
+    return torch.expm1(2.0 * (logit_err + 2 * U64)) * spread + tail * spread + mean_err
+
+
+def variance_error(
+    var: torch.Tensor,
+    logit_err: torch.Tensor,
+    m2_err: torch.Tensor,
+    tail: torch.Tensor,
+    max_sq: torch.Tensor,
+) -> torch.Tensor:
+    """(B,) bound on ``|variance - exact|`` (see module docstring).
+
+    ``var`` the computed posterior variance, ``m2_err`` the partials' rounding bound of it,
+    ``tail`` (B,) the left-out weight relative to the kept mass, ``max_sq`` (B,) the largest
+    ``||x_i||^2`` of each query's rows (``||x_i - x_j||^2 <= 4 max_sq``).
+    """
+    ew = torch.expm1(2.0 * (logit_err + 2 * U64))
+    grow = ew + ew * ew
+    logits_part = grow * (var + m2_err) / (1.0 - grow).clamp(min=1e-300)
+    return logits_part + tail * (4.0 * max_sq + var + m2_err) + m2_err
