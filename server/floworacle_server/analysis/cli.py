@@ -62,10 +62,35 @@ def register(sub: Any) -> None:
         help="nearest training samples of generated samples; copies by the d1/d2 ratio",
         description=(
             "For each generated sample the nearest and second-nearest training samples (exact L2), d1, d2 and "
-            "d1/d2; a sample with d1/d2 < --threshold is counted as a copy."
+            "d1/d2; a sample with d1/d2 < --threshold is counted as a copy. With --features, also the feature-space "
+            "test: the top-1 cosine similarity of each generated sample's features to the training features (mean, "
+            "p50/p75/p90/p95, share above --similarity-threshold) beside a train-to-train leave-one-out baseline."
         ),
     )
-    me.add_argument("--samples", required=True, help="generated samples: .npy, .npz, .safetensors or .pt, (B, ...)")
+    me.add_argument("--samples", help="generated samples: .npy, .npz, .safetensors or .pt, (B, ...)")
+    me.add_argument(
+        "--features",
+        help="(B, F) feature embeddings of the generated samples (same embedding model as the training features)",
+    )
+    me.add_argument(
+        "--train-features",
+        help="(N, F) training features when the data are not an index built with --features",
+    )
+    me.add_argument(
+        "--train-features-metric", choices=("l2", "cosine"), default="cosine", help="metric of --train-features"
+    )
+    me.add_argument(
+        "--similarity-threshold",
+        type=float,
+        help="feature test: flag top-1 cosine similarity above this (default 0.5); for l2 features, d1/d2 below it "
+        "(default 1/3)",
+    )
+    me.add_argument(
+        "--baseline-samples", type=int, default=10_000, help="training samples in the baseline (default 10,000)"
+    )
+    me.add_argument("--seed", type=int, default=0, help="seed of the baseline's training samples")
+    me.add_argument("--nprobe", type=int, help="feature test through the features index at this nprobe (approximate)")
+    me.add_argument("--features-plot", help="write the feature-space histogram (PNG) here, baseline beside it")
     g = me.add_mutually_exclusive_group(required=True)
     g.add_argument("--data", help="training data file or index directory")
     g.add_argument("--dataset", help="a data set name ('digits' is embedded) or path")
@@ -297,10 +322,12 @@ def _advice_cmd(args: argparse.Namespace) -> int:
 
 
 def _memorization_cmd(args: argparse.Namespace) -> int:
-    """Nearest training samples of each generated sample, copy flags, JSON, histogram and image grid."""
+    """Nearest training samples of each generated sample, copy flags, JSON, histogram and image grid;
+    with --features the feature-space test beside it."""
     import numpy as np
 
     from floworacle_server.analysis._memorization import (
+        feature_memorization_report,
         image_shape_for,
         load_samples,
         memorization_report,
@@ -313,6 +340,14 @@ def _memorization_cmd(args: argparse.Namespace) -> int:
         spec = args.data if args.data is not None else args.dataset
         if args.data is not None and not Path(args.data).exists():
             raise ValueError(f"--data {args.data} does not exist")
+        if args.samples is None and args.features is None:
+            raise ValueError("give --samples (pixel test), --features (feature-space test) or both")
+        if args.samples is None and (args.plot or args.grid):
+            raise ValueError("--plot and --grid draw the pixel test: give --samples")
+        if args.features is None and (args.features_plot or args.train_features or args.nprobe is not None):
+            raise ValueError(
+                "--features-plot, --train-features and --nprobe belong to the feature test: give --features"
+            )
         if args.grid_count < 1:
             raise ValueError(f"--grid-count must be >= 1, got {args.grid_count}")
         override = None
@@ -321,29 +356,53 @@ def _memorization_cmd(args: argparse.Namespace) -> int:
                 override = tuple(int(v) for v in args.image_shape.split(","))
             except ValueError:
                 raise ValueError(f"--image-shape {args.image_shape!r}: write H,W or C,H,W") from None
-        ds = load_dataset(spec, device=args.device)
-        samples = load_samples(args.samples)
-        report = memorization_report(ds, samples, args.threshold)
-        print(
-            f"{report.d1.size} samples against {ds.name} (N = {ds.num_samples}, D = {ds.dim}): "
-            f"{int(report.copy.sum())} copies (d1/d2 < {report.threshold:.4g}), copy_fraction = "
-            f"{report.copy_fraction:.4f}; median d1/d2 = {float(np.median(report.ratio)):.3f}"
+        ds = load_dataset(
+            spec, device=args.device, features=args.train_features, features_metric=args.train_features_metric
         )
-        if args.json:
-            _write_json(
-                args.json,
-                report.to_json(
-                    kind="memorization",
-                    dataset=ds.name,
-                    fingerprint=ds.fingerprint,
-                    N=ds.num_samples,
-                    D=ds.dim,
-                    samples_file=str(args.samples),
-                ),
+        out: dict[str, Any] = {
+            "kind": "memorization",
+            "dataset": ds.name,
+            "fingerprint": ds.fingerprint,
+            "N": ds.num_samples,
+            "D": ds.dim,
+        }
+        samples = None
+        report = None
+        if args.samples is not None:
+            samples = load_samples(args.samples)
+            report = memorization_report(ds, samples, args.threshold)
+            print(
+                f"{report.d1.size} samples against {ds.name} (N = {ds.num_samples}, D = {ds.dim}): "
+                f"{int(report.copy.sum())} copies (d1/d2 < {report.threshold:.4g}), copy_fraction = "
+                f"{report.copy_fraction:.4f}; median d1/d2 = {float(np.median(report.ratio)):.3f}"
             )
-        if args.plot:
+            out = report.to_json(**out, samples_file=str(args.samples))
+        if args.features is not None:
+            gen = load_samples(args.features)
+            if samples is not None and gen.shape[0] != samples.shape[0]:
+                raise ValueError(
+                    f"--features has {gen.shape[0]} rows but --samples has {samples.shape[0]}: give one feature row per "
+                    "generated sample"
+                )
+            frep = feature_memorization_report(
+                ds,
+                gen,
+                threshold=args.similarity_threshold,
+                baseline_samples=args.baseline_samples,
+                seed=args.seed,
+                nprobe=args.nprobe,
+            )
+            _print_feature_table(frep)
+            out["features"] = {**frep.to_json(), "features_file": str(args.features), "feature_dim": ds.feature_dim}
+            if args.features_plot:
+                from floworacle_server.analysis._feature_plots import plot_feature_histogram
+
+                plot_feature_histogram(frep, args.features_plot)
+        if args.json:
+            _write_json(args.json, out)
+        if report is not None and args.plot:
             plot_ratio_histogram(report, args.plot)
-        if args.grid:
+        if report is not None and samples is not None and args.grid:
             shape = image_shape_for(ds, override)
             if shape is None:
                 raise ValueError(
@@ -364,3 +423,27 @@ def _memorization_cmd(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _error(str(exc))
     return 0
+
+
+def _print_feature_table(rep: Any) -> None:
+    """Mean and percentiles of the top-1 score and the flagged share, generated against the baseline."""
+    from floworacle_server.analysis._memorization import PERCENTILES
+
+    js = rep.to_json()
+    head = ["", "count", "mean", *[f"p{q}" for q in PERCENTILES], "share"]
+    rows = [head]
+    for label, key in (("generated", "generated"), ("train-to-train", "train_baseline")):
+        s = js[key]
+        rows.append(
+            [label, str(s["count"])]
+            + [("-" if s[c] is None else f"{s[c]:.4f}") for c in ["mean", *[f"p{q}" for q in PERCENTILES]]]
+            + [f"{s['share']:.4f}"]
+        )
+    print(
+        f"feature space ({rep.metric}{', approximate' if rep.approximate else ''}): {rep.score_name}; share = {rep.rule}"
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for i, r in enumerate(rows):
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

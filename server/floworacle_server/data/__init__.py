@@ -1,19 +1,33 @@
-"""Data sets: formats, fingerprint, the embedded digits set, index directories, the store."""
+"""Data sets: formats, fingerprint, the embedded digits set, index directories, feature spaces, the store."""
 
 from floworacle_server.data._dataset import STORAGE_DTYPES, Dataset, fingerprint_arrays
 from floworacle_server.data._digits import DIGITS_NAME, load_digits
+from floworacle_server.data._features import FEATURE_METRICS, FeatureSpace, attach_features
 from floworacle_server.data._formats import SUPPORTED_SUFFIXES, LoadedArrays, load_arrays, validate_arrays
 from floworacle_server.data._index import build_index, is_index_dir, load_index, read_manifest
 from floworacle_server.data._load import load_dataset
+from floworacle_server.data._nearest_index import (
+    DEFAULT_EXACT_NEAREST_MAX_SAMPLES,
+    NEAREST_SPACES,
+    BackendChoice,
+    NearestIndex,
+)
 from floworacle_server.data._store import DatasetStore
 
 __all__ = [
+    "DEFAULT_EXACT_NEAREST_MAX_SAMPLES",
     "DIGITS_NAME",
+    "FEATURE_METRICS",
+    "NEAREST_SPACES",
     "STORAGE_DTYPES",
     "SUPPORTED_SUFFIXES",
+    "BackendChoice",
     "Dataset",
     "DatasetStore",
+    "FeatureSpace",
     "LoadedArrays",
+    "NearestIndex",
+    "attach_features",
     "build_index",
     "fingerprint_arrays",
     "is_index_dir",

@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from floworacle_server.data._features import FeatureSpace
+from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, BackendChoice, NearestIndex
+
 __all__ = ["Dataset", "fingerprint_arrays", "STORAGE_DTYPES"]
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -76,6 +79,11 @@ class Dataset:
         sample_shape: shape of one sample, e.g. (4, 32, 32); prod = D.
         fingerprint: ``sha256:...`` of the data set as given (see :func:`fingerprint_arrays`).
         scale_factor: factor already applied to the stored values (latent scaling).
+        features: the feature space (:func:`~floworacle_server.data.attach_features`), or None.
+        nearest_indexes: loaded faiss indexes by space ("data", "features").
+        nearest_backends: the exact screen chosen per space (set by the engine's calibration).
+        exact_nearest_max_samples: nearest queries that do not say ``exact`` are exact up to
+            this many samples, else they use the space's index when it has one.
     """
 
     name: str
@@ -89,6 +97,11 @@ class Dataset:
     fingerprint: str
     scale_factor: float = 1.0
     _abs_max: float | None = field(default=None, repr=False, compare=False)
+    features: FeatureSpace | None = field(default=None, repr=False, compare=False)
+    nearest_indexes: dict[str, NearestIndex] = field(default_factory=dict, repr=False, compare=False)
+    nearest_backends: dict[str, BackendChoice] = field(default_factory=dict, repr=False, compare=False)
+    exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES
+    _row_of: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_arrays(
@@ -226,6 +239,8 @@ class Dataset:
             total += self.labels.numel() * 8
         if self.log_weights is not None:
             total += self.log_weights.numel() * 8
+        if self.features is not None:
+            total += self.features.resident_bytes
         return int(total)
 
     def class_rows(self, label: int) -> tuple[int, int]:
@@ -235,6 +250,24 @@ class Dataset:
         if not 0 <= label < self.num_classes:
             raise ValueError(f"label {label} is outside the data set's classes 0..{self.num_classes - 1}")
         return int(self.class_offsets[label]), int(self.class_offsets[label + 1])
+
+    def rows_of(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows (this object's order) of samples given by the caller's original indices (on the data's device)."""
+        if self._row_of is None:
+            inv = torch.empty_like(self.original_index)
+            inv[self.original_index] = torch.arange(self.num_samples, device=inv.device)
+            self._row_of = inv
+        return self._row_of[indices.to(self._row_of.device)]
+
+    @property
+    def feature_dim(self) -> int:
+        """F of the feature space, 0 when there is none."""
+        return 0 if self.features is None else self.features.dim
+
+    @property
+    def feature_metric(self) -> str:
+        """ "l2" or "cosine", "" when there are no features."""
+        return "" if self.features is None else self.features.metric
 
 
 def _chunked_sq_norms(x: torch.Tensor, rows: int = 65536) -> torch.Tensor:

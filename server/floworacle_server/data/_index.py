@@ -3,12 +3,16 @@ describes it and a fingerprint that proves the bytes on disk are the ones that w
 
 Layout of a directory::
 
-    manifest.json   format, version, name, N, sample_shape, dtype, scale_factor, labels, fingerprint
+    manifest.json   format, version, name, N, sample_shape, dtype, scale_factor, labels, fingerprint,
+                    and the optional "features" and "nearest_indexes" sections
     data.npy        (N, *sample_shape) stored values (bfloat16 kept as its raw int16 bits)
     labels.npy      (N,) int64, only with labels
     weights.npy     (N,) float64, only with weights
+    features.npy    (N, F) float32 feature embeddings, only with features (unit rows for cosine)
+    nearest-*.faiss faiss indexes (see :mod:`floworacle_server.data._nearest_index`)
 
-``data.npy`` is a plain .npy file, so loading memory-maps it instead of parsing it.
+``data.npy`` is a plain .npy file, so loading memory-maps it instead of parsing it. With
+features, ``fingerprint`` is the combined one and ``data_fingerprint`` the samples' own.
 """
 
 from __future__ import annotations
@@ -24,9 +28,25 @@ import torch
 from tqdm.auto import tqdm
 
 from floworacle_server.data._dataset import STORAGE_DTYPES, Dataset, fingerprint_arrays
+from floworacle_server.data._features import (
+    attach_features,
+    combined_fingerprint,
+    fingerprint_features,
+    prepare_features,
+)
 from floworacle_server.data._formats import LoadedArrays, load_arrays, load_side_array, validate_arrays
+from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, load_nearest_indexes
 
-__all__ = ["INDEX_FORMAT", "INDEX_VERSION", "MANIFEST", "build_index", "load_index", "read_manifest", "is_index_dir"]
+__all__ = [
+    "INDEX_FORMAT",
+    "INDEX_VERSION",
+    "MANIFEST",
+    "build_index",
+    "load_index",
+    "read_manifest",
+    "write_manifest",
+    "is_index_dir",
+]
 
 INDEX_FORMAT = "floworacle-index"
 INDEX_VERSION = 1
@@ -34,6 +54,7 @@ MANIFEST = "manifest.json"
 _DATA_FILE = "data.npy"
 _LABELS_FILE = "labels.npy"
 _WEIGHTS_FILE = "weights.npy"
+_FEATURES_FILE = "features.npy"
 _CHUNK_BYTES = 64 << 20  # per block when converting and hashing, whatever the row size
 
 # numpy has no bfloat16: its bytes are stored as int16 and reinterpreted on load
@@ -94,6 +115,8 @@ def build_index(
     name: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    features: Any | None = None,
+    features_metric: str = "l2",
 ) -> dict[str, Any]:
     """Write ``src`` as an index directory at ``out_dir`` and return its manifest.
 
@@ -105,6 +128,12 @@ def build_index(
         name: data set name (default: the output directory's name).
         progress: show a tqdm bar while converting and hashing.
         overwrite: replace an existing index in ``out_dir``.
+        features: optional (N, F) feature embeddings of the same samples (an array or a file
+            in any format of :func:`load_arrays`), searched by ``nearest(..., space="features")``.
+        features_metric: "l2" or "cosine" (rows stored normalised).
+
+    faiss indexes are added afterwards by
+    :func:`floworacle_server.engine.build_nearest_index` (``--nearest-index`` on the CLI).
 
     The fingerprint is :func:`fingerprint_arrays` over the stored values (after scaling, in the
     storage dtype, in the caller's order), the labels and the weights; it equals the fingerprint
@@ -180,6 +209,9 @@ def build_index(
     with tqdm(total=n, desc="hash", unit="rows", disable=not progress) as bar:
         fingerprint = fingerprint_arrays(_ProgressRows(data, bar), lab64, w64, dtype, chunk_rows=rows)
     del data
+    features_section = None
+    if features is not None:
+        features_section = _write_features(out, features, features_metric, n)
 
     manifest: dict[str, Any] = {
         "format": INDEX_FORMAT,
@@ -201,11 +233,35 @@ def build_index(
         },
         "source": Path(loaded.source).name,
     }
+    if features_section is not None:
+        manifest["data_fingerprint"] = fingerprint
+        manifest["fingerprint"] = combined_fingerprint(fingerprint, features_section["fingerprint"])
+        manifest["features"] = features_section
     # the manifest is written last: a directory without one is an unfinished build
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / MANIFEST)
+    write_manifest(out, manifest)
     return manifest
+
+
+def write_manifest(index_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Replace the manifest atomically (a reader sees the old one or the new one, never half)."""
+    p = Path(index_dir)
+    tmp = p / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(p / MANIFEST)
+
+
+def _write_features(out: Path, features: Any, metric: str, n: int) -> dict[str, Any]:
+    """Validate and write features.npy; the manifest's "features" section."""
+    src = load_arrays(features, validate=False).x if isinstance(features, (str, Path)) else features
+    shape = tuple(int(s) for s in src.shape)
+    if len(shape) != 2:
+        raise ValueError(f"features must have shape (N, F), got {shape}")
+    stored = np.lib.format.open_memmap(out / _FEATURES_FILE, mode="w+", dtype=np.float32, shape=shape)
+    prepare_features(src, n, metric, out=stored)
+    stored.flush()
+    fp = fingerprint_features(stored, metric)
+    del stored
+    return {"file": _FEATURES_FILE, "dim": shape[1], "metric": metric, "fingerprint": fp}
 
 
 def _as_cpu_numpy(a: Any) -> np.ndarray:
@@ -242,15 +298,21 @@ def load_index(
     *,
     name: str | None = None,
     progress: bool = False,
+    exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES,
+    with_indexes: bool = True,
 ) -> Dataset:
-    """Load an index directory as a :class:`Dataset` on ``device``.
+    """Load an index directory as a :class:`Dataset` on ``device``, with its features and faiss indexes.
 
     Args:
         index_dir: directory written by :func:`build_index`.
-        device: where the data set lives.
-        verify: recompute the sha256 fingerprint (in chunks) and refuse to load when it
-            differs from the manifest's; ``False`` trusts the files (faster for large sets).
+        device: where the data set lives (a CUDA data set gets faiss GPU indexes when the
+            installed faiss has GPU support).
+        verify: recompute the sha256 fingerprints (in chunks; features and index files too) and
+            refuse to load when one differs from the manifest's; ``False`` trusts the files
+            (faster for large sets; an index built for other vectors is refused either way).
         name: overrides the manifest's name.
+        exact_nearest_max_samples: see :class:`Dataset`.
+        with_indexes: load the faiss indexes the manifest lists (False: the data and features only).
 
     Raises:
         ValueError: not an index, shapes that disagree with the manifest, or a fingerprint
@@ -283,14 +345,29 @@ def load_index(
         raise ValueError(f"{p}: the label file does not match the manifest (count or class range); rebuild the index")
     if weights is not None and weights.shape != shape[:1]:
         raise ValueError(f"{p}: the weights file does not match the manifest's sample count; rebuild the index")
+    feat_section = manifest.get("features")
+    features = _read_features(p, feat_section, shape[0]) if feat_section else None
+    data_fp = str(
+        manifest.get("data_fingerprint", manifest["fingerprint"]) if feat_section else manifest["fingerprint"]
+    )
     if verify:
         with tqdm(total=shape[0], desc="verify", unit="rows", disable=not progress) as bar:
             rows = _chunk_rows(tuple(shape[1:]))
             found = fingerprint_arrays(_ProgressRows(data, bar), labels, weights, dtype, chunk_rows=rows)
-        if found != manifest["fingerprint"]:
+        if feat_section:
+            found_f = fingerprint_features(features, str(feat_section["metric"]))
+            if found_f != feat_section.get("fingerprint"):
+                raise ValueError(
+                    f"{p}: the features do not match their fingerprint (expected {feat_section.get('fingerprint')}, "
+                    f"found {found_f}); the files were changed or corrupted, rebuild the index"
+                )
+            found_all = combined_fingerprint(found, found_f)
+        else:
+            found_all = found
+        if found_all != manifest["fingerprint"] or found != data_fp:
             raise ValueError(
                 f"{p}: contents do not match the manifest fingerprint (expected {manifest['fingerprint']}, "
-                f"found {found}); the files were changed or corrupted, rebuild the index"
+                f"found {found_all}); the files were changed or corrupted, rebuild the index"
             )
     # torch warns on read-only memory maps; the rows are copied when sorted or moved, never written
     with warnings.catch_warnings():
@@ -306,8 +383,37 @@ def load_index(
         sample_shape=tuple(shape[1:]),
         dtype=dtype,
         device=device,
-        fingerprint=str(manifest["fingerprint"]),
+        fingerprint=data_fp,
     )
     # the stored values are already scaled; record the factor that was applied
     ds.scale_factor = float(manifest["scale_factor"])
+    ds.exact_nearest_max_samples = int(exact_nearest_max_samples)
+    if feat_section:
+        attach_features(
+            ds, features, str(feat_section["metric"]), prepared=True, fingerprint=str(feat_section["fingerprint"])
+        )
+        if ds.fingerprint != manifest["fingerprint"]:
+            raise ValueError(f"{p}: the manifest's fingerprints do not agree with each other; rebuild the index")
+    fingerprints = {"data": data_fp}
+    dims = {"data": ds.dim}
+    if ds.features is not None:
+        fingerprints["features"] = ds.features.fingerprint
+        dims["features"] = ds.features.dim
+    if with_indexes:
+        ds.nearest_indexes = load_nearest_indexes(
+            p, manifest, fingerprints, ds.num_samples, dims, device=ds.device, verify=verify
+        )
     return ds
+
+
+def _read_features(p: Path, section: dict[str, Any], n: int) -> np.ndarray:
+    try:
+        feats = np.load(p / str(section.get("file", _FEATURES_FILE)), mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{p}: cannot read the features file ({exc}); rebuild the index") from exc
+    if feats.dtype != np.float32 or feats.shape != (n, int(section["dim"])):
+        raise ValueError(
+            f"{p}: features file holds {feats.dtype} {feats.shape}, the manifest says float32 ({n}, {section['dim']}); "
+            "rebuild the index"
+        )
+    return feats

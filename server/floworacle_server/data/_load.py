@@ -10,8 +10,10 @@ import torch
 
 from floworacle_server.data._dataset import Dataset
 from floworacle_server.data._digits import DIGITS_NAME, load_digits
+from floworacle_server.data._features import attach_features
 from floworacle_server.data._formats import SUPPORTED_SUFFIXES, load_arrays
 from floworacle_server.data._index import is_index_dir, load_index
+from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES
 
 __all__ = ["load_dataset"]
 
@@ -26,6 +28,9 @@ def load_dataset(
     dtype: str = "float32",
     scale_factor: float = 1.0,
     verify: bool = True,
+    features: Any | None = None,
+    features_metric: str = "l2",
+    exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES,
 ) -> Dataset:
     """Load ``spec``: ``"digits"``, an index directory, or a data file.
 
@@ -39,6 +44,10 @@ def load_dataset(
             index keeps the dtype it was built with.
         scale_factor: multiplies file samples before storage; an index was scaled at build time.
         verify: for an index, recompute its fingerprint before trusting it.
+        features: (N, F) feature embeddings (an array or a file) for ``digits`` and data files;
+            an index carries its own (``floworacle index build --features``).
+        features_metric: "l2" or "cosine".
+        exact_nearest_max_samples: see :class:`Dataset`.
 
     Raises:
         ValueError: an unknown spec, a missing file, or invalid contents.
@@ -50,18 +59,21 @@ def load_dataset(
         ds = load_digits(device=device, dtype=dtype)
         if name:
             ds.name = name
-        return ds
+        return _nearest_extras(ds, features, features_metric, exact_nearest_max_samples)
     p = Path(s)
     if p.is_dir():
         if not is_index_dir(p):
             raise ValueError(
                 f"{p} is a directory without a manifest.json; build an index with `floworacle index build`"
             )
-        if labels is not None or weights is not None or scale_factor != 1.0:
+        if labels is not None or weights is not None or scale_factor != 1.0 or features is not None:
             raise ValueError(
-                f"{p} is an index: its labels, weights and scale are fixed at build time; rebuild to change them"
+                f"{p} is an index: its labels, weights, scale and features are fixed at build time; rebuild to change "
+                "them"
             )
-        return load_index(p, device=device, verify=verify, name=name)
+        return load_index(
+            p, device=device, verify=verify, name=name, exact_nearest_max_samples=exact_nearest_max_samples
+        )
     if not p.exists():
         raise ValueError(
             f"data {s!r} not found; give 'digits', an index directory, or a file ({', '.join(SUPPORTED_SUFFIXES)})"
@@ -70,7 +82,7 @@ def load_dataset(
     with warnings.catch_warnings():
         # .npy files are memory-mapped read-only; the data set copies rows, it never writes them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return Dataset.from_arrays(
+        ds = Dataset.from_arrays(
             name or p.stem,
             loaded.x,
             loaded.labels,
@@ -80,3 +92,12 @@ def load_dataset(
             dtype=dtype,
             device=device,
         )
+    return _nearest_extras(ds, features, features_metric, exact_nearest_max_samples)
+
+
+def _nearest_extras(ds: Dataset, features: Any | None, metric: str, exact_max: int) -> Dataset:
+    ds.exact_nearest_max_samples = int(exact_max)
+    if features is not None:
+        feats = load_arrays(features, validate=False).x if isinstance(features, (str, Path)) else features
+        attach_features(ds, feats, metric)
+    return ds

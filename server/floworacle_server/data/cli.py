@@ -8,8 +8,15 @@ import sys
 from typing import Any
 
 from floworacle_server.data._dataset import STORAGE_DTYPES
+from floworacle_server.data._nearest_index import describe_entry
 
 __all__ = ["register"]
+
+_INDEX_HELP = (
+    "train a faiss index over the {space} space: ivf (IVF-Flat) or ivfpq, optionally with parameters "
+    "KIND:key=value,... (nlist, m, nbits, train, niter, nprobe, recall, rerank, queries, k, seed); its recall@k "
+    "on held-out queries is measured and stored (see docs/data.md)"
+)
 
 
 def register(sub: Any) -> None:
@@ -29,7 +36,29 @@ def register(sub: Any) -> None:
     build.add_argument("--name", help="data set name (default: the output directory's name)")
     build.add_argument("--force", action="store_true", help="replace an existing index in OUT")
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    build.add_argument(
+        "--features",
+        help="(N, F) feature embeddings of the same samples (e.g. SSCD / DINO / CLIP), .npy or any data format; "
+        "searched by nearest queries with space=features",
+    )
+    build.add_argument(
+        "--features-metric", choices=("l2", "cosine"), default="l2", help="metric of the feature space (default l2)"
+    )
+    build.add_argument("--nearest-index", metavar="KIND[:PARAMS]", help=_INDEX_HELP.format(space="data"))
+    build.add_argument("--features-index", metavar="KIND[:PARAMS]", help=_INDEX_HELP.format(space="feature"))
     build.set_defaults(func=_build)
+
+    add = index_sub.add_parser(
+        "add-nearest",
+        help="train a faiss index for an existing index directory (replaces the space's index)",
+        description=_add.__doc__,
+    )
+    add.add_argument("dir", help="index directory")
+    add.add_argument("spec", metavar="KIND[:PARAMS]", help=_INDEX_HELP.format(space="chosen"))
+    add.add_argument("--space", choices=("data", "features"), default="data", help="which vectors (default data)")
+    add.add_argument("--verify", action="store_true", help="recompute the directory's fingerprints first")
+    add.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add.set_defaults(func=_add)
 
     info = index_sub.add_parser("info", help="print an index directory's manifest")
     info.add_argument("dir", help="index directory")
@@ -38,10 +67,13 @@ def register(sub: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    """Validate SRC, convert it to the storage dtype, write OUT and print the fingerprint."""
+    """Validate SRC (and FEATURES), convert it to the storage dtype, write OUT, train the faiss
+    indexes asked for and print the fingerprint."""
     from floworacle_server.data._index import build_index
 
     try:
+        if args.features_index and not args.features:
+            raise ValueError("--features-index needs --features")
         manifest = build_index(
             args.src,
             args.out,
@@ -52,7 +84,13 @@ def _build(args: argparse.Namespace) -> int:
             name=args.name,
             progress=not args.no_progress,
             overwrite=args.force,
+            features=args.features,
+            features_metric=args.features_metric,
         )
+        entries = []
+        for space, spec in (("data", args.nearest_index), ("features", args.features_index)):
+            if spec:
+                entries.append(_train(args.out, spec, space, progress=not args.no_progress))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -60,8 +98,28 @@ def _build(args: argparse.Namespace) -> int:
     print(
         f"wrote {args.out}: {manifest['name']!r}, {manifest['num_samples']} samples of shape {shape}, "
         f"{manifest['dtype']}, {manifest['num_classes']} classes"
+        + (f", {manifest['features']['dim']} {manifest['features']['metric']} features" if args.features else "")
     )
+    for entry in entries:
+        print(describe_entry(entry))
     print(manifest["fingerprint"])
+    return 0
+
+
+def _train(out: str, spec: str, space: str, *, progress: bool, verify: bool = False) -> dict[str, Any]:
+    from floworacle_server.engine import build_nearest_index
+
+    return build_nearest_index(out, spec, space=space, progress=progress, verify=verify)
+
+
+def _add(args: argparse.Namespace) -> int:
+    """Train a faiss index (IVF-Flat or IVF-PQ) for one space of DIR, measure its recall, store it."""
+    try:
+        entry = _train(args.dir, args.spec, args.space, progress=not args.no_progress, verify=args.verify)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(describe_entry(entry))
     return 0
 
 

@@ -8,9 +8,11 @@ sums), ``_passes`` (routing), ``_assemble`` (the outputs), ``_nearest`` (nearest
 """
 
 from floworacle_server.engine._assemble import compute_partials, oracle
+from floworacle_server.engine._backend import NearestInfo, calibrate_nearest_backend, nearest_info
 from floworacle_server.engine._bounds import DENSE_LOGIT_TOL, REACH_MARGIN, SCREEN_DTYPES
 from floworacle_server.engine._config import CPU, CUDA, EngineConfig
 from floworacle_server.engine._flush import FlushState, flush_denormals
+from floworacle_server.engine._index_build import IndexSpec, build_nearest_index, parse_index_spec
 from floworacle_server.engine._nearest import nearest, posterior_nearest
 from floworacle_server.engine._partials import Partials, Posterior
 from floworacle_server.engine._types import OUTPUTS, Guidance, NearestResult, OracleQuery, OracleResult, Precision
@@ -25,15 +27,21 @@ __all__ = [
     "EngineConfig",
     "FlushState",
     "Guidance",
+    "IndexSpec",
+    "NearestInfo",
     "NearestResult",
     "OracleQuery",
     "OracleResult",
     "Partials",
     "Posterior",
     "Precision",
+    "build_nearest_index",
+    "calibrate_nearest_backend",
     "compute_partials",
     "flush_denormals",
     "nearest",
+    "nearest_info",
+    "parse_index_spec",
     "oracle",
     "posterior_nearest",
 ]

@@ -94,8 +94,15 @@ class OracleResult:
 @dataclass
 class NearestResult:
     """k nearest samples of B points: (B, k) int64 indices (caller's order), float64 distances,
-    and int64 labels (None when the data set has none)."""
+    and int64 labels (None when the data set has none).
+
+    ``approximate``: the candidates came from a faiss index (still re-ranked by exact float64
+    distances, but a true neighbour may be missing). ``similarities``: (B, k) float64 cosine
+    similarities when the searched space's metric is cosine, else None.
+    """
 
     indices: torch.Tensor
     distances: torch.Tensor
     labels: torch.Tensor | None = None
+    approximate: bool = False
+    similarities: torch.Tensor | None = None

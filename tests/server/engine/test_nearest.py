@@ -246,3 +246,142 @@ def test_property_small_integer_grids_with_many_exact_ties(n, d, b, seed, chunk,
     if labels is not None:
         np.testing.assert_array_equal(res.labels.numpy(), labels[idx])  # type: ignore[union-attr]
     np.testing.assert_allclose(res.distances.numpy() ** 2, d2, rtol=1e-12, atol=1e-12)
+
+
+def _ref_excluded(data: np.ndarray, q: np.ndarray, k: int, exclude: np.ndarray):
+    """The reference with sample exclude[b] left out of query b (-1: none)."""
+    extra = np.zeros((q.shape[0], data.shape[0]))
+    for b, e in enumerate(exclude):
+        if e >= 0:
+            extra[b, e] = np.inf
+    return _ref_knn(data, q, k, extra)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("k", [1, 10, 2999])
+def test_exclude_leaves_one_sample_out(labelled, backend: str, k: int) -> None:
+    ds, x, y = labelled  # rows are stored sorted by label: exclude is in the caller's order
+    rng = np.random.default_rng(20 + k)
+    src = np.array([17, 0, 2999, 1234, 5, 77])
+    q = x[src].astype(np.float64)
+    q[3:] += 0.01 * rng.standard_normal((3, 40))
+    exclude = np.array([17, 0, -1, 1234, -1, 5])  # the last query leaves out a sample that is not its own
+    res = nearest(ds, q, k, exclude=torch.from_numpy(exclude), chunk_rows=257, backend=backend)
+    idx, d2 = _ref_excluded(x, q, k, exclude)
+    np.testing.assert_array_equal(res.indices.numpy(), idx)
+    np.testing.assert_allclose(res.distances.numpy(), np.sqrt(d2), rtol=1e-12, atol=1e-12)
+    for b, e in enumerate(exclude):
+        if e >= 0:
+            assert e not in res.indices[b].tolist()
+    assert res.indices[2, 0] == 2999 and res.distances[2, 0] == 0.0  # not excluded: finds itself
+    assert not res.approximate and res.similarities is None
+
+
+def test_exclude_one_of_two_duplicates_and_weighted_posterior() -> None:
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    x[200] = x[100]  # an exact duplicate
+    ds = Dataset.from_arrays("dup", x)
+    res = nearest(ds, x[[100, 200]].astype(np.float64), 2, exclude=torch.tensor([100, 200]))
+    assert res.indices[:, 0].tolist() == [200, 100] and (res.distances[:, 0] == 0).all()
+    # weighted posterior-nearest with exclusion against the logits with that sample removed
+    w = rng.uniform(0.1, 1.0, 300)
+    dsw = Dataset.from_arrays("w", x, weights=w)
+    alpha, sigma = 0.6, 0.4
+    x_t = alpha * x[:6].astype(np.float64) + sigma * rng.standard_normal((6, 8))
+    logits = np.log(w / w.sum())[None] - ((x_t[:, None] - alpha * x[None].astype(np.float64)) ** 2).sum(-1) / (
+        2 * sigma**2
+    )
+    ex = np.array([0, 1, -1, 3, 4, -1])
+    for b, e in enumerate(ex):
+        if e >= 0:
+            logits[b, e] = -np.inf
+    got = posterior_nearest(dsw, x_t, alpha, sigma, k=3, exclude=ex)
+    ref = np.stack([np.lexsort((np.arange(300), -logits[b]))[:3] for b in range(6)])
+    np.testing.assert_array_equal(got.indices.numpy(), ref)
+
+
+def test_exclude_bad_input(labelled) -> None:
+    ds, _, _ = labelled
+    q = torch.zeros(2, 40)
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        nearest(ds, q, 1, exclude=torch.tensor([1]))
+    with pytest.raises(ValueError, match="outside that range"):
+        nearest(ds, q, 1, exclude=torch.tensor([1, 3000]))
+    with pytest.raises(ValueError, match="outside that range"):
+        nearest(ds, q, 1, exclude=torch.tensor([-2, 0]))
+    with pytest.raises(ValueError, match="integer sample indices"):
+        nearest(ds, q, 1, exclude=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="at most N - 1 = 2999"):
+        nearest(ds, q, 3000, exclude=torch.tensor([1, -1]))
+    full = nearest(ds, q, 3000, exclude=torch.tensor([-1, -1]))  # -1 everywhere: k = N is fine
+    assert full.indices.shape == (2, 3000)
+
+
+def _with_features(x: np.ndarray, feats: np.ndarray, metric: str, labels: np.ndarray | None = None) -> Dataset:
+    from floworacle_server.data import attach_features
+
+    ds = Dataset.from_arrays("f", x, labels)
+    attach_features(ds, feats, metric)
+    return ds
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_feature_space_l2_matches_numpy(backend: str) -> None:
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((1500, 10)).astype(np.float32)
+    labels = rng.integers(0, 5, 1500)
+    feats = rng.standard_normal((1500, 24)).astype(np.float32)
+    ds = _with_features(x, feats, "l2", labels)
+    q = rng.standard_normal((7, 24))
+    q[0] = feats[33]
+    ex = np.array([33, -1, -1, 5, -1, -1, -1])
+    res = nearest(ds, q, 12, space="features", exclude=ex, chunk_rows=100, backend=backend)
+    idx, d2 = _ref_excluded(feats, q, 12, ex)
+    np.testing.assert_array_equal(res.indices.numpy(), idx)
+    np.testing.assert_allclose(res.distances.numpy(), np.sqrt(d2), rtol=1e-12)
+    np.testing.assert_array_equal(res.labels.numpy(), labels[idx])  # type: ignore[union-attr]
+    assert res.similarities is None
+    # the data space is untouched by the features
+    np.testing.assert_array_equal(nearest(ds, x[:3], 1).indices[:, 0].numpy(), [0, 1, 2])
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_feature_space_cosine_matches_numpy(backend: str) -> None:
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((1200, 6)).astype(np.float32)
+    feats = (rng.standard_normal((1200, 32)) * rng.uniform(0.1, 50.0, (1200, 1))).astype(np.float32)
+    ds = _with_features(x, feats, "cosine")
+    stored = feats.astype(np.float64) / np.linalg.norm(feats.astype(np.float64), axis=1, keepdims=True)
+    stored = stored.astype(np.float32).astype(np.float64)  # what the data set keeps: unit rows in float32
+    q = rng.standard_normal((6, 32)) * 7.0
+    q[1] = 3.0 * feats[400]  # a scaled copy: cosine 1
+    ex = np.array([-1, -1, 2, -1, 9, -1])
+    res = nearest(ds, q, 9, space="features", exclude=ex, chunk_rows=128, backend=backend)
+    cos = (q @ stored.T) / (np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(stored, axis=1)[None])
+    for b, e in enumerate(ex):
+        if e >= 0:
+            cos[b, e] = -np.inf
+    ref = np.stack([np.lexsort((np.arange(1200), -cos[b]))[:9] for b in range(6)])
+    np.testing.assert_array_equal(res.indices.numpy(), ref)
+    assert res.similarities is not None
+    np.testing.assert_allclose(res.similarities.numpy(), np.take_along_axis(cos, ref, 1), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(res.distances.numpy() ** 2, 2.0 - 2.0 * np.take_along_axis(cos, ref, 1), atol=1e-12)
+    assert res.indices[1, 0] == 400 and abs(float(res.similarities[1, 0]) - 1.0) < 1e-7
+    with pytest.raises(ValueError, match="is zero"):
+        nearest(ds, np.zeros((1, 32)), 1, space="features")
+
+
+def test_feature_space_errors() -> None:
+    rng = np.random.default_rng(24)
+    x = rng.standard_normal((50, 4)).astype(np.float32)
+    plain = Dataset.from_arrays("p", x)
+    with pytest.raises(ValueError, match="no feature space"):
+        nearest(plain, x[:1], 1, space="features")
+    with pytest.raises(ValueError, match="space must be one of"):
+        nearest(plain, x[:1], 1, space="pixels")
+    ds = _with_features(x, rng.standard_normal((50, 3)), "l2")
+    with pytest.raises(ValueError, match=r"shape \(B, 3\)"):
+        nearest(ds, np.zeros((2, 4)), 1, space="features")
+    with pytest.raises(ValueError, match="data space"):
+        posterior_nearest(ds, x[:1], 0.5, space="features")
