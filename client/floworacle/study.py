@@ -387,7 +387,7 @@ class StudyConfig:
 
 def first_below(t: np.ndarray, curve: np.ndarray, level: float) -> float | None:
     """First t where ``curve`` is below ``level``, linearly interpolated between grid points;
-    t[0] if it starts below, None if it never gets there."""
+    t[0] if it starts below, None if it never gets there (NaN counts as not below)."""
     below = np.flatnonzero(curve < level)
     if below.size == 0:
         return None
@@ -395,6 +395,8 @@ def first_below(t: np.ndarray, curve: np.ndarray, level: float) -> float | None:
     if j == 0:
         return float(t[0])
     c0, c1 = float(curve[j - 1]), float(curve[j])
+    if not math.isfinite(c0):  # a 0/0 or x/0 ratio before: no line to interpolate on
+        return float(t[j])
     return float(t[j - 1] + (c0 - level) / (c0 - c1) * (t[j] - t[j - 1]))
 
 
