@@ -6,7 +6,10 @@ brute-force nearest samples)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import runpy
+import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -292,3 +295,24 @@ def test_load_model_from_the_working_directory(setup: Setup, monkeypatch) -> Non
         assert torch.equal(a, b)  # weights.pt loaded at import
     with pytest.raises(ValueError, match="write MODULE:CALLABLE"):
         load_model("tiny_model")
+
+
+def test_readme_walkthrough_example(tmp_path: Path, monkeypatch, capsys) -> None:
+    """examples/digits_model.py trains and saves the model the README's `analyze model` command studies."""
+    example = Path(__file__).resolve().parents[3] / "examples" / "digits_model.py"
+    weights = tmp_path / "w.pt"
+    monkeypatch.setenv("FLOWORACLE_DIGITS_MODEL", str(weights))
+    spec = importlib.util.spec_from_file_location("__main__digits_model", example)
+    assert spec is not None and spec.loader is not None
+    with pytest.raises(RuntimeError, match="train the model first"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    monkeypatch.setattr(sys, "argv", ["digits_model.py", "--steps", "30"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(example), run_name="__main__")  # trains (a few steps here) and saves
+    assert done.value.code == 0
+    assert weights.is_file()
+    capsys.readouterr()
+    rc = main(["analyze", "model", "--model", f"{example}:model", "--dataset", "digits", "--holdout", "0.2",
+               "--queries-per-t", "8", "--samples", "20", "--steps", "4", "--t-grid", "0.3,0.9", "--no-progress"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert "model switch" in capsys.readouterr().out
