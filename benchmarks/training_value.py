@@ -30,9 +30,10 @@ Per target (mean and range over the seeds) the study reports
 - the model's own switch (first t where its distance to the training oracle falls below half
   its distance to the held-out oracle) beside the data set's t_switch_50 / t_switch_99.
 
-Everything runs in-process on the exact engine (no gRPC). The engine's large GEMMs get
-``--threads`` (default 2), the small models one thread (on a shared 2-core machine OpenMP
-spin-waits made two threads up to 20 times slower for them).
+Everything runs in-process on the exact engine (no gRPC), on one thread by default (``--threads``
+sets the engine's): on the shared 2-core machine two OpenMP threads made the engine's calls up to
+10 times and the small models' steps up to 20 times slower than one (spin-waits against other
+processes).
 
     python benchmarks/training_value.py --json training_value.json --plots docs/img --markdown
     python benchmarks/training_value.py --quick          # a smoke run of about a minute
@@ -58,10 +59,8 @@ from torch import nn
 
 from floworacle.paths import get_path
 from floworacle.study import DEFAULT_T_GRID, ModelStudy, StudyConfig, plot_model_study
-from floworacle_server.analysis import parse_t_grid, transition_curve
-from floworacle_server.analysis._model import EngineData
-from floworacle_server.data import Dataset, load_digits
-from floworacle_server.data._split import split_dataset
+from floworacle_server.analysis import EngineData, parse_t_grid, transition_curve
+from floworacle_server.data import Dataset, load_digits, split_dataset
 from floworacle_server.engine import OracleQuery, flush_denormals, oracle
 
 TARGETS = ("conditional", "oracle", "loo", "nav_oracle", "stf")
@@ -73,7 +72,7 @@ PATH = get_path("linear")
 class Settings:
     """The training recipe and the measurement sizes (the same for every target and data set)."""
 
-    steps: int = 1500
+    steps: int = 1000
     batch: int = 128
     lr: float = 2e-3
     hidden: int = 256
@@ -91,7 +90,7 @@ class Settings:
     synthetic_train: int = 10_000
     synthetic_heldout: int = 2_000
     small_train: int = 180
-    engine_threads: int = 2
+    engine_threads: int = 1
     model_threads: int = 1
 
 
@@ -344,19 +343,20 @@ def _agg(values: list[Any]) -> dict[str, Any]:
 
 
 def _fmt(v: float, lo: float, hi: float, digits: int = 3, ranged: bool = True) -> str:
-    s = f"{v:.{digits}g}"
-    return s + (f" ({lo:.{digits}g}-{hi:.{digits}g})" if ranged and hi > lo else "")
+    s, a, b = f"{v:.{digits}g}", f"{lo:.{digits}g}", f"{hi:.{digits}g}"
+    return s + (f" ({a}-{b})" if ranged and a != b else "")
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The docs' tables: per data set, gradient variance, distances, samples."""
+def markdown(result: dict[str, Any], full: bool = True) -> str:
+    """The docs' tables: per data set, gradient variance, distances, fit ratio, samples; then the
+    conditional model's switch beside the data's. ``full=False`` leaves out the leave-one-out distances."""
     lines: list[str] = []
     edges = result["settings"]["buckets"]
     heads = [f"[{lo:g}, {hi:g})" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     for ds in result["datasets"]:
         runs = ds["targets"]
         multi = len(result["settings"]["seeds"]) > 1
-        lines += [f"#### {ds['name']} (N = {ds['N']}, D = {ds['D']}, held out {ds['heldout_N']}; "
+        lines += [f"### {ds['name']} (N = {ds['N']}, D = {ds['D']}, held out {ds['heldout_N']}; "
                   f"t_switch_50 = {ds['t_switch_50']:.3f}, t_switch_99 = {ds['t_switch_99']:.3f})", ""]  # fmt: skip
         lines += ["Gradient variance across minibatches, relative to the conditional target's, per t bucket:", ""]
         lines += ["| target | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
@@ -371,9 +371,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "(conditional, absolute: " + ", ".join(f"{v:.3g}" for v in base) + ")", ""]
         for key, what in (
             ("bucket_d_train_trainq", "distance to the training-set oracle, queries from training samples"),
-            ("bucket_d_loo_trainq", "distance to the leave-one-out oracle, queries from training samples"),
             ("bucket_d_heldout_heldq", "distance to the held-out oracle, queries from held-out samples"),
+            ("bucket_d_loo_trainq", "distance to the leave-one-out oracle, queries from training samples"),
         ):
+            if key == "bucket_d_loo_trainq" and not full:
+                continue
             lines += [f"Final {what} (mean ||x1_model - x1_oracle||^2 / D per bucket):", ""]
             lines += ["| target | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
             for k in TARGETS:
@@ -381,6 +383,12 @@ def markdown(result: dict[str, Any]) -> str:
                 cells = [_fmt(a["mean"][j], a["min"][j], a["max"][j], ranged=multi) for j in range(len(heads))]
                 lines.append(f"| {k} | " + " | ".join(cells) + " |")
             lines.append("")
+        lines += ["Fit ratio (the first table over the second, bucket by bucket, means over the seeds):", ""]
+        lines += ["| target | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+        for k in TARGETS:
+            a, b = runs[k]["bucket_d_train_trainq"]["mean"], runs[k]["bucket_d_heldout_heldq"]["mean"]
+            lines.append(f"| {k} | " + " | ".join(f"{x / y:.3f}" for x, y in zip(a, b, strict=True)) + " |")
+        lines.append("")
         lines += [f"Samples ({result['settings']['samples']:,} per model) and the model's switch:", ""]
         lines += ["| target | copy share | held-out copy share | nearest held-out (model) | nearest held-out "
                   "(training samples) | nearest training (model) | model switch t |", "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -393,6 +401,16 @@ def markdown(result: dict[str, Any]) -> str:
                 "nearest_train_mean")]  # fmt: skip
             lines.append(f"| {k} | " + " | ".join(cells) + f" | {sw_s} |")
         lines.append("")
+    lines += ["The conditional model's switch beside the data set's (`analyze transition`):", ""]
+    lines += ["| data set | N | D | t_switch_50 | t_switch_99 | model switch (conditional) | minus t_switch_99 |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for ds in result["datasets"]:
+        sw = [v for v in ds["targets"]["conditional"]["switch_train_seeds"] if v is not None]
+        cell = "never" if not sw else f"{np.mean(sw):.3f} ({min(sw):.3f}-{max(sw):.3f})"
+        gap = "-" if not sw else f"{np.mean(sw) - ds['t_switch_99']:+.3f}"
+        lines.append(f"| {ds['name']} | {ds['N']} | {ds['D']} | {ds['t_switch_50']:.3f} | {ds['t_switch_99']:.3f} | "
+                     f"{cell} | {gap} |")  # fmt: skip
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -513,13 +531,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     ap.add_argument("--seeds", type=int, nargs="+", help="seed set (default 0 1)")
-    ap.add_argument("--steps", type=int, help="training steps (default 1500)")
+    ap.add_argument("--steps", type=int, help="training steps (default 1000)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps, one seed, small sets")
-    ap.add_argument("--threads", type=int, help="torch threads of the engine's calls (default 2)")
+    ap.add_argument("--threads", type=int, help="torch threads of the engine's calls (default 1)")
     ap.add_argument("--json", help="write the full result here")
     ap.add_argument("--plots", help="directory for the PNGs (training_value_*.png, model_study_*.png)")
     ap.add_argument("--markdown", action="store_true", help="print the docs' tables")
+    ap.add_argument("--report", metavar="JSON", help="print the tables (and draw the plots) of a saved result; no run")
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        if args.plots:
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+            for ds in saved["datasets"]:
+                plot(ds, saved["settings"], Path(args.plots) / f"training_value_{ds['name']}.png")
+        print(markdown(saved))
+        return
     flush_denormals(True)  # as `floworacle serve` does: denormal arithmetic is microcode-slow on x86
     cfg = QUICK if args.quick else Settings()
     if args.threads:

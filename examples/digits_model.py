@@ -1,6 +1,6 @@
 """A small velocity model of the digits for ``floworacle analyze model``: train it, then study it.
 
-    .venv/bin/python examples/digits_model.py                      # trains ~1 min on a CPU, writes digits_model.pt
+    .venv/bin/python examples/digits_model.py                      # trains in under a minute on a CPU, writes digits_model.pt
     .venv/bin/floworacle analyze model --model examples/digits_model.py:model \\
         --dataset digits --holdout 0.2 --transition --json model.json --plot model.png
 
@@ -57,8 +57,7 @@ elif __name__ != "__main__":
 
 def train(steps: int, batch: int, lr: float, seed: int) -> None:
     """Train ``model`` on the training part of the digits' 20 % hold-out split (seed 0)."""
-    from floworacle_server.data import load_digits
-    from floworacle_server.data._split import split_dataset
+    from floworacle_server.data import load_digits, split_dataset
 
     train_set, _ = split_dataset(load_digits(), 0.2, 0)
     x = train_set.x

@@ -86,8 +86,7 @@ def register_model(asub: Any) -> None:
 
 
 def _load_pair(args: argparse.Namespace) -> tuple[Any, Any]:
-    from floworacle_server.data import load_dataset
-    from floworacle_server.data._split import split_dataset
+    from floworacle_server.data import load_dataset, split_dataset
 
     for flag, value in (("--data", args.data), ("--heldout-data", args.heldout_data)):
         if value is not None and not Path(value).exists():

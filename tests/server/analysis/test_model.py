@@ -23,7 +23,7 @@ from analysis_reference import brute_knn2, brute_nearest, linear_velocity
 
 from floworacle import OracleClient
 from floworacle.study import ClientData, ModelStudy, StudyConfig
-from floworacle_server.analysis._model import EngineData, load_model
+from floworacle_server.analysis import EngineData, load_model
 from floworacle_server.cli import main
 from floworacle_server.data import Dataset, DatasetStore, load_dataset
 from floworacle_server.service.testing import serve_in_thread
@@ -247,7 +247,7 @@ def test_cli_holdout_split_and_transition(setup: Setup, tmp_path: Path, capsys) 
     assert "data set's switch (analyze transition): t_switch_50 =" in printed
     assert set(js["data_switch"]) >= {"t_switch_50", "t_switch_99"}
     # the in-process split is the study's input: the same split through EngineData gives the same figures
-    from floworacle_server.data._split import split_dataset
+    from floworacle_server.data import split_dataset
 
     tr, ho = split_dataset(load_dataset(setup.dir / "train.npy"), 0.25, 1)
     rep = ModelStudy(EngineData(tr), EngineData(ho), CONFIG).run(setup.model)

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from floworacle_server.cli import main
-from floworacle_server.data import Dataset, load_dataset, load_index, read_manifest
-from floworacle_server.data._split import holdout_split, split_dataset
+from floworacle_server.data import Dataset, holdout_split, load_dataset, load_index, read_manifest, split_dataset
 
 
 @pytest.fixture
