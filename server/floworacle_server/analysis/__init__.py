@@ -1,4 +1,5 @@
-"""Analysis tools: the navigation-to-refinement transition, sampling advice, memorisation reports."""
+"""Analysis tools: the navigation-to-refinement transition, sampling advice, memorisation reports,
+and the in-process side of the model study (:mod:`floworacle.study`)."""
 
 from floworacle_server.analysis._advice import (
     Advice,
@@ -15,6 +16,7 @@ from floworacle_server.analysis._memorization import (
     load_samples,
     memorization_report,
 )
+from floworacle_server.analysis._model import EngineData, load_model
 from floworacle_server.analysis._transition import (
     DEFAULT_T_GRID,
     METRICS,
@@ -36,6 +38,7 @@ __all__ = [
     "DEFAULT_T_GRID",
     "METRICS",
     "Advice",
+    "EngineData",
     "Evaluation",
     "Evaluator",
     "MemorizationReport",
@@ -46,6 +49,7 @@ __all__ = [
     "engine_evaluator",
     "format_advice_table",
     "image_shape_for",
+    "load_model",
     "load_samples",
     "make_queries",
     "memorization_report",

@@ -1,4 +1,4 @@
-"""``floworacle analyze transition | advice | memorization``: the analysis tools on the command line.
+"""``floworacle analyze transition | advice | memorization | model``: the analysis tools on the command line.
 
 Each command works in-process on a data set it loads (``--data`` / ``--dataset`` / ``--synthetic``);
 ``transition`` and ``advice`` can instead query a running server (``--server``). Results go to
@@ -18,7 +18,7 @@ __all__ = ["register"]
 
 def register(sub: Any) -> None:
     """Add the ``analyze`` command and its subcommands to the floworacle parser."""
-    analyze = sub.add_parser("analyze", help="transition curves, sampling advice and memorisation reports")
+    analyze = sub.add_parser("analyze", help="transition curves, sampling advice, memorisation reports, model studies")
     asub = analyze.add_subparsers(dest="analysis", required=True)
 
     tr = asub.add_parser(
@@ -102,6 +102,10 @@ def register(sub: Any) -> None:
     me.add_argument("--image-shape", help="H,W or C,H,W to draw flat samples as images (default: from the data)")
     me.add_argument("--device", default="cpu", help="where to load the training data (cpu, cuda, ...)")
     me.set_defaults(func=_memorization_cmd)
+
+    from floworacle_server.analysis._model_cli import register_model
+
+    register_model(asub)
 
 
 def _data_options(p: argparse.ArgumentParser, *, with_from: bool) -> None:

@@ -12,6 +12,7 @@ from floworacle_server.data._nearest_index import (
     BackendChoice,
     NearestIndex,
 )
+from floworacle_server.data._split import build_split_index, holdout_split, split_dataset
 from floworacle_server.data._store import DatasetStore
 
 __all__ = [
@@ -29,12 +30,15 @@ __all__ = [
     "NearestIndex",
     "attach_features",
     "build_index",
+    "build_split_index",
     "fingerprint_arrays",
+    "holdout_split",
     "is_index_dir",
     "load_arrays",
     "load_dataset",
     "load_digits",
     "load_index",
     "read_manifest",
+    "split_dataset",
     "validate_arrays",
 ]

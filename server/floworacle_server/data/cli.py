@@ -46,6 +46,16 @@ def register(sub: Any) -> None:
     )
     build.add_argument("--nearest-index", metavar="KIND[:PARAMS]", help=_INDEX_HELP.format(space="data"))
     build.add_argument("--features-index", metavar="KIND[:PARAMS]", help=_INDEX_HELP.format(space="feature"))
+    build.add_argument(
+        "--holdout",
+        type=float,
+        metavar="FRACTION",
+        help="split SRC: write OUT/train and OUT/heldout (named NAME-train, NAME-heldout), FRACTION of the samples "
+        "held out; each part is an index directory with its own fingerprint (docs/data.md)",
+    )
+    build.add_argument(
+        "--seed", type=int, help="seed of the --holdout split (default 0); the same seed, the same split"
+    )
     build.set_defaults(func=_build)
 
     add = index_sub.add_parser(
@@ -74,6 +84,10 @@ def _build(args: argparse.Namespace) -> int:
     try:
         if args.features_index and not args.features:
             raise ValueError("--features-index needs --features")
+        if args.holdout is not None:
+            return _build_split(args)
+        if args.seed is not None:
+            raise ValueError("--seed is the seed of a --holdout split; add --holdout FRACTION or drop --seed")
         manifest = build_index(
             args.src,
             args.out,
@@ -88,21 +102,59 @@ def _build(args: argparse.Namespace) -> int:
             features_metric=args.features_metric,
         )
         entries = []
-        for space, spec in (("data", args.nearest_index), ("features", args.features_index)):
-            if spec:
-                entries.append(_train(args.out, spec, space, progress=not args.no_progress))
+        entries = _train_all(args, args.out)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    _report(args.out, manifest, entries, args)
+    print(manifest["fingerprint"])
+    return 0
+
+
+def _train_all(args: argparse.Namespace, out: str) -> list[dict[str, Any]]:
+    entries = []
+    for space, spec in (("data", args.nearest_index), ("features", args.features_index)):
+        if spec:
+            entries.append(_train(out, spec, space, progress=not args.no_progress))
+    return entries
+
+
+def _report(out: str, manifest: dict[str, Any], entries: list[dict[str, Any]], args: argparse.Namespace) -> None:
     shape = "x".join(str(s) for s in manifest["sample_shape"])
     print(
-        f"wrote {args.out}: {manifest['name']!r}, {manifest['num_samples']} samples of shape {shape}, "
+        f"wrote {out}: {manifest['name']!r}, {manifest['num_samples']} samples of shape {shape}, "
         f"{manifest['dtype']}, {manifest['num_classes']} classes"
         + (f", {manifest['features']['dim']} {manifest['features']['metric']} features" if args.features else "")
     )
     for entry in entries:
         print(describe_entry(entry))
-    print(manifest["fingerprint"])
+
+
+def _build_split(args: argparse.Namespace) -> int:
+    """--holdout: OUT/train and OUT/heldout from one file; one line per part with its fingerprint."""
+    from pathlib import Path
+
+    from floworacle_server.data._split import SPLIT_PARTS, build_split_index
+
+    manifests = build_split_index(
+        args.src,
+        args.out,
+        fraction=args.holdout,
+        seed=0 if args.seed is None else args.seed,
+        labels=args.labels,
+        weights=args.weights,
+        features=args.features,
+        name=args.name,
+        scale_factor=args.scale_factor,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+        overwrite=args.force,
+        features_metric=args.features_metric,
+    )
+    for part in SPLIT_PARTS:
+        out = str(Path(args.out) / part)
+        _report(out, manifests[part], _train_all(args, out), args)
+        print(f"{part}: {manifests[part]['fingerprint']}")
     return 0
 
 

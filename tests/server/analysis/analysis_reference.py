@@ -46,3 +46,23 @@ def brute_knn2(train: np.ndarray, samples: np.ndarray) -> tuple[np.ndarray, np.n
     d = np.sqrt(((samples[:, None, :].astype(np.float64) - train[None, :, :].astype(np.float64)) ** 2).sum(axis=2))
     idx = np.argsort(d, axis=1, kind="stable")[:, :2]
     return idx, np.take_along_axis(d, idx, axis=1)
+
+
+def linear_velocity(x: np.ndarray, x_t: np.ndarray, t: float, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Oracle velocity (x1_hat - x_t) / (1 - t) over the rows of x on the linear path, brute force in
+    float64; ``exclude`` (B,) drops row exclude[b] from query b's posterior (leave-one-out)."""
+    x = x.astype(np.float64)
+    sq = ((x_t[:, None, :] - t * x[None, :, :]) ** 2).sum(axis=2)
+    logits = -sq / (2.0 * (1.0 - t) ** 2)
+    if exclude is not None:
+        logits[np.arange(x_t.shape[0]), exclude] = -np.inf
+    logits -= logits.max(axis=1, keepdims=True)
+    w = np.exp(logits)
+    w /= w.sum(axis=1, keepdims=True)
+    return (w @ x - x_t) / (1.0 - t)
+
+
+def brute_nearest(train: np.ndarray, samples: np.ndarray) -> np.ndarray:
+    """(B,) float64 distance of each sample to its nearest training row."""
+    d = np.sqrt(((samples[:, None, :].astype(np.float64) - train[None, :, :].astype(np.float64)) ** 2).sum(axis=2))
+    return d.min(axis=1)
