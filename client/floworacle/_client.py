@@ -13,7 +13,7 @@ import grpc
 
 from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
-from floworacle._plans import Plan, deadline_error, parse_dataset_info, unreachable_error
+from floworacle._plans import Plan, deadline_error, is_connection_error, parse_dataset_info, unreachable_error
 from floworacle._results import DatasetInfo, Neighbors, Prediction
 from floworacle.protocol import RequestError, pb, pb_grpc
 
@@ -53,12 +53,19 @@ class OracleClient(ClientBase):
             self._channel = grpc.insecure_channel(cfg.target, options=list(cfg.options))
         wrapped = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
         self._stub = pb_grpc.FlowOracleStub(wrapped)
-        # the channel's connectivity, to tell "no server there" from a slow answer at a deadline
-        self._state = grpc.ChannelConnectivity.IDLE
-        self._channel.subscribe(self._observe)
 
-    def _observe(self, state: grpc.ChannelConnectivity) -> None:
-        self._state = state
+    def _connected(self) -> bool:
+        """Whether the channel is READY now: asked of a call's final error only, to tell "no server there"
+        from a slow answer (a standing subscription would race the channel's close in gRPC's
+        polling thread, which then raises on a closed channel)."""
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=0.05)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -89,12 +96,11 @@ class OracleClient(ClientBase):
                 return getattr(self._stub, method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
-            state = self._state
-            if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and state != grpc.ChannelConnectivity.READY:
-                raise unreachable_error(self._config.display_target, timeout, state.name) from None
             left = math.inf if deadline is None else deadline - time.monotonic()
             wait = policy.delay(error, attempt, left, self._rng)
             if wait is None:
+                if is_connection_error(error) and not self._connected():
+                    raise unreachable_error(self._config.display_target, timeout, "not ready", error) from None
                 raise error
             time.sleep(wait)
             attempt += 1

@@ -47,6 +47,7 @@ __all__ = [
     "build_nearest",
     "parse_dataset_info",
     "deadline_error",
+    "is_connection_error",
     "unreachable_error",
 ]
 
@@ -611,11 +612,18 @@ def deadline_error(timeout: float | None) -> OracleError:
     )
 
 
-def unreachable_error(target: str, timeout: float | None, state: str) -> OracleError:
-    """DEADLINE_EXCEEDED for a call that waited for a connection that never came."""
+def is_connection_error(error: OracleError) -> bool:
+    """Whether a call's final error may mean that no server was reached (then the channel's state
+    decides): UNAVAILABLE or DEADLINE_EXCEEDED."""
+    return error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def unreachable_error(target: str, timeout: float | None, state: str, last: OracleError) -> OracleError:
+    """The final error of a call that never reached a server (the channel is not connected)."""
     return OracleError(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
+        last.code,
         f"no server answered at {target} within the call's deadline ({timeout} s): the connection is "
-        f"{state} (nothing listens there, or the server is restarting); check the address and that the "
-        "server runs, or give the call a longer timeout",
+        f"{state} (nothing listens there, it does not speak gRPC, or the server is restarting; gRPC "
+        f"says: {last.details}); check the address and that the server runs, or give the call a "
+        "longer timeout",
     )

@@ -14,7 +14,7 @@ import grpc.aio
 
 from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
-from floworacle._plans import Plan, deadline_error, parse_dataset_info, unreachable_error
+from floworacle._plans import Plan, deadline_error, is_connection_error, parse_dataset_info, unreachable_error
 from floworacle._results import DatasetInfo, Neighbors, Prediction
 from floworacle.protocol import RequestError, pb, pb_grpc
 
@@ -64,12 +64,12 @@ class AsyncOracleClient(ClientBase):
                 return await getattr(self._stub, method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
-            state = self._channel.get_state()
-            if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and state != grpc.ChannelConnectivity.READY:
-                raise unreachable_error(self._config.display_target, timeout, state.name) from None
             left = math.inf if deadline is None else deadline - time.monotonic()
             wait = policy.delay(error, attempt, left, self._rng)
             if wait is None:
+                state = self._channel.get_state()
+                if is_connection_error(error) and state != grpc.ChannelConnectivity.READY:
+                    raise unreachable_error(self._config.display_target, timeout, state.name, error) from None
                 raise error
             await asyncio.sleep(wait)
             attempt += 1

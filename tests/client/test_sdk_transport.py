@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from sdk_support import Data, linear_ref, make_store, queries, settings
 
-from floworacle import OracleClient, OracleError, RetryPolicy
+from floworacle import AsyncOracleClient, OracleClient, OracleError, RetryPolicy
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle_server.service.testing import RunningServer, serve_in_thread
 
@@ -188,6 +188,43 @@ def test_deadline_exceeded(faulty: tuple[RunningServer, Faults], faults: Faults,
         took = time.monotonic() - start
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert took < 0.9
+
+
+def test_deadline_exceeded_says_so(faulty: tuple[RunningServer, Faults], faults: Faults, data: Data) -> None:
+    """A connected server that is slow gets the plain deadline message, not "no server answered"."""
+    x_t, t = queries(data, 2, seed=28)
+    with OracleClient(faulty[0].address) as c:
+        c.velocity(x_t, t)  # connected
+        faults.delay = 1.0
+        with pytest.raises(OracleError) as e:
+            c.velocity(x_t, t, timeout=0.3)
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no server answered" not in e.value.details
+
+
+def test_a_silent_listener_is_reported_as_no_server(data: Data) -> None:
+    """A port that accepts TCP but never speaks HTTP/2 (a wrong service, a hung process): the
+    call's final error names the address and says that no server answered there."""
+    x_t, t = queries(data, 2, seed=29)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody reads or writes
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        with OracleClient(address, timeout=0.5) as c:
+            with pytest.raises(OracleError) as e:
+                c.velocity(x_t, t)
+
+        async def main() -> OracleError:
+            async with AsyncOracleClient(address, timeout=0.5) as ac:
+                with pytest.raises(OracleError) as ae:
+                    await ac.velocity(x_t, t)
+            return ae.value
+
+        aerr = asyncio.run(main())
+    for err in (e.value, aerr):  # gRPC's own words last: "...timed out before receiving SETTINGS frame"
+        assert err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert f"no server answered at {address} within the call's deadline (0.5 s)" in err.details, err.details
+        assert "gRPC says:" in err.details
 
 
 def test_retries_stop_at_the_deadline(faulty: tuple[RunningServer, Faults], faults: Faults, data: Data) -> None:
