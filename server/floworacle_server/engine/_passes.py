@@ -176,7 +176,7 @@ def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight_of: Callable[[]
     # left-out weight relative to the kept mass: the sparse path leaves out the rows screened
     # below its candidates (each at most e^(lt + err - lower) of the largest), a dense or split
     # pass nothing, a re-screen what lies below the threshold (e^-37 at most)
-    below = kept.gather(1, width.clamp(max=keep)[:, None]).squeeze(1)
+    below = _below(scr, kept, width, keep)
     tail = (rows - width) * torch.exp((below + scr.err - lower).clamp(max=0.0))
     tail = torch.where(code == Route.RESCREEN, torch.exp(-batch.slot_reach) * rows, tail)
     tail = torch.where((code == Route.DENSE) | (code == Route.SPLIT), 0.0, tail)
@@ -185,12 +185,21 @@ def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight_of: Callable[[]
     return _Candidates(host[0], host[1], tail, scr.kept_i, split_mass)
 
 
+def _below(scr: Screened, kept: torch.Tensor, width: torch.Tensor, keep: int) -> torch.Tensor:
+    """(S,) the largest screened logit of a row left out of the sparse path: the first kept one
+    past the candidates, or of a chunk whose top-k was skipped."""
+    below = kept.gather(1, width.clamp(max=keep)[:, None]).squeeze(1)
+    if scr.rest_max is not None:
+        below = torch.maximum(below, scr.rest_max.to(below.dtype))
+    return below
+
+
 def _sparse_only(batch: Batch, scr: Screened, kept: torch.Tensor, width: torch.Tensor) -> _Candidates:
     """:func:`_route` when no slot has more candidates than kept: SPARSE, EMPTY or BAD only."""
     lower = scr.lower
     code = torch.where(lower == -math.inf, Route.EMPTY, Route.SPARSE)
     code = torch.where(torch.isnan(lower) | (lower == math.inf), Route.BAD, code)
-    below = kept.gather(1, width.clamp(max=batch.cfg.keep)[:, None]).squeeze(1)
+    below = _below(scr, kept, width, batch.cfg.keep)
     tail = (batch.slot_rows - width) * torch.exp((below + scr.err - lower).clamp(max=0.0))
     host = torch.stack([code, width]).tolist()  # the batch's one host read
     return _Candidates(host[0], host[1], tail, scr.kept_i, torch.zeros_like(lower))

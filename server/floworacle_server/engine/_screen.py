@@ -52,6 +52,8 @@ class Screened:
         kept_i: (S, keep + 1) int64 data rows of ``kept_v`` (-1 where empty).
         chunk_max: per group, (q, chunks) float32 largest screened logit of each chunk (None for
             a group of one chunk).
+        rest_max: (S,) float32 largest screened logit of the chunks whose top-k was skipped
+            because none of their rows could be a candidate (CPU), or None.
     """
 
     lower: torch.Tensor
@@ -62,6 +64,7 @@ class Screened:
     kept_v: torch.Tensor
     kept_i: torch.Tensor
     chunk_max: list[torch.Tensor | None]
+    rest_max: torch.Tensor | None = None
 
     def threshold(self, reach_s: torch.Tensor) -> torch.Tensor:
         """(S,) float64 candidate threshold ``lower - reach - err``, rounded down."""
@@ -125,6 +128,50 @@ def screen_logits(
     return lt
 
 
+def _merge_live(
+    lt: torch.Tensor,
+    kv: torch.Tensor,
+    ki: torch.Tensor,
+    rest: torch.Tensor,
+    chunk_max: torch.Tensor,
+    offset: int,
+    margin: torch.Tensor,
+) -> None:
+    """CPU: merge one chunk's screened logits ``lt`` (q, n) into the kept top ``kv`` / ``ki``
+    (views, in place), running the top-k only on the rows that can hold a candidate.
+
+    A row whose chunk maximum lies below the running threshold ``max(best so far, chunk max) -
+    margin`` (``margin = reach + 2 err``, the threshold only rises) has no candidate there; the
+    kept top-k of the other rows still holds every candidate and tells whether more than k exist
+    (every row at or above the final threshold is in a chunk that was merged), and the skipped
+    chunks' maxima go to ``rest`` for the bound on the weight left out. A top-k costs a seventh
+    of the chunk's GEMM on a CPU; in the refinement stage most chunks are skipped."""
+    mx = lt.amax(dim=1)
+    chunk_max.copy_(mx)
+    best = torch.maximum(kv[:, 0], mx).to(torch.float64)
+    live = mx >= float32_floor(best - margin)
+    n_live = int(live.sum())
+    if n_live < live.shape[0]:
+        torch.maximum(rest, torch.where(live, torch.full_like(mx, -math.inf), mx), out=rest)
+    if n_live == 0:
+        return
+    keep = kv.shape[1]
+    width = min(keep, lt.shape[1])
+    rows = None if n_live == live.shape[0] else live.nonzero().flatten()
+    sub = lt if rows is None else lt.index_select(0, rows)
+    tv, ti = sub.topk(width, dim=1)
+    kv0 = kv if rows is None else kv.index_select(0, rows)
+    ki0 = ki if rows is None else ki.index_select(0, rows)
+    v, pos = torch.cat([kv0, tv], dim=1).topk(keep, dim=1)
+    i = torch.cat([ki0, ti + offset], dim=1).gather(1, pos)
+    if rows is None:
+        kv.copy_(v)
+        ki.copy_(i)
+    else:
+        kv.index_copy_(0, rows, v)
+        ki.index_copy_(0, rows, i)
+
+
 def _reach(g: Group) -> float:
     return math.log(max(g.rows, 1)) + REACH_MARGIN
 
@@ -148,6 +195,8 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: Callable[[], torch.Tens
     early_all: torch.Tensor | None = None  # set when some slot leaves early (the host knows)
     h32_all = batch.coef.half.to(f32)
     c32_all = batch.coef.c.to(f32)
+    # CPU: the best screened logit of the chunks skipped for lack of candidates (the tail bound)
+    rest = torch.full((s_total,), -math.inf, dtype=f32, device=dev) if cfg.host_shortcuts else None
     chunk_maxes: list[torch.Tensor | None] = []
     all_starts: list[list[int]] = []
     for g in batch.groups:
@@ -173,6 +222,9 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: Callable[[], torch.Tens
                     torch.topk(lt, width, dim=1, out=outs)
                     if chunk_max is not None:
                         chunk_max[:, 0] = kv_g[:, 0]
+                elif cfg.host_shortcuts:
+                    assert chunk_max is not None and rest is not None
+                    _merge_live(lt, kv_g, ki_g, rest[sl], chunk_max[:, k], s0 - g.start, 2 * err[sl] + rch)
                 else:
                     tv, ti = lt.topk(width, dim=1)
                     kv, pos = torch.cat([kv_g, tv], dim=1).topk(keep, dim=1)
@@ -208,4 +260,4 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: Callable[[], torch.Tens
     lower = kept_v[:, 0].to(f64) - err
     if any(g.start for g in batch.groups):
         kept_i = torch.where(kept_i >= 0, kept_i + batch.slot_start[:, None], kept_i)
-    return Screened(lower, err, early_all, all_starts, rows_c, kept_v, kept_i, chunk_maxes)
+    return Screened(lower, err, early_all, all_starts, rows_c, kept_v, kept_i, chunk_maxes, rest)
