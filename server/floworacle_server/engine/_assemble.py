@@ -210,12 +210,17 @@ def _refusal(exc: NonFiniteScreening | EmptyPosterior, batch: Batch, plan: _Plan
 
 
 class SlotMerge(Protocol):
-    """A gang's merge of every shard's slot partials (:mod:`._merge`); called on every rank with
-    this rank's partials, or None and the refusal when it could not compute them; returns the
-    merged partials (top-k indices in the data set's original order) or raises the refusal the
-    gang agreed on."""
+    """A gang's part in one batch (:class:`._merge.GangMerge`), on every rank alike."""
 
-    def __call__(self, sp: SlotPartials | None, refusal: ValueError | None, batch: Batch) -> SlotPartials: ...
+    def share_lower(self, lower: torch.Tensor) -> torch.Tensor:
+        """The gang's largest of every rank's (S,) screening lower bounds (exact batches, once)."""
+        ...
+
+    def __call__(self, sp: SlotPartials | None, refusal: ValueError | None, batch: Batch) -> SlotPartials:
+        """The merge of every shard's slot partials, called with this rank's partials, or None and
+        the refusal when it could not compute them; returns the merged partials (top-k indices in
+        the data set's original order) or raises the refusal the gang agreed on."""
+        ...
 
 
 def _out_of_reach(p: Partials, ds: Dataset, plan: _Plan) -> None:
@@ -282,6 +287,8 @@ def oracle(
         keep_empty=merge is not None,
     )
     batch = _batch(ds, x, alpha, sigma, plan, query.exclude, want, cfg, screen)
+    if merge is not None:
+        batch.share_lower = merge.share_lower
     if merge is None:
         sp = _partials(batch, query.precision, plan, query)
     else:

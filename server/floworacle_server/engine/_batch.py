@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -192,6 +193,12 @@ class Batch:
         slot_consts: (3, S) float64 per slot: the largest ||x_i||^2 of its rows, its reach
             ``ln(rows) + 37`` and its number of rows (built on the host, one copy).
         slot_start: (S,) int64 first row of each slot's range.
+        share_lower: a gang's shard: the gang's largest of every rank's (S,) screening lower
+            bounds (a collective, called once per exact batch on every rank), so that each shard
+            keeps the candidates within reach of the whole data set's maximum, not of its own
+            (None: one process).
+        lower_shared: set once the lower bounds were shared: the slots' tails are then relative
+            to the gang's largest weight (they add up in the merge).
     """
 
     ds: Dataset
@@ -209,6 +216,8 @@ class Batch:
     facts: DatasetFacts
     slot_consts: torch.Tensor
     slot_start: torch.Tensor
+    share_lower: Callable[[torch.Tensor], torch.Tensor] | None = None
+    lower_shared: bool = False
 
     @staticmethod
     def consts(groups: list[Group], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

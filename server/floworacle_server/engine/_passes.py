@@ -320,6 +320,15 @@ def _dense_errors(batch: Batch) -> torch.Tensor:
     )
 
 
+def _shared_lower(share: Callable[[torch.Tensor], torch.Tensor], lower: torch.Tensor) -> torch.Tensor:
+    """The gang's largest lower bound per slot (any rank's bound on its own largest logit bounds
+    the whole set's from below); a slot whose bound is NaN or +inf here stays so, for this rank
+    to refuse it (the merge's agreement round then refuses it everywhere)."""
+    bad = torch.isnan(lower) | (lower == math.inf)
+    gang = share(torch.where(bad, -math.inf, lower))
+    return torch.where(bad, lower, gang)
+
+
 def exact_partials(batch: Batch) -> SlotPartials:
     """Exact-mode partials of every slot of ``batch`` (see module docstring)."""
     ds, cfg = batch.ds, batch.cfg
@@ -335,6 +344,9 @@ def exact_partials(batch: Batch) -> SlotPartials:
         return tight_cache[0]
 
     scr = screen(batch, serr, tight_of if cfg.early_dense else None)
+    if batch.share_lower is not None:  # a gang's shard: reach from the whole set's maximum
+        scr.lower = _shared_lower(batch.share_lower, scr.lower)
+        batch.lower_shared = True
     thr = scr.threshold(batch.slot_reach)
     cands = _route(batch, scr, thr, tight_of)
     code, width = cands.code, cands.width
@@ -343,8 +355,11 @@ def exact_partials(batch: Batch) -> SlotPartials:
     pieces: list[tuple[list[int], Partials, torch.Tensor]] = []
     refined = 0
     empty = [i for i in range(s_total) if code[i] == Route.EMPTY]
-    if empty:  # a shard's slot without a sample of positive weight (keep_empty)
-        pieces.append((empty, _empty(batch, len(empty)), torch.zeros(len(empty), dtype=torch.float64, device=dev)))
+    # a gang's shard: slots none of whose rows here lie within reach of the gang's maximum
+    beyond = [i for i in range(s_total) if code[i] == Route.SPARSE and width[i] == 0]
+    if empty or beyond:  # empty partials (keep_empty); what ``beyond`` leaves out is in its tail
+        none = empty + beyond
+        pieces.append((none, _empty(batch, len(none)), torch.zeros(len(none), dtype=torch.float64, device=dev)))
     single = [i for i in range(s_total) if code[i] == Route.SPARSE and width[i] == 1]
     if single:
         if len(single) == s_total:

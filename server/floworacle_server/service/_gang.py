@@ -10,11 +10,14 @@ collectives merge them into the single-process answer:
 1. an agreement round (all-reduce, max) of each rank's status, so that a batch one shard cannot
    compute (a data-dependent refusal) is refused by every rank alike instead of leaving the
    others waiting in a collective;
-2. the partials' merge (:func:`merge_partials`): all-reduce (max) of the running maxima, each
-   rank rescales its sums to them, all-reduce (sum) of the sums and of the variance's between
-   terms, all-gather of the top-k (indices already in the data set's original order) and a top-k
-   of the union; the logit-error bounds all-reduce (max);
-3. nearest queries: each rank's exact top-k of its shard, all-gathered and merged by distance.
+2. exact batches, after the screening GEMM: all-reduce (max) of the slots' screening lower
+   bounds, so every shard keeps the candidates within reach of the whole set's largest weight
+   (a shard that does not hold a query's nearest samples then refines none, as one process would);
+3. the partials' merge (:mod:`floworacle_server.engine._merge`): all-reduce (max) of the running
+   maxima and the logit-error bounds, each rank rescales its sums to them, all-reduce (sum) of
+   the sums and of the variance's between terms, one all-gather of the top-k (indices already in
+   the data set's original order) and a top-k of the union;
+4. nearest queries: each rank's exact top-k of its shard, all-gathered and merged by distance.
 
 A rank that dies makes the next collective fail at once (gloo: connection closed), one that hangs
 after ``gang_timeout_s``: rank 0 answers the batch with UNAVAILABLE (never a partial answer),
@@ -45,7 +48,7 @@ from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.data._shard import facts_of, local_facts
 from floworacle_server.engine import Guidance, NearestResult, OracleQuery, OracleResult, Precision, nearest, oracle
 from floworacle_server.engine import posterior_nearest as posterior_nearest_search
-from floworacle_server.engine._merge import merge_slot_partials
+from floworacle_server.engine._merge import GangMerge
 
 __all__ = ["GangSpec", "Gang", "GangBroken"]
 
@@ -221,16 +224,13 @@ class Gang:
             ds.shard.resident_bytes = int(resident[0])
 
     # -- one batch, on every rank -------------------------------------------------------------------
-    def _merge(self, sp: Any, refusal: ValueError | None, batch: Any) -> Any:
-        return merge_slot_partials(self, sp, refusal, batch)
-
     def oracle(self, ds: Dataset, query: OracleQuery, chunk_rows: int | None, screen: str) -> OracleResult:
         """Rank 0: send the batch to the other ranks and compute this shard's part; every rank
         ends with the whole set's answer (ValueError: a refusal the gang agreed on)."""
         with self._turn():
             if self.rank == 0:
                 self._send_oracle(ds.name, query)
-            return oracle(ds, query, chunk_rows=chunk_rows, screen=screen, merge=self._merge)
+            return oracle(ds, query, chunk_rows=chunk_rows, screen=screen, merge=GangMerge(self))
 
     def _turn(self) -> Any:
         """Rank 0's hold on the gang for one command (others: nothing to hold)."""
