@@ -134,6 +134,7 @@ class DynamicBatcher:
         max_queue_requests: int,
         max_inflight_rows: int | None = None,
         metrics: _Metrics | None = None,
+        engine_thread_setup: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_rows < 1 or max_queue_requests < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_rows and max_queue_requests must be >= 1 and max_queue_delay_s >= 0")
@@ -155,7 +156,10 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One thread: engine calls on a device never overlap, and the event loop never computes.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="floworacle-engine")
+        # ``engine_thread_setup`` runs first thing on that thread (flush-to-zero, see the server).
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="floworacle-engine", initializer=engine_thread_setup
+        )
         self._closed = False
         self._stats = _Stats()
         # Keys whose last wait for company was in vain (see _worth_waiting).

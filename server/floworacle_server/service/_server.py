@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from floworacle.protocol import SERVICE_NAME, pb_grpc, server_options
 from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset
 from floworacle_server.data._shard import ShardSpec
-from floworacle_server.engine import calibrate_nearest_backend
+from floworacle_server.engine import calibrate_nearest_backend, flush_denormals
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
 from floworacle_server.service._batcher import DynamicBatcher
@@ -145,6 +145,15 @@ class _RejectMalformed(grpc.aio.ServerInterceptor):
         return handler
 
 
+def engine_thread_setup() -> None:
+    """First thing on the thread that runs the engine (the batcher's, a gang worker's main one):
+    flush-to-zero for it and torch's OpenMP workers, since exp() of very negative float32 logits
+    makes denormals, which many CPUs compute slowly (logged when it could not be verified)."""
+    state = flush_denormals()
+    if not state.verified:
+        log.warning("flush-to-zero could not be verified on the engine thread (%s); denormals may be slow", state)
+
+
 class OracleServer:
     """A running (or ready-to-run) Flow Oracle gRPC server.
 
@@ -185,6 +194,7 @@ class OracleServer:
             max_queue_requests=settings.max_queue_requests,
             max_inflight_rows=settings.max_inflight_rows,
             metrics=self.metrics,
+            engine_thread_setup=engine_thread_setup,
         )
         self.health = _Health(self.health_names)
         self.auth: TokenAuthInterceptor | None = None

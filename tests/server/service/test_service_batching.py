@@ -233,3 +233,25 @@ def test_engine_error_fails_only_its_own_request_in_a_merged_batch():
     for label, resp in zip((0, 2), good, strict=True):
         ref = ref_oracle(data, xt, *linear_coeffs(t), data_labels=labels, labels=np.array([label, label]))
         assert max_rel(protocol.decode(resp.velocity), ref["velocity"]) < 1e-6
+
+
+def test_the_engine_thread_flushes_denormals(digits):
+    """The server's engine thread runs with flush-to-zero, for it and its OpenMP workers (the
+    exp() of very negative float32 logits makes denormals, slow on many CPUs); the caller's
+    thread is left as it was."""
+    from floworacle_server.engine._flush import denormals_flushed
+
+    x, _ = digits
+    t = np.array([0.3, 0.8])
+    seen: list[bool] = []
+
+    def probe(runner, payloads):
+        seen.append(denormals_flushed())
+        return runner(payloads)
+
+    before = denormals_flushed()
+    with serve_in_thread(Settings(device="cpu", metrics_port=-1)) as srv, grpc.insecure_channel(srv.address) as ch:
+        srv.server.batcher.compute_hook = probe
+        pb_grpc.FlowOracleStub(ch).Oracle(oracle_request(noisy_queries(x, t), t), timeout=30)
+    assert seen == [True]
+    assert denormals_flushed() == before
