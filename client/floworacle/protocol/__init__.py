@@ -31,6 +31,7 @@ from floworacle.protocol._errors import OracleError, RequestError
 from floworacle.protocol._limits import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_REQUEST_ROWS,
+    MAX_CONCURRENT_STREAMS,
     MAX_TOP_K,
     MESSAGE_OVERHEAD,
     channel_options,
@@ -85,6 +86,7 @@ __all__ = [
     "CONVENTIONS",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_REQUEST_ROWS",
+    "MAX_CONCURRENT_STREAMS",
     "MAX_TOP_K",
     "MESSAGE_OVERHEAD",
     "channel_options",

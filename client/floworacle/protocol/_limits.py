@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_REQUEST_ROWS",
+    "MAX_CONCURRENT_STREAMS",
     "MAX_TOP_K",
     "MESSAGE_OVERHEAD",
     "channel_options",
@@ -23,6 +24,10 @@ MESSAGE_OVERHEAD = 4096
 #: Large enough for a B = 1,024 x D = 8,192 float32 request (32 MiB) and a response carrying
 #: four outputs of that size plus diagnostics. The SDK splits bigger batches automatically.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+#: Streams (calls) one connection may have open at once on the server (HTTP/2
+#: SETTINGS_MAX_CONCURRENT_STREAMS; 100 is the protocol's recommended floor).
+MAX_CONCURRENT_STREAMS = 256
 
 
 def _common(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -47,9 +52,13 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
-    """Options for the server: the same limits, and permission for the clients' keepalive pings."""
+    """Options for the server: the same limits, permission for the clients' keepalive pings, and
+    at most MAX_CONCURRENT_STREAMS streams per connection (each may hold a flow-control window of
+    unread bytes in gRPC's buffers, outside the server's own byte budget; a client's further calls
+    wait for a free stream, they do not fail)."""
     return [
         *_common(max_message_bytes),
+        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 0),
