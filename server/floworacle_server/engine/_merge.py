@@ -64,7 +64,6 @@ def merge_slot_partials(
     assert sp is not None
     p = sp.partials
     ds = batch.ds
-    dev = p.m.device
     world = comm.world_size
     maxima = comm.all_reduce(torch.stack([p.m, sp.logit_error.to(p.m.dtype)]), "max")
     m, bounds = maxima[0].contiguous(), maxima[1].contiguous()

@@ -29,10 +29,10 @@ keep computing until rank 0 stops them (launchers signal every rank of a group a
 from __future__ import annotations
 
 import contextlib
-import os
 import datetime
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable

@@ -84,7 +84,9 @@ def _rank(rank: int, world: int, port: int, weighted: bool, out: str) -> None:
 
         def counting(batch, *a, **k):  # slots with nothing here within reach of the gang's maximum
             c = route(batch, *a, **k)
-            results["beyond"] += sum(code == _passes.Route.SPARSE and w == 0 for code, w in zip(c.code, c.width))
+            results["beyond"] += sum(
+                code == _passes.Route.SPARSE and w == 0 for code, w in zip(c.code, c.width, strict=True)
+            )
             return c
 
         _passes._route = counting
