@@ -110,7 +110,12 @@ class ClientBase:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise OracleError(grpc.StatusCode.CANCELLED, "this client is closed; create a new one")
+            raise closed_error()
+
+
+def closed_error() -> OracleError:
+    """What a call on a closed client, or one that close() ended, raises."""
+    return OracleError(grpc.StatusCode.CANCELLED, "this client is closed; create a new one")
 
 
 def stream_item(item: Any) -> dict[str, Any]:

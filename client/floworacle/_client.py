@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
+from floworacle._base import ALL_OUTPUTS, ClientBase, closed_error, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
 from floworacle._plans import Plan, deadline_error, is_connection_error, parse_dataset_info, unreachable_error
 from floworacle._results import DatasetInfo, Neighbors, Prediction
@@ -96,6 +96,8 @@ class OracleClient(ClientBase):
                 return getattr(self._stub, method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
+            if self._closed:  # close() ended this call: final
+                raise closed_error() from None
             left = math.inf if deadline is None else deadline - time.monotonic()
             wait = policy.delay(error, attempt, left, self._rng)
             if wait is None:

@@ -63,7 +63,11 @@ class RetryPolicy:
     UNAVAILABLE (no connection: a server that is down or restarting; a draining server; a
     connection lost mid-call) is retried until the call's deadline, so a restart is ridden out and
     a server that stays unreachable ends in its own UNAVAILABLE message (connection refused, TLS
-    handshake failed, ...) at the deadline. Streams, which are not retried, wait for the connection
+    handshake failed, ...) at the deadline. CANCELLED is retried like UNAVAILABLE: the SDK never
+    cancels a unary call itself (closing the client ends its calls without a retry), so a
+    CANCELLED comes from the other side, as when a draining server shuts down with a call that no
+    handler had taken yet (gRPC core answers those CANCELLED, grpc/grpc#41785); oracle and nearest
+    calls are pure reads, safe to send again. Streams, which are not retried, wait for the connection
     instead (gRPC's wait-for-ready) until their deadline. RESOURCE_EXHAUSTED is
     retried only when the server sent a retry hint (a full queue), never for a message over the
     size limit. The n-th retry waits a uniformly random time in ``[0, min(max_backoff,
@@ -87,7 +91,7 @@ class RetryPolicy:
         when the error is final: not retryable, attempts used up, or the wait would pass the deadline."""
         if self.max_attempts is not None and attempt + 1 >= self.max_attempts:
             return None
-        if error.code == grpc.StatusCode.UNAVAILABLE:
+        if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             pass
         elif error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_after is not None:
             pass

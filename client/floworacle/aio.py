@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from floworacle._base import ALL_OUTPUTS, ClientBase, stream_item
+from floworacle._base import ALL_OUTPUTS, ClientBase, closed_error, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
 from floworacle._plans import Plan, deadline_error, is_connection_error, parse_dataset_info, unreachable_error
 from floworacle._results import DatasetInfo, Neighbors, Prediction
@@ -64,6 +64,14 @@ class AsyncOracleClient(ClientBase):
                 return await getattr(self._stub, method)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as exc:
                 error = translate_rpc_error(exc)
+            except asyncio.CancelledError:
+                # grpc.aio ends the pending calls of a closed channel with CancelledError; that is
+                # this client's CANCELLED, unless the caller's task itself is being cancelled
+                if self._closed and not _task_cancelling():
+                    raise closed_error() from None
+                raise
+            if self._closed:  # close() ended this call: final
+                raise closed_error() from None
             left = math.inf if deadline is None else deadline - time.monotonic()
             wait = policy.delay(error, attempt, left, self._rng)
             if wait is None:
@@ -281,3 +289,10 @@ class AsyncOracleClient(ClientBase):
         """Like :meth:`predict_stream` with the velocity only."""
         async for out in self.predict_stream(items, outputs=("velocity",), **kwargs):
             yield out if isinstance(out, OracleError) else out.velocity
+
+
+def _task_cancelling() -> bool:
+    """Whether the current task has a cancellation request (unknown before Python 3.11: True)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return True if cancelling is None else cancelling() > 0

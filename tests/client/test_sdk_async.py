@@ -4,6 +4,7 @@ retries, deadlines, streaming."""
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import grpc
 import numpy as np
@@ -82,6 +83,40 @@ async def test_retry_and_deadline(server: RunningServer, data: Data) -> None:
         with pytest.raises(OracleError) as e:
             await c.velocity(x_t, t, timeout=0.3)
     assert e.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def test_close_ends_a_call_without_retrying_it(data: Data) -> None:
+    # CANCELLED is retried (a draining server's answer to calls it never took), but not the
+    # CANCELLED that closing this client gives its own pending call
+    x_t, t = queries(data, 2, seed=45)
+    with serve_in_thread(settings(max_queue_delay_ms=2000, max_batch_rows=4096), make_store(data)) as slow:
+        c = AsyncOracleClient(slow.address)
+        await c.datasets()
+        call = asyncio.ensure_future(c.velocity(x_t, t, timeout=30))
+        await asyncio.sleep(0.3)
+        await c.close()
+        if sys.version_info < (3, 11):  # no Task.cancelling(): grpc.aio's CancelledError stays
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(call, 5)
+            return
+        with pytest.raises(OracleError) as e:
+            await asyncio.wait_for(call, 5)
+    assert e.value.code == grpc.StatusCode.CANCELLED and "closed" in e.value.details
+
+
+async def test_cancelling_the_callers_task_stays_a_cancellation(data: Data) -> None:
+    x_t, t = queries(data, 2, seed=46)
+    with serve_in_thread(settings(max_queue_delay_ms=2000, max_batch_rows=4096), make_store(data)) as slow:
+        async with AsyncOracleClient(slow.address) as c:
+            call = asyncio.ensure_future(c.velocity(x_t, t, timeout=30))
+            await asyncio.sleep(0.3)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            # the client still answers
+            np.testing.assert_allclose(
+                await c.velocity(x_t, t, timeout=30), linear_ref(data.x, x_t, t).velocity, rtol=1e-6, atol=1e-8
+            )
 
 
 async def test_stream(server: RunningServer, data: Data) -> None:

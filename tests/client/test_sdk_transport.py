@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,42 @@ def test_retries_unavailable(faulty: tuple[RunningServer, Faults], faults: Fault
         u = c.velocity(x_t, t)
     assert faults.failed >= 2 and faults.count == 0
     np.testing.assert_allclose(u, linear_ref(data.x, x_t, t).velocity, rtol=1e-6, atol=1e-8)
+
+
+def test_retries_cancelled_from_the_server(faulty: tuple[RunningServer, Faults], faults: Faults, data: Data) -> None:
+    # what gRPC core answers for a call that a draining server had not handed to a handler
+    x_t, t = queries(data, 3, seed=26)
+    faults.count, faults.code = 2, grpc.StatusCode.CANCELLED
+    with OracleClient(faulty[0].address, retry=RetryPolicy(initial_backoff=0.01)) as c:
+        u = c.velocity(x_t, t, timeout=10)
+    assert faults.failed >= 2 and faults.count == 0
+    np.testing.assert_allclose(u, linear_ref(data.x, x_t, t).velocity, rtol=1e-6, atol=1e-8)
+
+
+def test_close_ends_a_call_without_retrying_it(
+    faulty: tuple[RunningServer, Faults], faults: Faults, data: Data
+) -> None:
+    x_t, t = queries(data, 2, seed=27)
+    faults.delay = 1.0
+    c = OracleClient(faulty[0].address)
+    c.velocity(x_t, t)  # connected
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            c.velocity(x_t, t, timeout=30)
+        except BaseException as exc:  # the test inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(0.3)
+    start = time.monotonic()
+    c.close()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and time.monotonic() - start < 5
+    assert len(outcome) == 1 and isinstance(outcome[0], OracleError), outcome
+    assert outcome[0].code == grpc.StatusCode.CANCELLED
 
 
 def test_no_retry_when_attempts_used_up(faulty: tuple[RunningServer, Faults], faults: Faults, data: Data) -> None:

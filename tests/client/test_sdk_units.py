@@ -33,6 +33,8 @@ def test_retry_policy_backoff_and_hint() -> None:
     assert p.delay(full, 0, 10.0, rng) == pytest.approx(0.25, abs=0.1) and p.delay(full, 0, 10.0, rng) >= 0.25
     assert p.delay(OracleError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"), 0, 10.0, rng) is None
     assert p.delay(OracleError(grpc.StatusCode.INVALID_ARGUMENT, "bad"), 0, 10.0, rng) is None
+    # a call that a shutting-down server never handed to a handler ends CANCELLED (grpc/grpc#41785)
+    assert p.delay(OracleError(grpc.StatusCode.CANCELLED, "CANCELLED"), 0, 10.0, rng) is not None
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
 

@@ -328,7 +328,10 @@ def test_sigterm_drains_the_process_and_finishes_in_flight_work(digits):
                     time.sleep(0.05)
                 except grpc.RpcError as exc:
                     refused = exc
-            assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE
+            # UNAVAILABLE, or CANCELLED for a call that raced the shutdown before any handler took
+            # it (gRPC core, grpc/grpc#41785; the SDK retries both)
+            assert refused is not None
+            assert refused.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused
             assert not inflight.done()  # still waiting in the queue when the port closed ...
             resp = inflight.result(timeout=20)  # ... and answered exactly within the grace period
         assert max_rel(protocol.decode(resp.velocity), _velocity_ref(x, xt, t)) < 1e-6
