@@ -304,12 +304,28 @@ class Settings(BaseSettings):
         return (init_settings,)
 
     def resolved_device(self) -> str:
-        """The concrete torch device: "auto" becomes "cuda" when CUDA is available, else "cpu"."""
-        if self.device != "auto":
+        """The concrete torch device: "auto" becomes "cuda" when CUDA is available, else "cpu".
+
+        Raises:
+            ValueError: a CUDA device asked for that this torch cannot reach (the message says why).
+        """
+        if self.device == "cpu":
             return self.device
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            why = "is a build without CUDA" if torch.version.cuda is None else "sees no CUDA device"
+            raise ValueError(
+                f"device {self.device!r}: this torch ({torch.__version__}) {why}; use --device cpu or auto, "
+                "or install a CUDA build (FLOWORACLE_TORCH=torch scripts/serve)"
+            )
+        index = int(self.device.partition(":")[2] or 0)
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"device {self.device!r}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return self.device
 
     def labels_for(self, name: str) -> str | None:
         """The labels file given for data set ``name`` (a bare PATH applies to the only data set)."""

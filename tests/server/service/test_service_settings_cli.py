@@ -26,6 +26,12 @@ from floworacle_server.settings import Settings, load_settings, settings_markdow
 ROOT = Path(__file__).resolve().parents[3]
 
 
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_defaults_without_environment():
     s = load_settings(None, env={})
     assert (s.host, s.port, s.metrics_port, s.device, s.dtype) == ("0.0.0.0", 50051, 9090, "auto", "float32")
@@ -118,6 +124,40 @@ def test_direct_construction_ignores_environment(monkeypatch):
     monkeypatch.setenv("FLOWORACLE_PORT", "1234")
     assert Settings().port == 50051
     assert load_settings({}).port == 1234  # load_settings reads os.environ when env is None
+
+
+def test_a_cuda_device_that_torch_cannot_reach_is_a_clear_error(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Settings(device="auto").resolved_device() == "cpu"
+    with pytest.raises(ValueError, match=r"device 'cuda'.*use --device cpu or auto"):
+        Settings(device="cuda").resolved_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert Settings(device="cuda:1").resolved_device() == "cuda:1"
+    with pytest.raises(ValueError, match=r"sees 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        Settings(device="cuda:2").resolved_device()
+
+
+@pytest.mark.skipif(torch_has_cuda(), reason="checks the error of a CPU-only torch")
+def test_serve_on_cuda_with_a_cpu_torch_exits_with_the_reason():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWORACLE_")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "floworacle_server.cli",
+        "serve",
+        "--device",
+        "cuda",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1
+    assert "device 'cuda'" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_build_store_from_files(tmp_path: Path):
