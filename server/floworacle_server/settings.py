@@ -177,7 +177,8 @@ class Settings(BaseSettings):
         default=True,
         description="Pin glibc's malloc mmap threshold (32 MiB) and trim threshold (256 MiB) at start-up so "
         "MB-sized request, response and engine buffers are reused instead of page-faulted in fresh on every call "
-        "(floworacle.tune_allocator); resident memory keeps up to 256 MiB of freed blocks.",
+        "(floworacle.tune_allocator), and cap malloc's arenas at two so that memory returns after a burst; resident memory "
+        "keeps up to 256 MiB of freed blocks.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Logging level.")
     gang_timeout_s: float = Field(

@@ -138,5 +138,50 @@ def test_tune_allocator_serves_request_sized_blocks_from_the_heap() -> None:
     assert mmapped_blocks("tuned") == 0
 
 
+_ARENA_PROBE = """
+import ctypes, re, sys, tempfile, threading
+from floworacle import tune_allocator
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+if sys.argv[1] == "capped":
+    assert tune_allocator(arena_max=2)
+alive = threading.Barrier(7)
+def work():
+    libc.free(libc.malloc(1000))
+    alive.wait()  # all six threads hold their arenas at once
+    alive.wait()
+threads = [threading.Thread(target=work) for _ in range(6)]
+for t in threads:
+    t.start()
+alive.wait()
+with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+    fp = libc.fopen(f.name.encode(), b"w")
+    libc.malloc_info(0, fp)
+    libc.fclose(fp)
+    heaps = len(re.findall(r'<heap nr="', open(f.name).read()))
+alive.wait()
+for t in threads:
+    t.join()
+print(heaps)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+def test_tune_allocator_caps_the_malloc_arenas() -> None:
+    # what lets a server's memory return after a burst (floworacle serve asks for two)
+    def arenas(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _ARENA_PROBE, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert arenas("default") >= 4
+    assert arenas("capped") <= 2
+
+
 def test_tune_allocator_refuses_negative_thresholds() -> None:
     assert tune_allocator(mmap_threshold=-1) is False
+    assert tune_allocator(arena_max=0) is False

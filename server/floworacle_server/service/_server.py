@@ -35,6 +35,9 @@ __all__ = ["OracleServer", "create_server", "build_store", "SERVICE_NAME", "data
 
 log = logging.getLogger(__name__)
 
+#: Seconds after the bytes in flight came back to 0 at which the heap is trimmed a second time.
+_RELEASE_AGAIN_S = 1.0
+
 
 def dataset_health_name(dataset: str) -> str:
     """Health-check service name of one data set: ``floworacle.v1.FlowOracle/<dataset>``."""
@@ -312,7 +315,15 @@ class OracleServer:
         if freed >= 32 << 20 and self.settings.tune_allocator:
             from floworacle._alloc import release_free_memory
 
-            asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+            loop = asyncio.get_running_loop()
+
+            def release() -> None:
+                loop.run_in_executor(None, release_free_memory)
+
+            release()
+            # and once more when gRPC has let go of the ended calls' buffers, which it frees after
+            # the last bytes of the budget came back (cancelled streams, unread answers)
+            loop.call_later(_RELEASE_AGAIN_S, release)
 
     def _metrics_tls(self) -> ssl.SSLContext | None:
         """The metrics endpoint's TLS context: the gRPC port's certificate (and client CA)."""
