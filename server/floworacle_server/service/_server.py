@@ -316,14 +316,10 @@ class OracleServer:
             from floworacle._alloc import release_free_memory
 
             loop = asyncio.get_running_loop()
-
-            def release() -> None:
-                loop.run_in_executor(None, release_free_memory)
-
-            release()
+            loop.run_in_executor(None, release_free_memory)
             # and once more when gRPC has let go of the ended calls' buffers, which it frees after
             # the last bytes of the budget came back (cancelled streams, unread answers)
-            loop.call_later(_RELEASE_AGAIN_S, release)
+            loop.call_later(_RELEASE_AGAIN_S, loop.run_in_executor, None, release_free_memory)
 
     def _metrics_tls(self) -> ssl.SSLContext | None:
         """The metrics endpoint's TLS context: the gRPC port's certificate (and client CA)."""

@@ -22,8 +22,8 @@ __all__ = ["register", "serve"]
 
 log = logging.getLogger("floworacle.serve")
 
-#: malloc arenas of a server process (floworacle.tune_allocator): with one per thread, what a
-#: burst left pinned in them stayed resident (30-85 MiB after 150-200 MiB); with two, about 10.
+#: malloc arenas of a server process, so that memory returns after a burst (why and what it was
+#: measured to save: floworacle.tune_allocator and docs/reliability.md).
 SERVER_ARENAS = 2
 
 
