@@ -8,6 +8,7 @@ pass ``convention="reversed"`` for code where s = 1 is noise (SD3, Flux, diffuse
 from floworacle import paths, protocol
 from floworacle._alloc import tune_allocator
 from floworacle._client import OracleClient
+from floworacle._options import NearestOptions, OracleOptions
 from floworacle._plans import RetryPolicy
 from floworacle._results import DatasetInfo, NearestIndexInfo, Neighbors, Prediction
 from floworacle.aio import AsyncOracleClient
@@ -20,6 +21,8 @@ __all__ = [
     "RequestError",
     "CodecError",
     "RetryPolicy",
+    "OracleOptions",
+    "NearestOptions",
     "Prediction",
     "Neighbors",
     "DatasetInfo",

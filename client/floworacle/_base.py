@@ -10,11 +10,12 @@ from typing import Any
 import grpc
 
 from floworacle._config import DEFAULT_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT, ClientConfig, make_config
+from floworacle._options import NearestOptions, OracleOptions, check_options
 from floworacle._plans import Plan, RetryPolicy, build_nearest, build_oracle
 from floworacle._results import Neighbors, Prediction
 from floworacle.protocol import DEFAULT_MAX_REQUEST_ROWS, OUTPUT_NAMES, OracleError, RequestError
 
-__all__ = ["ClientBase", "stream_item", "ALL_OUTPUTS"]
+__all__ = ["ClientBase", "stream_item", "oracle_options", "nearest_options", "ALL_OUTPUTS"]
 
 #: ``predict``'s default: every output.
 ALL_OUTPUTS = OUTPUT_NAMES
@@ -73,31 +74,29 @@ class ClientBase:
         return self._config
 
     def _plan_oracle(
-        self,
-        x_t: Any,
-        t: Any,
-        *,
-        dataset: str | None,
-        fingerprint: str | None,
-        wire_dtype: str | None,
-        **kwargs: Any,
+        self, x_t: Any, t: Any, options: Mapping[str, Any], *, outputs: Sequence[str], top_k: Any = 0
     ) -> Plan[Prediction]:
-        name, pin = self._config.resolve(dataset, fingerprint)
+        """The plan of an oracle call (``options``: an :class:`OracleOptions`; ``timeout`` is the caller's)."""
+        opts = {k: v for k, v in options.items() if k != "timeout"}
+        name, pin = self._config.resolve(opts.pop("dataset", None), opts.pop("fingerprint", None))
+        wire = opts.pop("wire_dtype", None)
         return build_oracle(
             x_t,
             t,
             dataset=name,
             fingerprint=pin,
-            wire_dtype=wire_dtype if wire_dtype is not None else self._config.wire_dtype,
+            wire_dtype=wire if wire is not None else self._config.wire_dtype,
+            outputs=tuple(outputs),
+            top_k=top_k,
             max_message_bytes=self._config.max_message_bytes,
             max_request_rows=self._config.max_request_rows,
-            **kwargs,
+            **opts,
         )
 
-    def _plan_nearest(
-        self, x: Any, k: int, *, dataset: str | None, fingerprint: str | None, **kwargs: Any
-    ) -> Plan[Neighbors]:
-        name, pin = self._config.resolve(dataset, fingerprint)
+    def _plan_nearest(self, x: Any, k: Any, options: Mapping[str, Any]) -> Plan[Neighbors]:
+        """The plan of a nearest call (``options``: a :class:`NearestOptions`)."""
+        opts = {key: v for key, v in options.items() if key != "timeout"}
+        name, pin = self._config.resolve(opts.pop("dataset", None), opts.pop("fingerprint", None))
         return build_nearest(
             x,
             k,
@@ -105,7 +104,7 @@ class ClientBase:
             fingerprint=pin,
             max_message_bytes=self._config.max_message_bytes,
             max_request_rows=self._config.max_request_rows,
-            **kwargs,
+            **opts,
         )
 
     def _check_open(self) -> None:
@@ -116,6 +115,16 @@ class ClientBase:
 def closed_error() -> OracleError:
     """What a call on a closed client, or one that close() ended, raises."""
     return OracleError(grpc.StatusCode.CANCELLED, "this client is closed; create a new one")
+
+
+def oracle_options(method: str, options: Mapping[str, Any]) -> Mapping[str, Any]:
+    check_options(method, options, OracleOptions)
+    return options
+
+
+def nearest_options(method: str, options: Mapping[str, Any]) -> Mapping[str, Any]:
+    check_options(method, options, NearestOptions)
+    return options
 
 
 def stream_item(item: Any) -> dict[str, Any]:

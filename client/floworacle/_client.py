@@ -7,15 +7,19 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from floworacle._base import ALL_OUTPUTS, ClientBase, closed_error, stream_item
+from floworacle._base import ALL_OUTPUTS, ClientBase, closed_error, nearest_options, oracle_options, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
+from floworacle._options import NearestOptions, OracleOptions
 from floworacle._plans import Plan, deadline_error, is_connection_error, parse_dataset_info, unreachable_error
 from floworacle._results import DatasetInfo, Neighbors, Prediction
 from floworacle.protocol import RequestError, pb, pb_grpc
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["OracleClient"]
 
@@ -118,25 +122,7 @@ class OracleClient(ClientBase):
 
     # -- oracle ------------------------------------------------------------------------------
 
-    def velocity(
-        self,
-        x_t: Any,
-        t: Any,
-        *,
-        dataset: str | None = None,
-        path: str = "linear",
-        sigma_min: float = 0.0,
-        coefficients: Any = None,
-        labels: Any = None,
-        exclude: Any = None,
-        guidance: float | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        precision: str = "exact",
-        convention: str = "standard",
-        fingerprint: str | None = None,
-        wire_dtype: str | None = None,
-        timeout: float | None = None,
-    ) -> Any:
+    def velocity(self, x_t: Any, t: Any, **options: Unpack[OracleOptions]) -> Any:
         """Oracle velocity ``u = d_alpha_t x1_hat + d_sigma_t eps_hat`` of each query.
 
         Args:
@@ -144,24 +130,16 @@ class OracleClient(ClientBase):
                 float16, bfloat16 or float64).
             t: (B,) or scalar times (t = 0 noise, t = 1 data); with ``convention="reversed"`` this
                 is s (s = 1 noise) and the answer is the reversed target ``noise - data``.
-            dataset, fingerprint: data set name and optional fingerprint pin (client defaults if None).
-            path, sigma_min, coefficients: named path, or per-query custom coefficients (a
-                PathCoefficients or a mapping alpha, sigma, d_alpha, d_sigma of (B,) arrays).
-            labels: (B,) int class labels: class-conditional oracle; with ``guidance`` (CFG
-                scale w) the guided ``u + w (u(x | y) - u)`` inside ``guidance_interval``.
-            precision: "exact" (float64-accurate) or "fast" (with an error bound).
-            wire_dtype: overrides the client's wire dtype for this call.
-            timeout: seconds for the whole call (client default if None).
+            options: :class:`~floworacle.OracleOptions`: dataset, fingerprint, path, sigma_min,
+                coefficients, labels (class-conditional; with ``guidance`` the guided
+                ``u + w (u(x | y) - u)`` inside ``guidance_interval``), exclude, precision
+                ("exact" or "fast"), convention, wire_dtype, timeout.
 
         Returns:
             (B, *sample_shape) in the caller's array type, dtype and device.
         """
-        plan = self._plan_oracle(
-            x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, labels=labels, exclude=exclude, guidance=guidance, guidance_interval=guidance_interval,
-            precision=precision, convention=convention, outputs=("velocity",),
-        )  # fmt: skip
-        return self._run(plan, timeout).velocity
+        plan = self._plan_oracle(x_t, t, oracle_options("velocity", options), outputs=("velocity",))
+        return self._run(plan, options.get("timeout")).velocity
 
     def predict(
         self,
@@ -170,60 +148,25 @@ class OracleClient(ClientBase):
         *,
         outputs: Sequence[str] = ALL_OUTPUTS,
         top_k: int = 8,
-        dataset: str | None = None,
-        path: str = "linear",
-        sigma_min: float = 0.0,
-        coefficients: Any = None,
-        labels: Any = None,
-        exclude: Any = None,
-        guidance: float | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        precision: str = "exact",
-        convention: str = "standard",
-        fingerprint: str | None = None,
-        wire_dtype: str | None = None,
-        timeout: float | None = None,
+        **options: Unpack[OracleOptions],
     ) -> Prediction:
         """Several oracle outputs at once (see :class:`~floworacle.Prediction`); arguments as in
         :meth:`velocity`, plus ``outputs`` (names from velocity, x1_hat, eps_hat, score, topk,
-        entropy, ess) and ``top_k`` (used by "topk")."""
+        entropy, ess, variance) and ``top_k`` (used by "topk")."""
         top = top_k if "topk" in outputs else 0
-        plan = self._plan_oracle(
-            x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, labels=labels, exclude=exclude, guidance=guidance, guidance_interval=guidance_interval,
-            precision=precision, convention=convention, outputs=tuple(outputs), top_k=top,
-        )  # fmt: skip
-        return self._run(plan, timeout)  # type: ignore[no-any-return]
+        plan = self._plan_oracle(x_t, t, oracle_options("predict", options), outputs=outputs, top_k=top)
+        return self._run(plan, options.get("timeout"))  # type: ignore[no-any-return]
 
-    def nearest(
-        self,
-        x: Any,
-        k: int = 1,
-        *,
-        dataset: str | None = None,
-        t: Any = None,
-        path: str = "linear",
-        sigma_min: float = 0.0,
-        coefficients: Any = None,
-        convention: str = "standard",
-        exclude: Any = None,
-        exact: bool | None = None,
-        nprobe: int = 0,
-        space: str = "data",
-        fingerprint: str | None = None,
-        timeout: float | None = None,
-    ) -> Neighbors:
+    def nearest(self, x: Any, k: int = 1, **options: Unpack[NearestOptions]) -> Neighbors:
         """The ``k`` nearest training samples (exact L2) of each row of ``x`` (B, *sample_shape).
 
-        With ``t`` (or coefficients) the rows are x_t and the search is for ``x_t / alpha_t``:
-        the first neighbour is then the sample of largest posterior weight.
+        ``options``: :class:`~floworacle.NearestOptions` (dataset, t, path, sigma_min, coefficients,
+        convention, exclude, exact, nprobe, space, fingerprint, timeout). With ``t`` (or
+        coefficients) the rows are x_t and the search is for ``x_t / alpha_t``: the first neighbour
+        is then the sample of largest posterior weight.
         """
-        plan = self._plan_nearest(
-            x, k, dataset=dataset, fingerprint=fingerprint, t=t, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, convention=convention, exclude=exclude, exact=exact, nprobe=nprobe,
-            space=space,
-        )  # fmt: skip
-        return self._run(plan, timeout)  # type: ignore[no-any-return]
+        plan = self._plan_nearest(x, k, nearest_options("nearest", options))
+        return self._run(plan, options.get("timeout"))  # type: ignore[no-any-return]
 
     # -- data sets ---------------------------------------------------------------------------
 
@@ -249,35 +192,31 @@ class OracleClient(ClientBase):
         top_k: int = 0,
         max_in_flight: int = 4,
         return_errors: bool = False,
-        timeout: float | None = None,
-        dataset: str | None = None,
-        fingerprint: str | None = None,
-        wire_dtype: str | None = None,
-        **options: Any,
+        **options: Unpack[OracleOptions],
     ) -> Iterator[Prediction | OracleError]:
         """Pipelined oracle over one bidirectional stream.
 
-        ``items`` yields ``(x_t, t)``, ``(x_t, t, labels)`` or mappings (x_t, t, labels,
-        coefficients); ``options`` are the shared keyword arguments of :meth:`predict` (path,
-        sigma_min, guidance, guidance_interval, precision, convention). Up to ``max_in_flight``
-        messages are outstanding while answers come back; answers are matched to items by
-        request id and yielded in item order. An item the server rejects raises its
-        :class:`OracleError` (or yields it with ``return_errors=True``; the stream goes on).
-        ``timeout`` bounds the whole stream (None: no deadline). Not retried.
+        ``items`` yields ``(x_t, t)``, ``(x_t, t, labels)`` or mappings (x_t, t, labels, exclude,
+        coefficients); ``options`` are :meth:`predict`'s (:class:`~floworacle.OracleOptions`), shared
+        by every item (an item's own labels, exclude or coefficients take precedence), and
+        ``timeout`` bounds the whole stream (None: no deadline). Up to ``max_in_flight`` messages
+        are outstanding while answers come back; answers are matched to items by request id and
+        yielded in item order. An item the server rejects raises its :class:`OracleError` (or
+        yields it with ``return_errors=True``; the stream goes on). Not retried.
         """
         self._check_open()
+        oracle_options("predict_stream", options)
         if max_in_flight < 1:
             raise RequestError(f"max_in_flight must be >= 1, got {max_in_flight}")
         top = top_k if "topk" in outputs else 0
+        shared = {k: v for k, v in options.items() if k != "timeout"}
 
         def plan_of(item: Any) -> Plan[Prediction]:
             fields = stream_item(item)
-            return self._plan_oracle(
-                fields.pop("x_t"), fields.pop("t"), dataset=dataset, fingerprint=fingerprint,
-                wire_dtype=wire_dtype, outputs=tuple(outputs), top_k=top, **fields, **options,
-            )  # fmt: skip
+            x_t, t = fields.pop("x_t"), fields.pop("t")
+            return self._plan_oracle(x_t, t, {**shared, **fields}, outputs=outputs, top_k=top)
 
-        yield from self._stream(items, plan_of, max_in_flight, return_errors, timeout)
+        yield from self._stream(items, plan_of, max_in_flight, return_errors, options.get("timeout"))
 
     def velocity_stream(self, items: Iterable[Any], **kwargs: Any) -> Iterator[Any]:
         """Like :meth:`predict_stream` with the velocity only: yields arrays (or OracleError

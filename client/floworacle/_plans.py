@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -25,16 +25,13 @@ from floworacle.protocol import (
     MESSAGE_OVERHEAD,
     OUTPUTS,
     CodecError,
+    NearestQuery,
     OracleError,
-    OutputSpec,
+    OracleQuery,
     RequestError,
-    WireDType,
     dtype_by_enum,
-    dtype_by_name,
-    encode,
-    encode_array,
-    fill_rows,
     is_torch,
+    output_by_name,
     pb,
     rules,
     to_like,
@@ -52,8 +49,6 @@ __all__ = [
 ]
 
 R = TypeVar("R")
-
-_COEFFICIENTS = ("alpha", "sigma", "d_alpha", "d_sigma")
 
 
 @dataclass(frozen=True)
@@ -122,104 +117,6 @@ class Plan(Generic[R]):
             request.fingerprint = first.fingerprint
 
 
-# ----------------------------------------------------------------------------------------------
-# input checks
-
-
-def _batch_array(x: Any, name: str) -> Any:
-    """numpy array or torch tensor of shape (B, ...) with a float dtype the wire carries."""
-    if is_torch(x):
-        if not x.is_floating_point():
-            raise RequestError(f"{name} must be a floating tensor, got {x.dtype}; convert it with .float()")
-        arr = x
-    else:
-        arr = np.asarray(x)
-        if arr.dtype.kind != "f":
-            raise RequestError(
-                f"{name} must be a floating array, got dtype {arr.dtype}; convert it with .astype(np.float32)"
-            )
-        if arr.dtype.name not in FLOAT_DTYPES:
-            arr = arr.astype(np.float64)
-    rules.check_batch_shape(tuple(arr.shape), name)
-    return arr
-
-
-def _float_vector(v: Any, batch: int, name: str) -> np.ndarray:
-    """Scalar or (B,) array / tensor -> numpy (B,) float64."""
-    if is_torch(v):
-        v = v.detach().cpu().double().numpy()
-    a = np.asarray(v)
-    if a.dtype.kind not in "iuf" or a.dtype.kind == "b":
-        raise RequestError(f"{name} must be numbers, got dtype {a.dtype}")
-    a = a.astype(np.float64)
-    if a.ndim == 0:
-        a = np.full((batch,), a, dtype=np.float64)
-    if a.shape != (batch,):
-        raise RequestError(f"{name} must be a scalar or have shape ({batch},), one per query, got {tuple(a.shape)}")
-    return a
-
-
-def _wire_name(arr: Any, wire_dtype: str | None) -> str:
-    if wire_dtype is not None:
-        if wire_dtype not in FLOAT_DTYPES:
-            raise RequestError(f"wire_dtype must be one of {list(FLOAT_DTYPES)} or None, got {wire_dtype!r}")
-        return wire_dtype
-    name = str(arr.dtype).removeprefix("torch.") if is_torch(arr) else arr.dtype.name
-    return name if name in FLOAT_DTYPES else "float32"
-
-
-def _coefficients(coefficients: Any, batch: int) -> paths.PathCoefficients:
-    if isinstance(coefficients, paths.PathCoefficients):
-        values = [getattr(coefficients, k) for k in _COEFFICIENTS]
-    elif isinstance(coefficients, Mapping):
-        missing = [k for k in _COEFFICIENTS if k not in coefficients]
-        if missing:
-            raise RequestError(f"custom path coefficients need all of {list(_COEFFICIENTS)}; missing {missing}")
-        values = [coefficients[k] for k in _COEFFICIENTS]
-    elif isinstance(coefficients, Sequence) and len(coefficients) == 4:
-        values = list(coefficients)
-    else:
-        raise RequestError(
-            "coefficients must be a PathCoefficients, a mapping with alpha, sigma, d_alpha, d_sigma, or a 4-tuple"
-        )
-    vectors = []
-    for name, v in zip(_COEFFICIENTS, values, strict=True):
-        try:
-            a = np.asarray(v.detach().cpu().double().numpy() if is_torch(v) else v, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise RequestError(f"path.custom.{name} must be numbers (a scalar or shape ({batch},))") from None
-        vectors.append(np.full(batch, float(a.reshape(-1)[0])) if a.size == 1 else a)  # a scalar applies to all
-    return rules.custom_coefficients(vectors, batch)
-
-
-def _path_spec(batch: int, t: np.ndarray | None, path: str, sigma_min: float, coefficients: Any) -> pb.PathSpec:
-    """The request's PathSpec; named paths are validated here so a bad t fails before any I/O."""
-    if coefficients is not None:
-        c = _coefficients(coefficients, batch)
-        return pb.PathSpec(custom=pb.CustomCoefficients(**{k: encode(getattr(c, k)) for k in _COEFFICIENTS}))
-    if t is None:
-        raise RequestError("t is required with a named path; pass t (shape (B,) or a scalar) or custom coefficients")
-    rules.named_coefficients(path, sigma_min, t)
-    return pb.PathSpec(named=pb.NamedPath(name=path, sigma_min=float(sigma_min)))
-
-
-def _times(t: Any, batch: int, convention: str, path: str, coefficients: Any) -> np.ndarray | None:
-    rules.check_convention(convention)
-    if t is None:
-        if convention == "reversed":
-            raise RequestError("the reversed convention needs s (pass it as t)")
-        return None
-    tv = rules.check_times(_float_vector(t, batch, "t"), batch)
-    if convention == "reversed":
-        if coefficients is not None or path != "linear":
-            raise RequestError(
-                "convention='reversed' is the linear path with t = 1 - s (SD3 / Flux); "
-                "use path='linear' without custom coefficients"
-            )
-        tv = paths.reversed_to_t(tv)
-    return tv
-
-
 def _rows_per_message(batch: int, request_row: int, response_row: int, fixed: int, limit: int, max_rows: int) -> int:
     if batch == 0:
         return 1
@@ -235,17 +132,6 @@ def _rows_per_message(batch: int, request_row: int, response_row: int, fixed: in
 
 def _chunks(batch: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(batch, start + rows)) for start in range(0, max(batch, 1), rows)]
-
-
-def _vector_encoding(v: np.ndarray | None, dtype: str) -> tuple[WireDType, tuple[int, ...], np.ndarray] | None:
-    return encode_array(v, dtype) if v is not None else None
-
-
-def _coefficient_encodings(custom: pb.CustomCoefficients | None) -> dict[str, Any]:
-    """The custom coefficients (already encoded whole) as row-sliceable encodings."""
-    if custom is None:
-        return {}
-    return {k: encode_array(np.frombuffer(getattr(custom, k).data, "<f8"), "float64") for k in _COEFFICIENTS}
 
 
 def _join_rows(parts: list[pb.Tensor], field_name: str) -> pb.Tensor:
@@ -290,161 +176,49 @@ def _field(responses: list[Any], name: str, rows: int) -> pb.Tensor | None:
 # oracle
 
 
-@dataclass(frozen=True)
-class _OracleArgs:
-    """The checked arguments of an oracle call (what the request messages are made of)."""
-
-    arr: Any
-    batch: int
-    outputs: tuple[OutputSpec, ...]
-    top_k: int
-    precision: int
-    spec: pb.PathSpec
-    t: np.ndarray | None
-    labels: np.ndarray | None
-    exclude: np.ndarray | None
-    guidance: pb.Guidance | None
-    wire: WireDType
-    negate: bool
+def _like(x: Any) -> Any:
+    """What the answers are converted to: the caller's array, or float64 for a float dtype the wire lacks."""
+    if is_torch(x):
+        return x
+    a = np.asarray(x)
+    return a if a.dtype.kind != "f" or a.dtype.name in FLOAT_DTYPES else a.astype(np.float64)
 
 
-def _oracle_args(
-    x_t: Any,
-    t: Any,
-    *,
-    path: str,
-    sigma_min: float,
-    coefficients: Any,
-    labels: Any,
-    exclude: Any,
-    guidance: float | None,
-    guidance_interval: tuple[float, float] | None,
-    precision: str,
-    convention: str,
-    outputs: Sequence[str],
-    top_k: Any,
-    wire_dtype: str | None,
-) -> _OracleArgs:
-    arr = _batch_array(x_t, "x_t")
-    batch = int(arr.shape[0])
-    outs = rules.outputs_from_names(outputs)
-    k = rules.integer(top_k, "top_k")
-    rules.check_top_k(k, any(o.name == "topk" for o in outs))
-    prec = rules.precision_from_name(precision)
-    tv = _times(t, batch, convention, path, coefficients)
-    spec = _path_spec(batch, tv, path, sigma_min, coefficients)
-    lab = None
-    if labels is not None:
-        lab = rules.int_vector(labels, batch, "labels")
-        rules.check_labels(lab, batch)
-    exc = None
-    if exclude is not None:
-        exc = rules.int_vector(exclude, batch, "exclude")
-        rules.check_exclude(exc, batch)
-    guide = None
-    if guidance is not None:
-        if lab is None:
-            raise RequestError(rules.GUIDANCE_NEEDS_LABELS)
-        if guidance_interval is None:
-            lo, hi = 0.0, 1.0
-        elif isinstance(guidance_interval, Sequence) and len(guidance_interval) == 2:
-            lo, hi = (float(v) for v in guidance_interval)
-        else:
-            raise RequestError(f"guidance_interval must be (lo, hi), got {guidance_interval!r}")
-        if convention == "reversed":
-            lo, hi = 1.0 - hi, 1.0 - lo
-        scale, lo, hi = rules.check_guidance(float(guidance), lo, hi)
-        if tv is None:
-            raise RequestError(rules.GUIDANCE_NEEDS_T)
-        guide = pb.Guidance(scale=scale, t_lo=lo, t_hi=hi)
-    elif guidance_interval is not None:
-        raise RequestError("guidance_interval needs guidance (the CFG scale)")
-    return _OracleArgs(
-        arr=arr,
-        batch=batch,
-        outputs=outs,
-        top_k=k,
-        precision=prec,
-        spec=spec,
-        t=tv,
-        labels=lab,
-        exclude=exc,
-        guidance=guide,
-        wire=dtype_by_name(_wire_name(arr, wire_dtype)),
-        negate=convention == "reversed",
-    )
+def _chunked(query: Any, request_row: int, response_row: int, limit: int, max_rows: int) -> list[Any]:
+    """The query's messages: rows cut so that each request and its answer fit the message limit."""
+    fixed = len(query.dataset) + len(query.fingerprint)
+    rows = _rows_per_message(query.rows, request_row, response_row, fixed, limit, max_rows)
+    return [query.to_request(start, stop) for start, stop in _chunks(query.rows, rows)]
 
 
 def build_oracle(
     x_t: Any,
     t: Any,
     *,
-    dataset: str,
-    fingerprint: str,
-    path: str = "linear",
-    sigma_min: float = 0.0,
-    coefficients: Any = None,
-    labels: Any = None,
-    exclude: Any = None,
-    guidance: float | None = None,
-    guidance_interval: tuple[float, float] | None = None,
-    precision: str = "exact",
-    convention: str = "standard",
     outputs: Sequence[str] = ("velocity",),
     top_k: Any = 0,
-    wire_dtype: str | None = None,
     max_message_bytes: int,
     max_request_rows: int,
+    **options: Any,
 ) -> Plan[Prediction]:
     """Plan an Oracle call for ``x_t`` (B, *sample_shape) at times ``t`` (B,) or a scalar.
 
-    In the reversed convention ``t`` holds s (noise at s = 1), sent as ``1 - s``; the velocity
-    comes back negated (target noise - data) and ``guidance_interval`` is read in s as well.
-    Raises :class:`~floworacle.protocol.RequestError` for arguments that break a request rule.
+    ``options`` are :class:`~floworacle.protocol.OracleQuery.build`'s (the SDK's option list, with
+    data set and fingerprint resolved). In the reversed convention ``t`` holds s (noise at s = 1),
+    sent as ``1 - s``; the velocity comes back negated (target noise - data) and
+    ``guidance_interval`` is read in s as well. Raises :class:`~floworacle.protocol.RequestError`
+    for arguments that break a request rule.
     """
-    a = _oracle_args(
-        x_t, t, path=path, sigma_min=sigma_min, coefficients=coefficients, labels=labels, exclude=exclude,
-        guidance=guidance, guidance_interval=guidance_interval, precision=precision, convention=convention,
-        outputs=outputs, top_k=top_k, wire_dtype=wire_dtype,
-    )  # fmt: skip
-    x_enc = encode_array(a.arr, a.wire.name)
-    dim = math.prod(int(s) for s in a.arr.shape[1:])
-    n_sample = sum(o.kind == "sample" for o in a.outputs)
-    request_row = dim * a.wire.itemsize + 8 * 7 + 32
-    response_row = n_sample * dim * a.wire.itemsize + a.top_k * 16 + 8 * 6 + 32
-    rows = _rows_per_message(
-        a.batch, request_row, response_row, len(dataset) + len(fingerprint), max_message_bytes, max_request_rows
-    )
-    vectors = {
-        "t": _vector_encoding(a.t, "float64"),
-        "labels": _vector_encoding(a.labels, "int64"),
-        "exclude": _vector_encoding(a.exclude, "int64"),
-    }
-    custom = a.spec.custom if a.spec.HasField("custom") else None
-    coef_enc = _coefficient_encodings(custom)
-    requests = []
-    for start, stop in _chunks(a.batch, rows):
-        req = pb.OracleRequest(
-            dataset=dataset,
-            fingerprint=fingerprint,
-            outputs=[o.enum for o in a.outputs],  # type: ignore[misc]
-            top_k=a.top_k,
-            precision=a.precision,  # type: ignore[arg-type]
-            output_dtype=a.wire.enum,  # type: ignore[arg-type]
-        )
-        fill_rows(req.x_t, x_enc, start, stop)
-        for name, enc in vectors.items():
-            if enc is not None:
-                fill_rows(getattr(req, name), enc, start, stop)
-        if custom is not None:
-            for k in _COEFFICIENTS:
-                fill_rows(getattr(req.path.custom, k), coef_enc[k], start, stop)
-        else:
-            req.path.CopyFrom(a.spec)
-        if a.guidance is not None:
-            req.guidance.CopyFrom(a.guidance)
-        requests.append(req)
+    q = OracleQuery.build(x_t, t, outputs=outputs, top_k=top_k, **options)
+    negate = options.get("convention") == "reversed"
+    x = q.x_t
+    dim = math.prod(x.shape[1:])
+    n_sample = sum(output_by_name(o).kind == "sample" for o in q.outputs)  # type: ignore[union-attr]
+    request_row = dim * x.dtype.itemsize + 8 * 7 + 32
+    response_row = n_sample * dim * x.dtype.itemsize + q.top_k * 16 + 8 * 6 + 32
+    requests = _chunked(q, request_row, response_row, max_message_bytes, max_request_rows)
     fields = [f for o in OUTPUTS for f in o.fields if o.kind != "sample"] + list(BOUND_FIELDS)
+    like = _like(x_t)
 
     def finish(responses: list[Any]) -> Prediction:
         _check_same_fingerprint(responses)
@@ -452,17 +226,17 @@ def build_oracle(
         for o in OUTPUTS:
             if o.kind != "sample":
                 continue
-            joined = _field(responses, o.name, a.batch)
+            joined = _field(responses, o.name, q.rows)
             if joined is not None:
-                values[o.name] = to_like(joined, a.arr, o.name)
-            elif o in a.outputs:
+                values[o.name] = to_like(joined, like, o.name)
+            elif o.name in q.outputs:
                 raise OracleError(grpc.StatusCode.INTERNAL, f"server did not answer the requested output {o.name}")
-        if a.negate and "velocity" in values:
+        if negate and "velocity" in values:
             values["velocity"] = paths.velocity_to_reversed(values["velocity"])
         for name in fields:
-            joined = _field(responses, name, a.batch)
+            joined = _field(responses, name, q.rows)
             if joined is not None:
-                values[name] = to_like(joined, a.arr, name, keep_wire_dtype=True)
+                values[name] = to_like(joined, like, name, keep_wire_dtype=True)
         first = responses[0]
         return Prediction(
             dataset=first.dataset,
@@ -482,65 +256,19 @@ def build_nearest(
     x: Any,
     k: Any,
     *,
-    dataset: str,
-    fingerprint: str,
-    t: Any = None,
-    path: str = "linear",
-    sigma_min: float = 0.0,
-    coefficients: Any = None,
-    convention: str = "standard",
-    exclude: Any = None,
-    exact: bool | None = None,
-    nprobe: Any = 0,
-    space: str = "data",
     max_message_bytes: int,
     max_request_rows: int,
+    **options: Any,
 ) -> Plan[Neighbors]:
     """Plan a Nearest call: the ``k`` nearest training samples of ``x`` (B, *sample_shape); with
-    ``t`` (or coefficients) the points are x_t and the search is for ``x_t / alpha_t``."""
-    arr = _batch_array(x, "x")
-    batch = int(arr.shape[0])
-    kk = rules.integer(k, "k")
-    rules.check_k(kk)
-    probes = rules.integer(nprobe, "nprobe")
-    if exact is not None and not isinstance(exact, bool | np.bool_):
-        raise RequestError(f"exact must be True, False or None (the server's choice), got {exact!r}")
-    rules.check_nearest_mode(exact, probes)
-    space_enum = rules.space_from_name(space)
-    tv = _times(t, batch, convention, path, coefficients)
-    spec = (
-        _path_spec(batch, tv, path, sigma_min, coefficients) if (tv is not None or coefficients is not None) else None
-    )
-    exc = None
-    if exclude is not None:
-        exc = rules.int_vector(exclude, batch, "exclude")
-        rules.check_exclude(exc, batch)
-    wire = _wire_name(arr, None)
-    x_enc = encode_array(arr, wire)
-    dim = math.prod(int(s) for s in arr.shape[1:])
-    request_row = dim * dtype_by_name(wire).itemsize + 8 * 6 + 32
-    response_row = kk * 32
-    rows = _rows_per_message(
-        batch, request_row, response_row, len(dataset) + len(fingerprint), max_message_bytes, max_request_rows
-    )
-    vectors = {"t": _vector_encoding(tv, "float64"), "exclude": _vector_encoding(exc, "int64")}
-    custom = spec.custom if spec is not None and spec.HasField("custom") else None
-    coef_enc = _coefficient_encodings(custom)
-    requests = []
-    for start, stop in _chunks(batch, rows):
-        req = pb.NearestRequest(dataset=dataset, fingerprint=fingerprint, k=kk, nprobe=probes, space=space_enum)  # type: ignore[arg-type]
-        if exact is not None:
-            req.exact = bool(exact)
-        fill_rows(req.x, x_enc, start, stop)
-        for name, enc in vectors.items():
-            if enc is not None:
-                fill_rows(getattr(req, name), enc, start, stop)
-        if custom is not None:
-            for n in _COEFFICIENTS:
-                fill_rows(getattr(req.path.custom, n), coef_enc[n], start, stop)
-        elif spec is not None:
-            req.path.CopyFrom(spec)
-        requests.append(req)
+    ``t`` (or coefficients) the points are x_t and the search is for ``x_t / alpha_t``. ``options``
+    are :class:`~floworacle.protocol.NearestQuery.build`'s."""
+    q = NearestQuery.build(x, k, **options)
+    points = q.x
+    dim = math.prod(points.shape[1:])
+    requests = _chunked(q, dim * points.dtype.itemsize + 8 * 6 + 32, q.k * 32, max_message_bytes, max_request_rows)
+    batch = q.rows
+    like = _like(x)
 
     def finish(responses: list[Any]) -> Neighbors:
         _check_same_fingerprint(responses)
@@ -551,10 +279,10 @@ def build_nearest(
         lab = _field(responses, "labels", batch)
         sim = _field(responses, "similarities", batch)
         return Neighbors(
-            indices=to_like(idx, arr, "indices", keep_wire_dtype=True),
-            distances=to_like(dist, arr, "distances", keep_wire_dtype=True),
-            labels=to_like(lab, arr, "labels", keep_wire_dtype=True) if lab is not None else None,
-            similarities=to_like(sim, arr, "similarities", keep_wire_dtype=True) if sim is not None else None,
+            indices=to_like(idx, like, "indices", keep_wire_dtype=True),
+            distances=to_like(dist, like, "distances", keep_wire_dtype=True),
+            labels=to_like(lab, like, "labels", keep_wire_dtype=True) if lab is not None else None,
+            similarities=to_like(sim, like, "similarities", keep_wire_dtype=True) if sim is not None else None,
             approximate=any(bool(r.approximate) for r in responses),
             dataset=responses[0].dataset,
             fingerprint=responses[0].fingerprint,

@@ -7,16 +7,20 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
-from floworacle._base import ALL_OUTPUTS, ClientBase, closed_error, stream_item
+from floworacle._base import ALL_OUTPUTS, ClientBase, closed_error, nearest_options, oracle_options, stream_item
 from floworacle._errors import OracleError, error_from_code, translate_rpc_error
+from floworacle._options import NearestOptions, OracleOptions
 from floworacle._plans import Plan, deadline_error, is_connection_error, parse_dataset_info, unreachable_error
 from floworacle._results import DatasetInfo, Neighbors, Prediction
 from floworacle.protocol import RequestError, pb, pb_grpc
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["AsyncOracleClient"]
 
@@ -96,32 +100,10 @@ class AsyncOracleClient(ClientBase):
 
     # -- oracle ------------------------------------------------------------------------------
 
-    async def velocity(
-        self,
-        x_t: Any,
-        t: Any,
-        *,
-        dataset: str | None = None,
-        path: str = "linear",
-        sigma_min: float = 0.0,
-        coefficients: Any = None,
-        labels: Any = None,
-        exclude: Any = None,
-        guidance: float | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        precision: str = "exact",
-        convention: str = "standard",
-        fingerprint: str | None = None,
-        wire_dtype: str | None = None,
-        timeout: float | None = None,
-    ) -> Any:
+    async def velocity(self, x_t: Any, t: Any, **options: Unpack[OracleOptions]) -> Any:
         """See :meth:`floworacle.OracleClient.velocity`."""
-        plan = self._plan_oracle(
-            x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, labels=labels, exclude=exclude, guidance=guidance, guidance_interval=guidance_interval,
-            precision=precision, convention=convention, outputs=("velocity",),
-        )  # fmt: skip
-        return (await self._run(plan, timeout)).velocity
+        plan = self._plan_oracle(x_t, t, oracle_options("velocity", options), outputs=("velocity",))
+        return (await self._run(plan, options.get("timeout"))).velocity
 
     async def predict(
         self,
@@ -130,54 +112,17 @@ class AsyncOracleClient(ClientBase):
         *,
         outputs: Sequence[str] = ALL_OUTPUTS,
         top_k: int = 8,
-        dataset: str | None = None,
-        path: str = "linear",
-        sigma_min: float = 0.0,
-        coefficients: Any = None,
-        labels: Any = None,
-        exclude: Any = None,
-        guidance: float | None = None,
-        guidance_interval: tuple[float, float] | None = None,
-        precision: str = "exact",
-        convention: str = "standard",
-        fingerprint: str | None = None,
-        wire_dtype: str | None = None,
-        timeout: float | None = None,
+        **options: Unpack[OracleOptions],
     ) -> Prediction:
         """See :meth:`floworacle.OracleClient.predict`."""
         top = top_k if "topk" in outputs else 0
-        plan = self._plan_oracle(
-            x_t, t, dataset=dataset, fingerprint=fingerprint, wire_dtype=wire_dtype, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, labels=labels, exclude=exclude, guidance=guidance, guidance_interval=guidance_interval,
-            precision=precision, convention=convention, outputs=tuple(outputs), top_k=top,
-        )  # fmt: skip
-        return await self._run(plan, timeout)  # type: ignore[no-any-return]
+        plan = self._plan_oracle(x_t, t, oracle_options("predict", options), outputs=outputs, top_k=top)
+        return await self._run(plan, options.get("timeout"))  # type: ignore[no-any-return]
 
-    async def nearest(
-        self,
-        x: Any,
-        k: int = 1,
-        *,
-        dataset: str | None = None,
-        t: Any = None,
-        path: str = "linear",
-        sigma_min: float = 0.0,
-        coefficients: Any = None,
-        convention: str = "standard",
-        exclude: Any = None,
-        exact: bool | None = None,
-        nprobe: int = 0,
-        space: str = "data",
-        fingerprint: str | None = None,
-        timeout: float | None = None,
-    ) -> Neighbors:
+    async def nearest(self, x: Any, k: int = 1, **options: Unpack[NearestOptions]) -> Neighbors:
         """See :meth:`floworacle.OracleClient.nearest`."""
-        plan = self._plan_nearest(
-            x, k, dataset=dataset, fingerprint=fingerprint, t=t, path=path, sigma_min=sigma_min,
-            coefficients=coefficients, convention=convention, exclude=exclude, exact=exact, nprobe=nprobe,
-            space=space,
-        )  # fmt: skip
-        return await self._run(plan, timeout)  # type: ignore[no-any-return]
+        plan = self._plan_nearest(x, k, nearest_options("nearest", options))
+        return await self._run(plan, options.get("timeout"))  # type: ignore[no-any-return]
 
     async def datasets(self, *, timeout: float | None = None) -> list[DatasetInfo]:
         """Every data set the server holds."""
@@ -201,14 +146,13 @@ class AsyncOracleClient(ClientBase):
         top_k: int = 0,
         max_in_flight: int = 4,
         return_errors: bool = False,
-        timeout: float | None = None,
-        dataset: str | None = None,
-        fingerprint: str | None = None,
-        wire_dtype: str | None = None,
-        **options: Any,
+        **options: Unpack[OracleOptions],
     ) -> AsyncIterator[Prediction | OracleError]:
         """See :meth:`floworacle.OracleClient.predict_stream`; ``items`` may be an async iterable."""
         self._check_open()
+        oracle_options("predict_stream", options)
+        timeout = options.get("timeout")
+        shared = {k: v for k, v in options.items() if k != "timeout"}
         if max_in_flight < 1:
             raise RequestError(f"max_in_flight must be >= 1, got {max_in_flight}")
         top = top_k if "topk" in outputs else 0
@@ -230,10 +174,8 @@ class AsyncOracleClient(ClientBase):
                 n = 0
                 async for item in source():
                     fields = stream_item(item)
-                    plan = self._plan_oracle(
-                        fields.pop("x_t"), fields.pop("t"), dataset=dataset, fingerprint=fingerprint,
-                        wire_dtype=wire_dtype, outputs=tuple(outputs), top_k=top, **fields, **options,
-                    )  # fmt: skip
+                    x_t, t = fields.pop("x_t"), fields.pop("t")
+                    plan = self._plan_oracle(x_t, t, {**shared, **fields}, outputs=outputs, top_k=top)
                     plans[n] = plan
                     order.append(n)
                     for j, req in enumerate(plan.requests):

@@ -11,7 +11,7 @@ numpy arrays and on torch tensors (torch is optional for this module).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 __all__ = [
     "SIGMA_FLOOR",
     "PathCoefficients",
+    "COEFFICIENT_NAMES",
     "Path",
     "LinearPath",
     "CosinePath",
@@ -55,9 +56,9 @@ class PathCoefficients:
     d_sigma: np.ndarray
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "sigma", "d_alpha", "d_sigma"):
+        for name in COEFFICIENT_NAMES:
             object.__setattr__(self, name, np.atleast_1d(np.asarray(getattr(self, name), dtype=np.float64)))
-        shapes = {getattr(self, n).shape for n in ("alpha", "sigma", "d_alpha", "d_sigma")}
+        shapes = {getattr(self, n).shape for n in COEFFICIENT_NAMES}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1:
             raise ValueError(f"path coefficients must be 1-D arrays of one length, got shapes {sorted(shapes)}")
 
@@ -76,7 +77,7 @@ class PathCoefficients:
 
     def validate(self) -> None:
         """Raise ValueError (with what to change) unless every query is inside the oracle's domain."""
-        for name in ("alpha", "sigma", "d_alpha", "d_sigma"):
+        for name in COEFFICIENT_NAMES:
             v = getattr(self, name)
             bad = ~np.isfinite(v)
             if bad.any():
@@ -95,8 +96,17 @@ class PathCoefficients:
             )
 
     def take(self, index: Any) -> PathCoefficients:
-        """The coefficients of a subset of the queries (numpy index or mask)."""
-        return PathCoefficients(self.alpha[index], self.sigma[index], self.d_alpha[index], self.d_sigma[index])
+        """The coefficients of a subset of the queries (numpy index, slice or mask)."""
+        return PathCoefficients(*(getattr(self, n)[index] for n in COEFFICIENT_NAMES))
+
+    @staticmethod
+    def concat(parts: list[PathCoefficients]) -> PathCoefficients:
+        """The coefficients of several batches, one after the other."""
+        return PathCoefficients(*(np.concatenate([getattr(p, n) for p in parts]) for n in COEFFICIENT_NAMES))
+
+
+#: The coefficients' names, in order (the fields of :class:`PathCoefficients`).
+COEFFICIENT_NAMES: tuple[str, ...] = tuple(f.name for f in fields(PathCoefficients))
 
 
 def custom_coefficients(alpha: Any, sigma: Any, d_alpha: Any, d_sigma: Any) -> PathCoefficients:

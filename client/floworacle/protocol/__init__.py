@@ -5,7 +5,9 @@
 * the codec: the one dtype table and numpy / torch <-> ``floworacle.v1.Tensor``;
 * the tables: outputs and the response fields they fill, precisions, spaces, conventions;
 * gRPC message limits, request limits and channel options for both sides;
-* the request rules, each with its one message, and the errors they raise.
+* the request rules, each with its one message, and the errors they raise;
+* the queries: one typed object per RPC (:class:`OracleQuery`, :class:`NearestQuery`) that the SDK
+  builds, the server reads and checks, the batcher merges and the engine computes with.
 
 Messages are plain protobuf both ways: what protobuf's own serializer writes and its parser reads.
 """
@@ -15,15 +17,14 @@ from floworacle.protocol._codec import (
     DTYPES,
     FLOAT_DTYPES,
     CodecError,
+    WireArray,
     WireDType,
     decode,
     decode_torch,
     dtype_by_enum,
     dtype_by_name,
     encode,
-    encode_array,
     fill,
-    fill_rows,
     is_torch,
     to_like,
 )
@@ -36,6 +37,21 @@ from floworacle.protocol._limits import (
     MESSAGE_OVERHEAD,
     channel_options,
     server_options,
+)
+from floworacle.protocol._query import (
+    CUSTOM_PATH,
+    MERGED,
+    OWN,
+    ROWS,
+    SHARED,
+    DatasetFacts,
+    Guidance,
+    NearestQuery,
+    OracleQuery,
+    SpaceFacts,
+    from_parts,
+    to_parts,
+    wire_dtype_name,
 )
 from floworacle.protocol._tables import (
     BOUND_FIELDS,
@@ -63,18 +79,30 @@ __all__ = [
     "RequestError",
     "CodecError",
     "WireDType",
+    "WireArray",
     "DTYPES",
     "FLOAT_DTYPES",
     "dtype_by_name",
     "dtype_by_enum",
     "encode",
-    "encode_array",
     "fill",
-    "fill_rows",
     "decode",
     "decode_torch",
     "to_like",
     "is_torch",
+    "OracleQuery",
+    "NearestQuery",
+    "Guidance",
+    "DatasetFacts",
+    "SpaceFacts",
+    "ROWS",
+    "SHARED",
+    "MERGED",
+    "OWN",
+    "CUSTOM_PATH",
+    "to_parts",
+    "from_parts",
+    "wire_dtype_name",
     "OutputSpec",
     "OUTPUTS",
     "OUTPUT_NAMES",

@@ -24,10 +24,9 @@ __all__ = [
     "FLOAT_DTYPES",
     "dtype_by_name",
     "dtype_by_enum",
+    "WireArray",
     "encode",
-    "encode_array",
     "fill",
-    "fill_rows",
     "decode",
     "decode_torch",
     "to_like",
@@ -137,71 +136,123 @@ def encode(x: Any, dtype: str | None = None) -> pb.Tensor:
             None keeps the array's own dtype (which must be one of those).
     """
     out = pb.Tensor()
-    fill(out, x, dtype)
+    WireArray.encode(x, dtype).fill(out)
     return out
 
 
-def encode_array(x: Any, dtype: str | None = None) -> tuple[WireDType, tuple[int, ...], np.ndarray]:
-    """(wire dtype, shape, C-contiguous numpy array holding the wire bytes): :func:`encode`
-    before the bytes are copied into a message. The array may share memory with ``x`` (a numpy
-    array or CPU tensor already in the wire dtype), so use it before ``x`` changes; it lets a
-    caller cut one encoded batch into row ranges (:func:`fill_rows`) without encoding it again."""
-    name = dtype or _source_name(x)
-    if name in ("int32", "int16", "int8", "uint8") and dtype is None:
-        name = "int64"
-    wd = dtype_by_name(name)
-    if is_torch(x):
-        import torch
+class WireArray:
+    """An array in its wire form: a wire dtype and a C-contiguous numpy array holding exactly the
+    bytes a ``floworacle.v1.Tensor`` carries (bfloat16 as its uint16 bits, which numpy lacks).
 
-        t = x.detach()
-        if t.is_complex():
-            raise CodecError("complex tensors are not supported")
-        if t.device.type != "cpu":
-            t = t.to(getattr(torch, wd.torch)).cpu()  # convert on the device: fewer bytes to copy back
-        if t.dtype == torch.bfloat16 and wd.name == "bfloat16":
-            arr = np.ascontiguousarray(t.contiguous().view(torch.int16).numpy(), dtype="<i2")
-        elif wd.name == "bfloat16" and t.dtype in (torch.float32, torch.float64):
-            # torch rounds to bfloat16 in one pass, numpy needs several (the same bits: tested)
-            arr = np.ascontiguousarray(t.to(torch.bfloat16).view(torch.int16).numpy(), dtype="<i2")
+    It is what a query holds between the caller's array and the message: :meth:`encode` makes it
+    from a numpy array or torch tensor (one conversion, or none when the array already is in the
+    wire dtype), :meth:`decode` from a received tensor (a view of the bytes protobuf handed out, no
+    further copy), :meth:`fill` writes rows of it into a message, :meth:`numpy` and :meth:`torch`
+    read it as numbers (torch: a view, bfloat16 included; numpy: bfloat16 widens exactly to float32).
+    """
+
+    __slots__ = ("dtype", "data")
+
+    def __init__(self, dtype: WireDType, data: np.ndarray) -> None:
+        self.dtype = dtype
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"WireArray({self.dtype.name}, shape={self.shape})"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @classmethod
+    def encode(cls, x: Any, dtype: str | None = None) -> WireArray:
+        """``x`` (numpy array, torch tensor on any device, or nested sequence) in wire dtype ``dtype``
+        (None: its own, which must be a wire dtype; small integers become int64). The data may share
+        memory with ``x`` when ``x`` is a numpy array or CPU tensor already in the wire dtype."""
+        name = dtype or _source_name(x)
+        if name in ("int32", "int16", "int8", "uint8") and dtype is None:
+            name = "int64"
+        wd = dtype_by_name(name)
+        if is_torch(x):
+            import torch
+
+            t = x.detach()
+            if t.is_complex():
+                raise CodecError("complex tensors are not supported")
+            if t.device.type != "cpu":
+                t = t.to(getattr(torch, wd.torch)).cpu()  # convert on the device: fewer bytes to copy back
+            if t.dtype == torch.bfloat16 and wd.name == "bfloat16":
+                arr = np.ascontiguousarray(t.contiguous().view(torch.int16).numpy(), dtype="<i2")
+            elif wd.name == "bfloat16" and t.dtype in (torch.float32, torch.float64):
+                # torch rounds to bfloat16 in one pass, numpy needs several (the same bits: tested)
+                arr = np.ascontiguousarray(t.to(torch.bfloat16).view(torch.int16).numpy(), dtype="<i2")
+            else:
+                a = _torch_cpu_numpy(t)
+                with np.errstate(over="ignore"):  # overflow to inf, as torch converts, without a warning
+                    if wd.name == "bfloat16":
+                        arr = np.ascontiguousarray(_bf16_bits(a.astype(np.float32, copy=False)), dtype="<u2")
+                    else:
+                        arr = np.ascontiguousarray(a, dtype=wd.numpy)
+            arr = arr.reshape(tuple(t.shape))
         else:
-            a = _torch_cpu_numpy(t)
-            with np.errstate(over="ignore"):  # overflow to inf, as torch converts, without a warning
+            a = np.asarray(x)
+            if a.dtype.kind not in "fiub":
+                raise CodecError(f"cannot encode an array of dtype {a.dtype}; send floats or integers")
+            with np.errstate(over="ignore"):  # overflow to inf, as in the torch branch, without a warning
                 if wd.name == "bfloat16":
                     arr = np.ascontiguousarray(_bf16_bits(a.astype(np.float32, copy=False)), dtype="<u2")
                 else:
                     arr = np.ascontiguousarray(a, dtype=wd.numpy)
-        shape = tuple(t.shape)
-    else:
-        a = np.asarray(x)
-        if a.dtype.kind not in "fiub":
-            raise CodecError(f"cannot encode an array of dtype {a.dtype}; send floats or integers")
-        with np.errstate(over="ignore"):  # overflow to inf, as in the torch branch, without a warning
-            if wd.name == "bfloat16":
-                arr = np.ascontiguousarray(_bf16_bits(a.astype(np.float32, copy=False)), dtype="<u2")
-            else:
-                arr = np.ascontiguousarray(a, dtype=wd.numpy)
-        shape = a.shape
-    return wd, tuple(int(d) for d in shape), arr
+        return cls(wd, arr)
+
+    @classmethod
+    def decode(cls, t: pb.Tensor, field: str = "tensor") -> WireArray:
+        """A received wire tensor, validated (dtype, shape, byte count); a read-only view of its bytes."""
+        wd, shape, data = _check(t, field)
+        return cls(wd, np.frombuffer(data, dtype=wd.numpy).reshape(shape))
+
+    def rows(self, start: int, stop: int | None = None) -> WireArray:
+        """Rows [start, stop) (a view)."""
+        return WireArray(self.dtype, self.data[start:stop])
+
+    def reshape(self, *shape: int) -> WireArray:
+        return WireArray(self.dtype, self.data.reshape(shape))
+
+    def fill(self, field: pb.Tensor, start: int = 0, stop: int | None = None) -> None:
+        """Set the message tensor ``field`` to rows [start, stop) (None: to the end)."""
+        arr = self.data
+        if arr.ndim and (start or (stop is not None and stop != arr.shape[0])):
+            arr = arr[start:stop]
+        field.dtype = self.dtype.enum  # type: ignore[assignment]
+        del field.shape[:]
+        field.shape.extend(int(d) for d in arr.shape)
+        field.data = arr.tobytes()
+
+    def numpy(self) -> np.ndarray:
+        """The values in native byte order: a view (bfloat16: exactly widened to a float32 copy)."""
+        if self.dtype.name == "bfloat16":
+            return _widen_bf16(self.data)
+        return self.data.astype(np.dtype(self.dtype.numpy).newbyteorder("="), copy=False)
+
+    def torch(self) -> Any:
+        """The values as a torch tensor of the wire dtype sharing this array's memory (read-only
+        memory stays read-only: the engine never writes to its input)."""
+        import torch
+
+        a = self.data
+        if self.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a.astype(np.dtype(self.dtype.numpy).newbyteorder("="), copy=False))
 
 
 def fill(field: pb.Tensor, x: Any, dtype: str | None = None) -> None:
     """Encode ``x`` (as :func:`encode`) straight into a message's tensor field (``field.CopyFrom(
     encode(x))`` would copy the bytes once more)."""
-    fill_rows(field, encode_array(x, dtype), 0, None)
-
-
-def fill_rows(
-    field: pb.Tensor, encoded: tuple[WireDType, tuple[int, ...], np.ndarray], start: int, stop: int | None
-) -> None:
-    """Set ``field`` to rows [start, stop) (None: to the end) of an :func:`encode_array` result."""
-    wd, shape, arr = encoded
-    if shape and (start or (stop is not None and stop != shape[0])):
-        arr = arr[start:stop]
-        shape = (int(arr.shape[0]), *shape[1:])
-    field.dtype = wd.enum  # type: ignore[assignment]
-    del field.shape[:]
-    field.shape.extend(shape)
-    field.data = arr.tobytes()
+    WireArray.encode(x, dtype).fill(field)
 
 
 _MAX_DIMS = 16

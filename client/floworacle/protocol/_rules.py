@@ -55,6 +55,8 @@ __all__ = [
     "space_from_enum",
     "check_convention",
     "check_nearest_mode",
+    "check_posterior_search",
+    "check_space",
     "GUIDANCE_NEEDS_LABELS",
     "GUIDANCE_NEEDS_T",
 ]
@@ -353,3 +355,43 @@ def check_nearest_mode(exact: bool | None, nprobe: int) -> None:
         raise RequestError(
             f"nprobe = {plain(nprobe)} asks for an index search, but exact = true asks for brute force; drop one"
         )
+
+
+def check_posterior_search(alpha: np.ndarray, space: str) -> None:
+    """A posterior-nearest query (with t) needs alpha_t > 0 and searches the data space."""
+    zero = alpha <= 0
+    if zero.any():
+        i = int(np.flatnonzero(zero)[0])
+        raise RequestError(
+            f"alpha_t[{i}] = 0 (pure noise, t = 0): x_t says nothing about which sample it came from; "
+            "use t > 0 for posterior-nearest queries"
+        )
+    if space != "data":
+        raise RequestError("posterior-nearest queries (with t) search the data space; drop t or space")
+
+
+def check_space(dataset: str, spaces: Any, space: str, exact: bool | None, nprobe: int) -> Any:
+    """The data set must have the space, and an index for an index search (``exact=False`` or
+    ``nprobe``) with at least ``nprobe`` inverted lists (FAILED_PRECONDITION: the caller must build
+    something first). Returns the space's facts."""
+    failed = grpc.StatusCode.FAILED_PRECONDITION
+    sp = spaces.get(space)
+    if sp is None:
+        raise RequestError(
+            f"data set {dataset!r} has no feature space; build its index with `floworacle index build ... --features "
+            "FEATURES.npy` (or attach features in-process)",
+            failed,
+        )
+    if exact is False or nprobe:
+        if not sp.index_nlist:
+            flag = "--nearest-index ivf" if space == "data" else "--features-index ivf"
+            raise RequestError(
+                f"the {space} space of {dataset!r} has no nearest index, so only exact search is available; "
+                f"build one with `floworacle index build ... {flag}` or drop exact=False / nprobe",
+                failed,
+            )
+        if nprobe > sp.index_nlist:
+            raise RequestError(
+                f"nprobe must be at most the index's {sp.index_nlist} inverted lists, got {nprobe}", failed
+            )
+    return sp
