@@ -118,9 +118,7 @@ def single_client(args: argparse.Namespace, store: DatasetStore, ds: Dataset) ->
         with serve_in_thread(settings, store) as srv:
             with OracleClient(srv.address, wire_dtype=wire, timeout=120) as client:
                 # message sizes of this call, for the echo
-                plan = client._plan_oracle(
-                    x_t, t, dataset=None, fingerprint=None, wire_dtype=None, outputs=("velocity",)
-                )
+                plan = client._plan_oracle(x_t, t, {}, outputs=("velocity",))
                 req_raw = plan.requests[0].SerializeToString()
                 answer = client._unary("Oracle", plan.requests[0], None, None)
                 resp_raw = answer.SerializeToString()
@@ -128,9 +126,7 @@ def single_client(args: argparse.Namespace, store: DatasetStore, ds: Dataset) ->
 
                 def sdk_side(client: OracleClient = client, resp_raw: bytes = resp_raw) -> None:
                     # what the SDK does per call besides waiting: encode, serialize, parse, decode
-                    pl = client._plan_oracle(
-                        x_t, t, dataset=None, fingerprint=None, wire_dtype=None, outputs=("velocity",)
-                    )
+                    pl = client._plan_oracle(x_t, t, {}, outputs=("velocity",))
                     pl.requests[0].SerializeToString()
                     pl.finish([pb.OracleResponse.FromString(resp_raw)])
 

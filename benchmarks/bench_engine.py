@@ -40,7 +40,7 @@ import torch
 from floworacle import tune_allocator
 from floworacle.paths import get_path
 from floworacle_server.data import Dataset
-from floworacle_server.engine import OracleQuery, Precision, flush_denormals, oracle
+from floworacle_server.engine import OracleQuery, flush_denormals, oracle
 
 CASES = {"small": (20_000, 1_024), "cifar": (50_000, 3_072), "imagenet": (1_281_167, 4_096)}
 
@@ -148,7 +148,7 @@ def _memory_child(spec: dict) -> None:
         def fn() -> object:
             return dense_baseline(x, sq, xt32, alpha, sigma)
     else:
-        q = OracleQuery(x_t=xt, coeffs=coeffs, precision=Precision(spec["mode"]))
+        q = OracleQuery(x_t=xt, coeffs=coeffs, precision=spec["mode"])
 
         def fn() -> object:
             return oracle(ds, q, screen=spec["screen"])
@@ -220,13 +220,13 @@ def run_case(
             mode = f"dense {'ftz' if ftz else 'noftz'}"
             mem_s = _fmt_mem(mem, data_bytes) if ftz else "-"
             print(f"{label:>14} {mode:>12} {base * 1e3:9.1f} {base_ratio:7.2f} {'-':>13} {mem_s:>10}")
-        for prec in (Precision.EXACT, Precision.FAST):
+        for prec in ("exact", "fast"):
             q = OracleQuery(x_t=xt, coeffs=coeffs, precision=prec)
             res = oracle(ds, q, screen=screen)
             te, ratio = paired_ratio(lambda q=q: oracle(ds, q, screen=screen), roof_fn, device, repeat)
             mem = memory_in_child(n, d, b, label, prec.value, dtype, screen) if device.type == "cpu" else None
             frac = res.refined / (b * n)
-            if prec == Precision.EXACT:
+            if prec == "exact":
                 ratios[label] = ratio
             print(
                 f"{label:>14} {prec.value:>12} {te * 1e3:9.1f} {ratio:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}"

@@ -39,8 +39,7 @@ import torch
 import torch.multiprocessing as mp
 
 from floworacle.paths import get_path
-from floworacle_server.data import Dataset, DatasetStore
-from floworacle_server.data._shard import ShardSpec, make_shard
+from floworacle_server.data import Dataset, DatasetStore, ShardSpec, make_shard
 from floworacle_server.engine import OracleQuery, flush_denormals, oracle
 
 MIXES = {"uniform": None, "t=0.05": 0.05, "t=0.5": 0.5, "t=0.9": 0.9}

@@ -28,8 +28,8 @@ import torch
 
 from floworacle_server.data import Dataset
 from floworacle_server.data._nearest_index import NearestIndex
+from floworacle_server.engine import nearest
 from floworacle_server.engine._index_build import IndexSpec, _factory, _resolve, train_index
-from floworacle_server.engine._nearest import nearest
 from floworacle_server.engine._space import search_space
 
 

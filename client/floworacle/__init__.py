@@ -6,7 +6,7 @@ pass ``convention="reversed"`` for code where s = 1 is noise (SD3, Flux, diffuse
 """
 
 from floworacle import paths, protocol
-from floworacle._alloc import tune_allocator
+from floworacle._alloc import release_free_memory, tune_allocator
 from floworacle._client import OracleClient
 from floworacle._options import NearestOptions, OracleOptions
 from floworacle._plans import RetryPolicy
@@ -30,5 +30,6 @@ __all__ = [
     "paths",
     "protocol",
     "tune_allocator",
+    "release_free_memory",
 ]
 __version__ = "0.1.0"

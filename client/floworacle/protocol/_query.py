@@ -34,6 +34,7 @@ from floworacle.paths import COEFFICIENT_NAMES, PathCoefficients
 from floworacle.protocol import _rules as rules
 from floworacle.protocol._codec import FLOAT_DTYPES, CodecError, WireArray, dtype_by_enum, dtype_by_name, fill, is_torch
 from floworacle.protocol._errors import RequestError
+from floworacle.protocol._limits import MAX_TOP_K
 from floworacle.protocol._tables import BOUND_FIELDS, OUTPUTS, PRECISIONS, SPACES, output_by_name
 from floworacle.v1 import oracle_pb2 as pb
 
@@ -105,6 +106,8 @@ class DatasetFacts:
         sample_shape: the shape of one sample (prod = D).
         num_classes: C, 0 without labels.
         spaces: the nearest-search spaces it has ("data" always, "features" when it has embeddings).
+        has_weights: whether its samples carry weights (they enter a posterior ranking, which an
+            index cannot search).
     """
 
     name: str
@@ -113,6 +116,7 @@ class DatasetFacts:
     sample_shape: tuple[int, ...]
     num_classes: int = 0
     spaces: Mapping[str, SpaceFacts] = field(default_factory=dict)
+    has_weights: bool = False
 
 
 def wire_dtype_name(x: Any) -> str:
@@ -126,7 +130,8 @@ def wire_dtype_name(x: Any) -> str:
 
 def _as_numpy(x: Any) -> np.ndarray:
     if is_torch(x):
-        return np.asarray(x.detach().cpu().numpy())
+        t = x.detach().cpu()
+        return np.asarray((t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy())
     return np.asarray(x)
 
 
@@ -705,23 +710,29 @@ class NearestQuery(_Query):
         exclude = _int_vector(req, "exclude", b)
         if exclude is not None:
             rules.check_exclude(exclude, b)
-        if coeffs is not None:
-            rules.check_posterior_search(coeffs.alpha, space)
         return cls(
             x=x, coeffs=coeffs, t=t, exclude=exclude, k=k, exact=exact, nprobe=nprobe, space=space, path=path,
             sigma_min=sigma_min, dataset=req.dataset, fingerprint=req.fingerprint,
         )  # fmt: skip
 
-    def check(self, facts: DatasetFacts) -> NearestQuery:
+    def check(self, facts: DatasetFacts, *, max_k: int | None = MAX_TOP_K) -> NearestQuery:
         """The rules that need the data set's facts: the space and its index, the points' layout and
-        values, k within N, exclusions within N. Returns the query with (B, D) points."""
+        values, k within N (and ``max_k``, a message's cap; None in-process), exclusions within N.
+        Returns the query with (B, D) points."""
+        rules.space_from_name(self.space)
+        rules.check_nearest_mode(self.exact, self.nprobe)
+        if self.coeffs is not None:
+            rules.check_posterior_search(self.coeffs.alpha, self.space, facts, self.exact, self.nprobe)
         sp = rules.check_space(facts.name, facts.spaces, self.space, self.exact, self.nprobe)
         sample_shape = facts.sample_shape if self.space == "data" else (sp.dim,)
         x, _ = _layout(self.x, "x", facts.name, sp.dim, sample_shape)
-        rules.check_k(self.k, facts.num_samples)
-        if self.exclude is not None:
-            rules.check_exclude(_as_numpy(self.exclude), x.shape[0], facts.num_samples)
-        return replace(self, x=x)
+        rules.check_k(self.k, facts.num_samples, max_k)
+        exclude = self.exclude
+        if exclude is not None:
+            exclude = rules.int_vector(exclude, x.shape[0], "exclude")
+            rules.check_exclude(exclude, x.shape[0], facts.num_samples)
+            rules.check_k_with_exclusion(self.k, exclude, facts.num_samples)
+        return replace(self, x=x, exclude=exclude)
 
     def response(self, result: Any, start: int = 0) -> pb.NearestResponse:
         """The answer from rows [start, start + B) of an engine result (indices, distances, labels,

@@ -56,6 +56,7 @@ __all__ = [
     "check_convention",
     "check_nearest_mode",
     "check_posterior_search",
+    "check_k_with_exclusion",
     "check_space",
     "GUIDANCE_NEEDS_LABELS",
     "GUIDANCE_NEEDS_T",
@@ -285,10 +286,10 @@ def check_top_k(top_k: int, wanted: bool, num_samples: int | None = None) -> Non
     _within_data("top_k", top_k, num_samples)
 
 
-def check_k(k: int, num_samples: int | None = None) -> None:
-    """``k`` nearest neighbours, 1..1024 and at most N."""
-    if not 1 <= k <= MAX_TOP_K:
-        raise RequestError(f"k must lie in 1..{MAX_TOP_K}, got {plain(k)}")
+def check_k(k: int, num_samples: int | None = None, cap: int | None = MAX_TOP_K) -> None:
+    """``k`` nearest neighbours, 1..1024 (a message's cap; None: none, in-process) and at most N."""
+    if k < 1 or (cap is not None and k > cap):
+        raise RequestError(f"k must lie in 1..{cap}, got {plain(k)}" if cap else f"k must be >= 1, got {plain(k)}")
     _within_data("k", k, num_samples)
 
 
@@ -357,8 +358,9 @@ def check_nearest_mode(exact: bool | None, nprobe: int) -> None:
         )
 
 
-def check_posterior_search(alpha: np.ndarray, space: str) -> None:
-    """A posterior-nearest query (with t) needs alpha_t > 0 and searches the data space."""
+def check_posterior_search(alpha: np.ndarray, space: str, facts: Any, exact: bool | None, nprobe: int) -> None:
+    """A posterior-nearest query (with t) needs alpha_t > 0 and searches the data space; on a data
+    set with sample weights (they enter the ranking, which an index cannot) it is exact only."""
     zero = alpha <= 0
     if zero.any():
         i = int(np.flatnonzero(zero)[0])
@@ -368,6 +370,19 @@ def check_posterior_search(alpha: np.ndarray, space: str) -> None:
         )
     if space != "data":
         raise RequestError("posterior-nearest queries (with t) search the data space; drop t or space")
+    if facts.has_weights and (exact is False or nprobe):
+        raise RequestError(
+            f"data set {facts.name!r} has sample weights, which enter the posterior ranking but not an index's; "
+            "posterior-nearest queries on it are exact only (drop exact=False / nprobe)"
+        )
+
+
+def check_k_with_exclusion(k: int, exclude: np.ndarray, num_samples: int) -> None:
+    """A query that leaves a sample out has N - 1 left: k must fit."""
+    if k > num_samples - 1 and bool((exclude >= 0).any()):
+        raise RequestError(
+            f"k = {k} leaves no room for an exclusion: with exclude, k must be at most N - 1 = {num_samples - 1}"
+        )
 
 
 def check_space(dataset: str, spaces: Any, space: str, exact: bool | None, nprobe: int) -> Any:

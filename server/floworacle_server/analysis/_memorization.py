@@ -115,7 +115,7 @@ def memorization_report(dataset: Dataset, samples: Any, threshold: float = DEFAU
     Raises:
         ValueError: bad threshold, N < 2, or samples of the wrong size.
     """
-    from floworacle_server.engine._nearest import nearest
+    from floworacle_server.engine import nearest
 
     if not (0.0 < threshold <= 1.0) or not math.isfinite(threshold):
         raise ValueError(f"--threshold must lie in (0, 1], got {threshold}")

@@ -166,8 +166,7 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
         synthetic_dataset,
         transition_curve,
     )
-    from floworacle_server.data import load_dataset
-    from floworacle_server.data._dataset import Dataset
+    from floworacle_server.data import Dataset, load_dataset
 
     path = get_path(args.path, args.sigma_min)
     t_grid = parse_t_grid(args.t_grid, path.t_max)

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from floworacle.protocol import DatasetFacts, SpaceFacts
+from floworacle_server.data._facts import DataStats, ShardOf, ShardSpec, measure_stats
 from floworacle_server.data._features import FeatureSpace
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, BackendChoice, NearestIndex
-from floworacle_server.data._shard import ShardOf
 
 __all__ = ["Dataset", "fingerprint_arrays", "STORAGE_DTYPES"]
 
@@ -82,11 +83,15 @@ class Dataset:
         scale_factor: factor already applied to the stored values (latent scaling).
         features: the feature space (:func:`~floworacle_server.data.attach_features`), or None.
         nearest_indexes: loaded faiss indexes by space ("data", "features").
-        nearest_backends: the exact screen chosen per space (set by the engine's calibration).
+        nearest_backends: the exact screen chosen per space (the server records the engine's
+            calibration here at start-up).
         exact_nearest_max_samples: nearest queries that do not say ``exact`` are exact up to
             this many samples, else they use the space's index when it has one.
-        shard: for a shard of a gang (:mod:`._shard`), its place and the whole set's facts; None
-            for a whole data set.
+        shard: for a shard of a gang (:mod:`._shard`), its place; None for a whole data set.
+
+    Facts computed once and read by the engine: :attr:`stats` (extremes, class counts and weights
+    of the whole data set), :attr:`class_ranges`, :attr:`sq_norms32`, :meth:`range_max_sq`; and
+    :attr:`facts`, what the request rules need.
     """
 
     name: str
@@ -99,13 +104,16 @@ class Dataset:
     sample_shape: tuple[int, ...]
     fingerprint: str
     scale_factor: float = 1.0
-    _abs_max: float | None = field(default=None, repr=False, compare=False)
     features: FeatureSpace | None = field(default=None, repr=False, compare=False)
     nearest_indexes: dict[str, NearestIndex] = field(default_factory=dict, repr=False, compare=False)
     nearest_backends: dict[str, BackendChoice] = field(default_factory=dict, repr=False, compare=False)
     exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES
     _row_of: torch.Tensor | None = field(default=None, repr=False, compare=False)
     shard: ShardOf | None = field(default=None, repr=False, compare=False)
+    _stats: DataStats | None = field(default=None, repr=False, compare=False)
+    _class_ranges: list[tuple[int, int]] | None = field(default=None, repr=False, compare=False)
+    _sq32: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _range_max_sq: dict[tuple[int, int], float] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_arrays(
@@ -209,15 +217,82 @@ class Dataset:
             scale_factor=float(scale_factor),
         )
 
-    def abs_max(self) -> float:
-        """max_i,j |x_ij| of the stored values (computed once; used by error bounds); of the whole
-        data set for a shard."""
-        if self.shard is not None:
-            return self.shard.facts.abs_max
-        if self._abs_max is None:
-            rows = 65536
-            self._abs_max = max(float(self.x[s : s + rows].abs().max()) for s in range(0, self.num_samples, rows))
-        return self._abs_max
+    @property
+    def stats(self) -> DataStats:
+        """The whole data set's :class:`DataStats` (measured on first use; a shard's are merged by its
+        gang at start-up)."""
+        if self._stats is None:
+            self._stats = measure_stats(
+                self.x, self.sq_norms, self.log_weights, self.class_offsets, self.num_samples, self.class_counts
+            )
+        return self._stats
+
+    def become_shard(self, spec: ShardSpec, num_samples: int, class_counts: tuple[int, ...]) -> None:
+        """Make this data set (the rows a rank holds) a shard of one of ``num_samples`` rows with
+        ``class_counts`` per class; its stats are its own rows' until :meth:`set_stats`."""
+        self.shard = ShardOf(spec)
+        self._stats = measure_stats(
+            self.x, self.sq_norms, self.log_weights, self.class_offsets, num_samples, class_counts
+        )
+        self._row_of = None
+
+    def set_stats(self, stats: DataStats) -> None:
+        """Give a shard the whole data set's stats (its gang merged them)."""
+        if stats.class_counts != self.stats.class_counts or stats.num_samples != self.stats.num_samples:
+            raise ValueError("the merged stats describe another data set (sizes or classes differ)")
+        self._stats = stats
+
+    @property
+    def class_counts(self) -> tuple[int, ...]:
+        """Rows per class held here (empty without labels); the whole set's are in :attr:`stats`."""
+        if self.class_offsets is None:
+            return ()
+        off = self.class_offsets.tolist()
+        return tuple(b - a for a, b in zip(off[:-1], off[1:], strict=True))
+
+    @property
+    def class_ranges(self) -> list[tuple[int, int]]:
+        """Row range [start, stop) of each class held here (empty without labels)."""
+        if self._class_ranges is None:
+            off = self.class_offsets.tolist() if self.class_offsets is not None else []
+            self._class_ranges = list(zip(off[:-1], off[1:], strict=True))
+        return self._class_ranges
+
+    @property
+    def sq_norms32(self) -> torch.Tensor:
+        """(N,) float32 ``||x_i||^2`` (the screening GEMM's epilogue; converted once)."""
+        if self._sq32 is None:
+            self._sq32 = self.sq_norms.to(torch.float32)
+        return self._sq32
+
+    def range_max_sq(self, start: int, stop: int) -> float:
+        """Largest ``||x_i||^2`` over rows [start, stop) held here (cached; one pass per new range)."""
+        if (start, stop) == (0, self.num_samples):
+            return float(self.stats.max_sq)
+        key = (start, stop)
+        if key not in self._range_max_sq:
+            self._range_max_sq[key] = float(self.sq_norms[start:stop].max())
+        return self._range_max_sq[key]
+
+    @property
+    def facts(self) -> DatasetFacts:
+        """What the request rules need to know of this data set (the whole set's, on a shard)."""
+        spaces = {"data": SpaceFacts(self.dim, self._nlist("data"))}
+        if self.features is not None:
+            spaces["features"] = SpaceFacts(self.features.dim, self._nlist("features"))
+        return DatasetFacts(
+            name=self.name,
+            num_samples=self.total_samples,
+            dim=self.dim,
+            sample_shape=self.sample_shape,
+            num_classes=self.num_classes,
+            spaces=spaces,
+            has_weights=self.log_weights is not None,
+        )
+
+    def _nlist(self, space: str) -> int:
+        index = self.nearest_indexes.get(space)
+        return int(index.nlist) if index is not None else 0
 
     @property
     def num_samples(self) -> int:
@@ -227,7 +302,7 @@ class Dataset:
     @property
     def total_samples(self) -> int:
         """N of the whole data set (a shard's whole set; what limits and indices refer to)."""
-        return self.shard.facts.num_samples if self.shard is not None else self.num_samples
+        return self.stats.num_samples if self.shard is not None else self.num_samples
 
     @property
     def dim(self) -> int:

@@ -12,24 +12,19 @@ caller's order); a data set that carries features reports the combined fingerpri
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from floworacle_server.data._dataset import Dataset
-
 __all__ = [
     "FEATURE_METRICS",
     "FeatureSpace",
-    "attach_features",
+    "check_metric",
     "combined_fingerprint",
     "fingerprint_features",
     "prepare_features",
-    "space_fingerprint",
 ]
 
 #: Metrics of a feature space.
@@ -67,7 +62,7 @@ class FeatureSpace:
         return int(self.x.numel() * self.x.element_size() + self.sq_norms.numel() * 8)
 
 
-def _check_metric(metric: str) -> None:
+def check_metric(metric: str) -> None:
     if metric not in FEATURE_METRICS:
         raise ValueError(f"feature metric must be one of {FEATURE_METRICS}, got {metric!r}")
 
@@ -84,7 +79,7 @@ def prepare_features(
         ValueError: not 2-D, a row count other than N, non-real or non-finite values, or (for
             cosine) a zero row, which has no direction.
     """
-    _check_metric(metric)
+    check_metric(metric)
     f = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
     if f.ndim != 2 or f.shape[1] == 0:
         raise ValueError(f"{source} must have shape (N, F) with F >= 1, got {tuple(f.shape)}")
@@ -123,7 +118,7 @@ def prepare_features(
 
 def fingerprint_features(stored: Any, metric: str) -> str:
     """``sha256:<hex>`` over a tag, the metric, the shape and the stored float32 rows (caller's order)."""
-    _check_metric(metric)
+    check_metric(metric)
     h = hashlib.sha256()
     shape = tuple(int(s) for s in stored.shape)
     h.update(f"floworacle-features-v1|float32|{metric}|{shape}|".encode())
@@ -138,54 +133,3 @@ def combined_fingerprint(data_fingerprint: str, features_fingerprint: str) -> st
     """The fingerprint of a data set that carries features: one digest over both."""
     h = hashlib.sha256(f"floworacle-v1+features|{data_fingerprint}|{features_fingerprint}".encode())
     return "sha256:" + h.hexdigest()
-
-
-def attach_features(
-    dataset: Dataset,
-    features: Any,
-    metric: str = "l2",
-    *,
-    prepared: bool = False,
-    fingerprint: str | None = None,
-) -> FeatureSpace:
-    """Give ``dataset`` a feature space: (N, F) rows in the caller's sample order.
-
-    Args:
-        dataset: the resident data set (its fingerprint becomes the combined one).
-        features: (N, F) real values, numpy or torch, row i for the caller's sample i.
-        metric: "l2" or "cosine" (rows are normalised, see the module docstring).
-        prepared: ``features`` are already the stored float32 rows (an index directory's).
-        fingerprint: their known fingerprint (computed when None).
-
-    Raises:
-        ValueError: see :func:`prepare_features`; or the data set already has features.
-    """
-    if dataset.features is not None:
-        raise ValueError(f"data set {dataset.name!r} already has features")
-    _check_metric(metric)
-    n = dataset.total_samples  # a shard gets the whole set's features and keeps its rows
-    stored = np.asarray(features) if prepared else prepare_features(features, n, metric)
-    if prepared and (stored.dtype != np.float32 or stored.shape[0] != n or stored.ndim != 2):
-        raise ValueError(f"stored features must be float32 ({n}, F), got {stored.dtype} {stored.shape}")
-    fp = fingerprint or fingerprint_features(stored, metric)
-    order = dataset.original_index.cpu()
-    with warnings.catch_warnings():
-        # a memory-mapped features file is read-only; indexing by the row order copies it
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        x = torch.from_numpy(np.ascontiguousarray(stored[order.numpy()])).to(dataset.device)  # only these rows
-    sq = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[0], _ROWS):
-        sq[s : s + _ROWS] = x[s : s + _ROWS].to(torch.float64).pow(2).sum(dim=1)
-    space = FeatureSpace(x=x, sq_norms=sq, metric=metric, fingerprint=fp, data_fingerprint=dataset.fingerprint)
-    dataset.features = space
-    dataset.fingerprint = combined_fingerprint(space.data_fingerprint, fp)
-    return space
-
-
-def space_fingerprint(dataset: Dataset, space: str) -> str:
-    """Fingerprint of the vectors of ``space`` ("data" or "features"): what an index built on them records."""
-    if space == "features":
-        if dataset.features is None:
-            raise ValueError(f"data set {dataset.name!r} has no features")
-        return dataset.features.fingerprint
-    return dataset.features.data_fingerprint if dataset.features is not None else dataset.fingerprint

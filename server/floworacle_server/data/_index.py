@@ -17,7 +17,6 @@ features, ``fingerprint`` is the combined one and ``data_fingerprint`` the sampl
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,14 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from floworacle_server.data._attach import attach_features
 from floworacle_server.data._dataset import STORAGE_DTYPES, Dataset, fingerprint_arrays
 from floworacle_server.data._features import (
-    attach_features,
     combined_fingerprint,
     fingerprint_features,
     prepare_features,
 )
 from floworacle_server.data._formats import LoadedArrays, load_arrays, load_side_array, validate_arrays
+from floworacle_server.data._manifest import INDEX_FORMAT, INDEX_VERSION, MANIFEST, read_manifest, write_manifest
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, load_nearest_indexes
 from floworacle_server.data._shard import ShardSpec, shard_arrays, shard_rows
 
@@ -49,9 +49,6 @@ __all__ = [
     "is_index_dir",
 ]
 
-INDEX_FORMAT = "floworacle-index"
-INDEX_VERSION = 1
-MANIFEST = "manifest.json"
 _DATA_FILE = "data.npy"
 _LABELS_FILE = "labels.npy"
 _WEIGHTS_FILE = "weights.npy"
@@ -243,14 +240,6 @@ def build_index(
     return manifest
 
 
-def write_manifest(index_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Replace the manifest atomically (a reader sees the old one or the new one, never half)."""
-    p = Path(index_dir)
-    tmp = p / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(p / MANIFEST)
-
-
 def _write_features(out: Path, features: Any, metric: str, n: int) -> dict[str, Any]:
     """Validate and write features.npy; the manifest's "features" section."""
     src = load_arrays(features, validate=False).x if isinstance(features, (str, Path)) else features
@@ -269,27 +258,6 @@ def _as_cpu_numpy(a: Any) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().numpy()
     return np.asarray(a)
-
-
-def read_manifest(index_dir: str | Path) -> dict[str, Any]:
-    """The parsed manifest of an index directory; ValueError if missing, unreadable or of another format."""
-    p = Path(index_dir)
-    mpath = p / MANIFEST
-    if not mpath.is_file():
-        raise ValueError(f"{p} is not an index directory (no {MANIFEST}); build one with `floworacle index build`")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{mpath} is not valid JSON ({exc}); rebuild the index") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{mpath} is not a Flow Oracle index manifest; rebuild the index")
-    version = manifest.get("format_version")
-    if version != INDEX_VERSION:
-        raise ValueError(
-            f"{p}: index format version {version} is not supported by this server (reads {INDEX_VERSION}); "
-            "rebuild the index with this version of `floworacle index build`"
-        )
-    return manifest
 
 
 def load_index(

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from floworacle_server.data._attach import attach_features
 from floworacle_server.data._dataset import Dataset
 from floworacle_server.data._digits import DIGITS_NAME, load_digits
-from floworacle_server.data._features import attach_features
 from floworacle_server.data._formats import SUPPORTED_SUFFIXES, load_arrays
 from floworacle_server.data._index import is_index_dir, load_index
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES

@@ -20,6 +20,10 @@ from typing import Any
 
 import torch
 
+from floworacle.protocol import SPACES
+from floworacle_server.data._faiss import need_faiss
+from floworacle_server.data._manifest import read_manifest, write_manifest
+
 __all__ = [
     "DEFAULT_EXACT_NEAREST_MAX_SAMPLES",
     "NEAREST_SPACES",
@@ -32,8 +36,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Spaces a nearest query can search.
-NEAREST_SPACES = ("data", "features")
+#: Spaces a nearest query can search (the protocol's table).
+NEAREST_SPACES: tuple[str, ...] = tuple(SPACES)
 #: A nearest query that does not say ``exact`` is exact up to this many samples (else it uses an index).
 DEFAULT_EXACT_NEAREST_MAX_SAMPLES = 1_000_000
 
@@ -109,15 +113,6 @@ class NearestIndex:
         )
 
 
-def _need_faiss() -> Any:
-    # imported here, not at module level: a data set without indexes loads without faiss
-    try:
-        import faiss
-    except ImportError:  # pragma: no cover - faiss-cpu is a server dependency
-        raise ValueError("nearest indexes need the faiss package (pip install faiss-cpu)") from None
-    return faiss
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -137,9 +132,7 @@ def write_nearest_index(index_dir: str | Path, index: Any, entry: dict[str, Any]
     written first and the manifest replaced atomically, so an interrupted write leaves the old
     manifest valid.
     """
-    from floworacle_server.data._index import read_manifest, write_manifest
-
-    faiss = _need_faiss()
+    faiss = need_faiss()
     p = Path(index_dir)
     manifest = read_manifest(p)
     name = _index_file(str(entry["space"]), str(entry["kind"]))
@@ -195,7 +188,7 @@ def load_nearest_indexes(
                 f"{entry.get('fingerprint')}, but the {space} loaded now have {fingerprints[space]}; rebuild the index "
                 "(floworacle index build ... --force with --nearest-index / --features-index)"
             )
-        faiss = _need_faiss()
+        faiss = need_faiss()
         path = p / str(entry["file"])
         if verify and (not path.is_file() or _sha256_file(path) != entry.get("file_sha256")):
             raise ValueError(f"{path} is missing or does not match its recorded sha256; rebuild the index")

@@ -7,78 +7,22 @@ data is one class. The shards of a data set partition its rows: together they ho
 exactly once, and the softmax partials of disjoint rows merge exactly, so the gang's answer is
 the single process's.
 
-A shard remembers the whole data set's facts (:class:`GlobalFacts`: size, per-class counts,
+A shard knows the whole data set's stats (:class:`~._facts.DataStats`: size, per-class counts,
 largest values and norms; weights are normalised over the whole set): error bounds, limits and
 refusals are those of the whole, and original indices are the whole set's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from floworacle_server.data._dataset import Dataset
+from floworacle_server.data._dataset import Dataset
+from floworacle_server.data._facts import ShardSpec
 
-__all__ = [
-    "ShardSpec",
-    "ShardOf",
-    "GlobalFacts",
-    "shard_rows",
-    "shard_arrays",
-    "make_shard",
-    "local_facts",
-    "facts_of",
-]
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Rank ``rank`` of a gang of ``world`` processes."""
-
-    rank: int
-    world: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.rank < self.world:
-            raise ValueError(f"rank {self.rank} is outside a gang of {self.world}")
-
-
-@dataclass
-class GlobalFacts:
-    """What a shard knows of the whole data set.
-
-    Attributes:
-        num_samples: N of the whole data set.
-        class_counts: rows per class of the whole set (empty without labels).
-        class_alive: rows of positive weight per class (equal to ``class_counts`` without weights).
-        abs_max: max |x_ij| over all stored values.
-        max_sq: max ||x_i||^2 over all rows; ``class_max_sq`` per class.
-        max_abs_logw: max |log p_i| over the rows of positive weight (0 without weights).
-    """
-
-    num_samples: int
-    class_counts: tuple[int, ...]
-    class_alive: tuple[int, ...]
-    abs_max: float
-    max_sq: float
-    class_max_sq: tuple[float, ...]
-    max_abs_logw: float = 0.0
-
-
-@dataclass
-class ShardOf:
-    """What makes a :class:`~floworacle_server.data.Dataset` a shard: its place in the gang and
-    the whole data set's facts (the gang completes ``facts`` with collectives when each rank
-    loaded only its own rows; see :func:`local_facts`)."""
-
-    spec: ShardSpec
-    facts: GlobalFacts
-    #: bytes the whole gang holds of this data set (set by the gang; 0 until then)
-    resident_bytes: int = 0
+__all__ = ["shard_rows", "shard_arrays", "make_shard"]
 
 
 def shard_rows(labels: np.ndarray | None, num_samples: int, spec: ShardSpec) -> np.ndarray:
@@ -103,45 +47,6 @@ def shard_rows(labels: np.ndarray | None, num_samples: int, spec: ShardSpec) -> 
     return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int64)
 
 
-def local_facts(ds: Dataset, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """This shard's part of the whole set's facts, to be merged over the gang: (maxima to reduce
-    with max: abs_max, max_sq, max_abs_logw, class_max_sq..., counts to reduce with sum:
-    class_alive...)."""
-    rows = 65536
-    abs_max = max((float(ds.x[s : s + rows].abs().max()) for s in range(0, ds.num_samples, rows)), default=0.0)
-    logw = 0.0
-    if ds.log_weights is not None:
-        finite = torch.isfinite(ds.log_weights)
-        logw = float(ds.log_weights[finite].abs().max()) if bool(finite.any()) else 0.0
-    maxima = [abs_max, float(ds.sq_norms.max()) if ds.num_samples else 0.0, logw]
-    alive: list[int] = []
-    if ds.class_offsets is not None:
-        off = ds.class_offsets.tolist()
-        for a, b in zip(off[:-1], off[1:], strict=True):
-            maxima.append(float(ds.sq_norms[a:b].max()) if b > a else 0.0)
-            w = ds.log_weights[a:b] if ds.log_weights is not None else None
-            alive.append(int(torch.isfinite(w).sum()) if w is not None else b - a)
-    return np.asarray(maxima, dtype=np.float64), np.asarray(alive, dtype=np.int64)
-
-
-def _facts_from(ds: Dataset, num_samples: int, class_counts: tuple[int, ...]) -> GlobalFacts:
-    maxima, alive = local_facts(ds, len(class_counts))
-    return facts_of(num_samples, class_counts, maxima, alive)
-
-
-def facts_of(num_samples: int, class_counts: tuple[int, ...], maxima: np.ndarray, alive: np.ndarray) -> GlobalFacts:
-    """:class:`GlobalFacts` from (merged) :func:`local_facts` arrays."""
-    return GlobalFacts(
-        num_samples=num_samples,
-        class_counts=class_counts,
-        class_alive=tuple(int(a) for a in alive),
-        abs_max=float(maxima[0]),
-        max_sq=float(maxima[1]),
-        class_max_sq=tuple(float(m) for m in maxima[3:]),
-        max_abs_logw=float(maxima[2]),
-    )
-
-
 def shard_arrays(
     name: str,
     x_rows: Any,
@@ -160,10 +65,8 @@ def shard_arrays(
 ) -> Dataset:
     """The shard of ``spec`` from its rows: ``x_rows`` its samples in :func:`shard_rows` order
     (already scaled), ``rows`` their original indices, and the whole set's ``labels`` and
-    ``weights`` (N,) (or None) and fingerprint. Its :attr:`ShardOf.facts` hold the whole set's
-    counts and this shard's extremes until the gang merges them."""
-    from floworacle_server.data._dataset import Dataset
-
+    ``weights`` (N,) (or None) and fingerprint. Its stats hold the whole set's counts and this
+    shard's extremes until the gang merges them (:meth:`Dataset.set_stats`)."""
     if len(rows) == 0:
         raise ValueError(f"data set {name!r}: shard {spec.rank} of {spec.world} would hold no rows; use fewer ranks")
     lab_rows = labels[rows] if labels is not None else None
@@ -186,13 +89,13 @@ def shard_arrays(
         with np.errstate(divide="ignore"):
             logw = np.log(w_rows) - np.log(np.sum(np.asarray(weights), dtype=np.float64))
         ds.log_weights = torch.from_numpy(logw).to(dev)
-    ds.shard = ShardOf(spec, _facts_from(ds, num_samples, counts))
+    ds.become_shard(spec, num_samples, counts)
     return ds
 
 
 def make_shard(full: Dataset, spec: ShardSpec) -> Dataset:
     """The shard ``spec`` of a resident data set (every process loads the whole set and keeps its
-    rows; for files other than index directories, and for tests). Its facts are the whole set's."""
+    rows; for files other than index directories, and for tests). Its stats are the whole set's."""
     n = full.num_samples
     if n < spec.world:
         raise ValueError(f"data set {full.name!r} has {n} samples, fewer than the gang's {spec.world} ranks")
@@ -214,6 +117,5 @@ def make_shard(full: Dataset, spec: ShardSpec) -> Dataset:
         sample_shape=full.sample_shape, dtype=full.storage_dtype, device=full.device, fingerprint=full.fingerprint,
         scale_factor=full.scale_factor,
     )  # fmt: skip
-    assert ds.shard is not None
-    ds.shard.facts = _facts_from(full, n, ds.shard.facts.class_counts)
+    ds.set_stats(full.stats)
     return ds

@@ -18,7 +18,8 @@ import torch
 
 from floworacle_server.data._dataset import Dataset
 from floworacle_server.data._formats import LoadedArrays, load_arrays
-from floworacle_server.data._index import build_index, is_index_dir, write_manifest
+from floworacle_server.data._index import build_index, is_index_dir
+from floworacle_server.data._manifest import write_manifest
 
 __all__ = ["SPLIT_PARTS", "SOURCE_ROWS_FILE", "holdout_split", "build_split_index", "split_dataset"]
 

@@ -1,48 +1,66 @@
-"""The oracle engine: streamed exact posterior means over a resident data set (imports only torch).
+"""The oracle engine: streamed exact posterior means and nearest samples over a resident data set.
 
-Rooms: ``_bounds`` (the one rounding-error model), ``_config`` (per-device block sizes),
-``_batch`` (per-batch state), ``_screen`` (screening GEMM and candidates), ``_refine`` (float64
-logits from differences), ``_dense`` (dense float64 and fast passes), ``_partials`` (mergeable
-sums), ``_passes`` (routing), ``_assemble`` (the outputs), ``_nearest`` (nearest samples),
-``_flush`` (flush-to-zero).
+It takes the protocol's queries as they are (:class:`floworacle.protocol.OracleQuery`,
+:class:`~floworacle.protocol.NearestQuery`; torch at its entry) and reads the data set's facts
+(:attr:`floworacle_server.data.Dataset.stats`). Rooms: ``_bounds`` (the one rounding-error model),
+``_config`` (per-device block sizes), ``_batch`` (per-batch state, immutable), ``_screen``
+(screening GEMM and candidates), ``_refine`` (float64 logits from differences), ``_dense`` (dense
+float64 and fast passes), ``_partials`` (mergeable sums), ``_passes`` (routing), ``_assemble``
+(the outputs), ``_merge`` (merging partials through collectives: the hook a gang plugs into),
+``_space`` / ``_knn`` / ``_ann`` / ``_nearest`` / ``_backend`` (nearest samples), ``_index_build``
+(faiss indexes), ``_flush`` (flush-to-zero).
 """
 
-from floworacle_server.engine._assemble import compute_partials, oracle
-from floworacle_server.engine._backend import NearestInfo, calibrate_nearest_backend, nearest_info
+from floworacle.protocol import Guidance, NearestQuery, OracleQuery
+from floworacle_server.engine._assemble import SlotMerge, compute_partials, oracle
+from floworacle_server.engine._backend import (
+    NEAREST_BACKENDS,
+    NearestInfo,
+    calibrate_nearest_backends,
+    choose_backend,
+    nearest_info,
+)
 from floworacle_server.engine._bounds import DENSE_LOGIT_TOL, REACH_MARGIN, SCREEN_DTYPES
 from floworacle_server.engine._config import CPU, CUDA, EngineConfig
 from floworacle_server.engine._flush import FlushState, flush_denormals
 from floworacle_server.engine._index_build import IndexSpec, build_nearest_index, parse_index_spec
-from floworacle_server.engine._nearest import check_search, nearest, posterior_nearest
+from floworacle_server.engine._merge import Collective, CollectiveMerge
+from floworacle_server.engine._nearest import merge_nearest, nearest, posterior_nearest, ranking_keys, search
 from floworacle_server.engine._partials import Partials, Posterior
-from floworacle_server.engine._types import OUTPUTS, Guidance, NearestResult, OracleQuery, OracleResult, Precision
+from floworacle_server.engine._types import NearestResult, OracleResult
 
 __all__ = [
     "CPU",
     "CUDA",
     "DENSE_LOGIT_TOL",
-    "OUTPUTS",
+    "NEAREST_BACKENDS",
     "REACH_MARGIN",
     "SCREEN_DTYPES",
+    "Collective",
+    "CollectiveMerge",
     "EngineConfig",
     "FlushState",
     "Guidance",
     "IndexSpec",
     "NearestInfo",
+    "NearestQuery",
     "NearestResult",
     "OracleQuery",
     "OracleResult",
     "Partials",
     "Posterior",
-    "Precision",
+    "SlotMerge",
     "build_nearest_index",
-    "calibrate_nearest_backend",
-    "check_search",
+    "calibrate_nearest_backends",
+    "choose_backend",
     "compute_partials",
     "flush_denormals",
+    "merge_nearest",
     "nearest",
     "nearest_info",
-    "parse_index_spec",
     "oracle",
+    "parse_index_spec",
     "posterior_nearest",
+    "ranking_keys",
+    "search",
 ]

@@ -14,21 +14,14 @@ import contextlib
 import math
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
 
-from floworacle_server.data._nearest_index import NearestIndex
+from floworacle_server.data import FAISS, NearestIndex
 from floworacle_server.engine._space import SearchSpace
 
 __all__ = ["faiss_blas_kernel", "search_index"]
-
-_faiss: Any
-try:
-    import faiss as _faiss
-except ImportError:  # pragma: no cover - faiss-cpu is a server dependency
-    _faiss = None
 
 _BLAS_LOCK = threading.Lock()
 #: faiss's scalar distance kernel beats its BLAS one only below about this many queries (measured on 2 cores)
@@ -44,27 +37,27 @@ def faiss_blas_kernel(dim: int) -> Iterator[None]:
     more than ~8 queries (measured: 42 ns against 4 ns per pair at 256 queries of D = 256). The
     threshold is a process-wide setting, so it is set and restored under a lock.
     """
-    if _faiss is None:
+    if FAISS is None:
         yield
         return
     with _BLAS_LOCK:
-        before = _faiss.cvar.distance_compute_blas_threshold
-        _faiss.cvar.distance_compute_blas_threshold = _BLAS_MIN_QUERIES * dim
+        before = FAISS.cvar.distance_compute_blas_threshold
+        FAISS.cvar.distance_compute_blas_threshold = _BLAS_MIN_QUERIES * dim
         try:
             yield
         finally:
-            _faiss.cvar.distance_compute_blas_threshold = before
+            FAISS.cvar.distance_compute_blas_threshold = before
 
 
-def _faiss_search(nidx: NearestIndex, q: np.ndarray, fetch: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-    assert _faiss is not None
+def FAISS_search(nidx: NearestIndex, q: np.ndarray, fetch: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    assert FAISS is not None
     with faiss_blas_kernel(int(nidx.index.d)):  # the coarse quantizer's search is a brute-force one
         if nidx.device == "cpu":
-            params = _faiss.SearchParametersIVF(nprobe=nprobe)
+            params = FAISS.SearchParametersIVF(nprobe=nprobe)
             d, i = nidx.index.search(q, fetch, params=params)
         else:  # a faiss GPU index takes nprobe as a setting
             with nidx.lock:
-                _faiss.GpuParameterSpace().set_index_parameter(nidx.index, "nprobe", nprobe)
+                FAISS.GpuParameterSpace().set_index_parameter(nidx.index, "nprobe", nprobe)
                 d, i = nidx.index.search(q, fetch)
     return d, i
 
@@ -98,7 +91,7 @@ def search_index(
     todo = torch.arange(b)
     probe = nprobe
     while todo.numel() > 0:
-        _, ids_np = _faiss_search(nidx, q[todo.numpy()], fetch, probe)
+        _, ids_np = FAISS_search(nidx, q[todo.numpy()], fetch, probe)
         ids = torch.from_numpy(ids_np).to(dev)
         valid = ids >= 0  # -1: the probed lists held fewer than `fetch` vectors
         rows = torch.where(valid, sp.dataset.rows_of(ids.clamp_min(0)), torch.zeros_like(ids))

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from floworacle_server.data._dataset import Dataset
-from floworacle_server.engine._batch import Batch, Coef, Group, Want, facts
+from floworacle.protocol import OUTPUT_NAMES, Guidance, OracleQuery
+from floworacle_server.data import Dataset
+from floworacle_server.engine._batch import Batch, Coef, Group, Queries, Slots, Want
 from floworacle_server.engine._bounds import REACH_MARGIN, U32, U64, ScreenModel, variance_error, x1_error
 from floworacle_server.engine._config import EngineConfig
 from floworacle_server.engine._partials import Partials
@@ -50,7 +51,7 @@ from floworacle_server.engine._passes import (
     exact_partials,
     fast_partials,
 )
-from floworacle_server.engine._types import OUTPUTS, OracleQuery, OracleResult, Precision
+from floworacle_server.engine._types import OracleResult, as_host, as_tensor
 
 __all__ = ["oracle", "compute_partials", "SlotMerge"]
 
@@ -73,47 +74,36 @@ class _Plan:
     slot_label: list[int]
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    """A small tensor on the host (one device read when it lives on a GPU)."""
-    return t.detach().cpu().numpy()
-
-
-def _plan(ds: Dataset, query: OracleQuery, b: int) -> _Plan:
+def _plan(ds: Dataset, labels: np.ndarray | None, t: np.ndarray | None, g: Guidance | None, b: int) -> _Plan:
     n = ds.num_samples
     none = np.empty(0, dtype=np.int64)
-    f = facts(ds)
-    if query.labels is None:
-        return _Plan([Group(0, n, 0, b, max_sq=f.max_sq)], None, None, none, none, none, [-1] * b)
-    g = query.guidance
-    want_t = g is not None and g.scale != 1.0 and query.t is not None
-    if want_t:  # labels and t in one read
-        assert query.t is not None
-        both = _host(torch.stack([query.labels.to(torch.float64), query.t.to(query.labels.device, torch.float64)]))
-        lab, t = both[0].astype(np.int64), both[1]
-    else:
-        lab, t = _host(query.labels).astype(np.int64, copy=False), None
+    stats = ds.stats
+    whole = (Group(0, n, 0, b, max_sq=stats.max_sq),)
+    if labels is None:
+        return _Plan(list(whole), None, None, none, none, none, [-1] * b)
+    lab = labels.astype(np.int64, copy=False)
     assert lab.shape == (b,), f"labels must have shape ({b},), got {lab.shape}"
     cond = lab >= 0
     if not cond.any():
-        return _Plan([Group(0, n, 0, b, max_sq=f.max_sq)], None, None, none, none, none, [-1] * b)
+        return _Plan(list(whole), None, None, none, none, none, [-1] * b)
     assert ds.num_classes > 0, "labels >= 0 need a labelled data set (the service checks this)"
     assert int(lab.max()) < ds.num_classes, "labels must lie in 0..C-1 (the service checks this)"
     guided = np.zeros(b, dtype=bool)
     if g is not None and g.scale != 1.0:
         assert t is not None, "a guidance interval needs t (the service checks this)"
         guided = cond & (t >= g.t_lo) & (t <= g.t_hi)
-    dead = f.dead_classes
+    dead, empty = stats.dead_classes, stats.empty_classes
     uncond_q = np.flatnonzero(~cond | guided)
     groups: list[Group] = []
     parts: list[np.ndarray] = []
     slot_label: list[int] = []
     if uncond_q.size:
-        groups.append(Group(0, n, 0, int(uncond_q.size), max_sq=f.max_sq))
+        groups.append(Group(0, n, 0, int(uncond_q.size), max_sq=stats.max_sq))
         parts.append(uncond_q)
         slot_label += [-1] * int(uncond_q.size)
     s0 = int(uncond_q.size)
     for y in np.unique(lab[cond]).tolist():
-        if y in f.empty_classes:
+        if y in empty:
             raise ValueError(
                 f"class {y} has no samples in data set {ds.name!r}: its posterior is empty; query a class that has samples"
             )
@@ -123,8 +113,8 @@ def _plan(ds: Dataset, query: OracleQuery, b: int) -> _Plan:
                 "query another class or load the data set with positive weights for this class"
             )
         qy = np.flatnonzero(lab == y)
-        start, stop = f.class_ranges[int(y)]
-        groups.append(Group(start, stop, s0, s0 + int(qy.size), int(y), f.class_max_sq[int(y)]))
+        start, stop = ds.class_ranges[int(y)]
+        groups.append(Group(start, stop, s0, s0 + int(qy.size), int(y), stats.class_max_sq[int(y)]))
         parts.append(qy)
         slot_label += [int(y)] * int(qy.size)
         s0 += int(qy.size)
@@ -149,6 +139,7 @@ def _batch(
     want: Want,
     cfg: EngineConfig,
     screen: str,
+    share_lower: Any = None,
 ) -> Batch:
     dev = ds.device
     model = ScreenModel.choose(screen, dev, ds.x.dtype, ds.dim)
@@ -162,7 +153,6 @@ def _batch(
         .mul_(1 + (ds.dim + 4) * U32)
         .add_(math.sqrt(ds.dim) * 2.0**-63)
     )
-    f = facts(ds)
     ex_rows = None
     if exclude is not None:
         ex = exclude.to(device=dev, dtype=torch.int64)
@@ -177,19 +167,23 @@ def _batch(
         qnorm_s = qnorm.index_select(0, slot_query)
         if ex_rows is not None:
             ex_rows = ex_rows.index_select(0, slot_query)
-    consts, starts = Batch.consts(plan.groups, dev)
-    return Batch(ds, cfg, model, x, xs, qnorm, slot_query, coef, qnorm_s, ex_rows, plan.groups, want, f, consts, starts)
+    groups = tuple(plan.groups)
+    consts, starts = Slots.constants(groups, dev)
+    slots = Slots(slot_query, coef, qnorm_s, ex_rows, groups, consts, starts)
+    return Batch(ds, cfg, model, want, Queries(x, xs, qnorm), slots, share_lower)
 
 
-def _partials(batch: Batch, precision: Precision, plan: _Plan, query: OracleQuery) -> SlotPartials:
+def _partials(batch: Batch, precision: str, plan: _Plan, exclude: np.ndarray | None) -> SlotPartials:
     """The slots' partials; data-dependent refusals become actionable ValueErrors."""
     try:
-        return fast_partials(batch) if precision == Precision.FAST else exact_partials(batch)
+        return fast_partials(batch) if precision == "fast" else exact_partials(batch)
     except (NonFiniteScreening, EmptyPosterior) as exc:
-        raise _refusal(exc, batch, plan, query) from None
+        raise _refusal(exc, batch, plan, exclude) from None
 
 
-def _refusal(exc: NonFiniteScreening | EmptyPosterior, batch: Batch, plan: _Plan, query: OracleQuery) -> ValueError:
+def _refusal(
+    exc: NonFiniteScreening | EmptyPosterior, batch: Batch, plan: _Plan, exclude: np.ndarray | None
+) -> ValueError:
     """The actionable refusal of a slot the engine cannot answer."""
     if isinstance(exc, NonFiniteScreening):
         b = exc.slot if plan.slot_query is None else int(plan.slot_query[exc.slot])
@@ -201,8 +195,8 @@ def _refusal(exc: NonFiniteScreening | EmptyPosterior, batch: Batch, plan: _Plan
     y = plan.slot_label[exc.slot]
     scope = "the data set" if y < 0 else f"class {y}"
     left = ""
-    if query.exclude is not None:
-        left = f" once sample {int(_host(query.exclude)[b])} is excluded"
+    if exclude is not None and int(exclude[b]) >= 0:
+        left = f" once sample {int(exclude[b])} is excluded"
     return ValueError(
         f"query {b}: no sample with positive weight is left in {scope} of data set {batch.ds.name!r}{left}; "
         "its posterior is empty: drop the exclusion or query a larger set"
@@ -228,8 +222,7 @@ def _out_of_reach(p: Partials, ds: Dataset, plan: _Plan) -> None:
     rows of the slot's range in the whole data set) become empty slots (index -1), as a single
     process never computes them (a shard's own maximum may lie far below the gang's, so its
     candidates reach further down)."""
-    whole = ds.shard.facts if ds.shard is not None else None
-    counts = whole.class_counts if whole is not None else ()
+    counts = ds.stats.class_counts
     n_all = ds.total_samples
     rows = np.array([n_all if y < 0 else counts[y] for y in plan.slot_label], dtype=np.float64)
     reach = torch.from_numpy(np.log(np.maximum(rows, 1)) + REACH_MARGIN).to(p.m.device)
@@ -260,24 +253,27 @@ def oracle(
         ValueError: a posterior left empty (all of a class's samples weigh 0, or the only ones
             are excluded), or queries too large for the float32 screening to stay finite.
     """
-    x_t = query.x_t
+    dev = ds.device
+    x_t = as_tensor(query.x_t, dev)
     assert x_t.ndim >= 2 and x_t.shape[0] > 0, f"x_t must have shape (B, D) with B >= 1, got {tuple(x_t.shape)}"
     b = int(x_t.shape[0])
     d = int(math.prod(x_t.shape[1:]))
     assert d == ds.dim, f"queries have {d} values each; data set {ds.name!r} has D = {ds.dim}"
     assert len(query.coeffs) == b, f"{len(query.coeffs)} path coefficients for {b} queries"
     outputs = set(query.outputs)
-    assert outputs <= set(OUTPUTS), f"unknown outputs {sorted(outputs - set(OUTPUTS))}"
+    assert outputs <= set(OUTPUT_NAMES), f"unknown outputs {sorted(outputs - set(OUTPUT_NAMES))}"
     top_k = query.top_k if "topk" in outputs else 0
     assert 0 <= query.top_k <= ds.total_samples and ("topk" not in outputs or top_k >= 1), "top_k out of range"
-    dev = ds.device
     cfg = (config or EngineConfig.for_device(dev)).with_chunk_rows(chunk_rows)
-    x = x_t.reshape(b, d).to(dev)
+    x = x_t.reshape(b, d)
     assert x.is_floating_point(), "x_t must be a float tensor"
     c = query.coeffs
     coefs = torch.from_numpy(np.stack([c.alpha, c.sigma, c.velocity_x1, c.velocity_xt]).astype(np.float64)).to(dev)
     alpha, sigma, a_t, b_t = coefs.unbind(0)
-    plan = _plan(ds, query, b)
+    labels = as_host(query.labels) if query.labels is not None else None
+    guided = query.guidance is not None and query.guidance.scale != 1.0
+    t = as_host(query.t).astype(np.float64, copy=False) if guided and query.t is not None else None
+    plan = _plan(ds, labels, t, query.guidance, b)
     want = Want(
         entropy="entropy" in outputs,
         ess="ess" in outputs,
@@ -286,25 +282,26 @@ def oracle(
         logits=merge is not None,  # partials to be merged need their exact logits
         keep_empty=merge is not None,
     )
-    batch = _batch(ds, x, alpha, sigma, plan, query.exclude, want, cfg, screen)
-    if merge is not None:
-        batch.share_lower = merge.share_lower
+    exclude = as_tensor(query.exclude, dev, torch.int64) if query.exclude is not None else None
+    share = merge.share_lower if merge is not None else None
+    batch = _batch(ds, x, alpha, sigma, plan, exclude, want, cfg, screen, share)
+    excluded = as_host(query.exclude) if query.exclude is not None else None
     if merge is None:
-        sp = _partials(batch, query.precision, plan, query)
+        sp = _partials(batch, query.precision, plan, excluded)
     else:
         try:
-            mine: SlotPartials | None = _partials(batch, query.precision, plan, query)
+            mine: SlotPartials | None = _partials(batch, query.precision, plan, excluded)
             refusal = None
         except ValueError as exc:
             mine, refusal = None, exc
         sp = merge(mine, refusal, batch)
         empty = (sp.partials.s == 0).nonzero()  # on the whole data set now
         if empty.numel():
-            raise _refusal(EmptyPosterior(int(empty[0, 0])), batch, plan, query)
-        if query.precision == Precision.EXACT and top_k:
+            raise _refusal(EmptyPosterior(int(empty[0, 0])), batch, plan, excluded)
+        if query.precision == "exact" and top_k:
             _out_of_reach(sp.partials, ds, plan)
     post = sp.partials.finalize(consume=True, unit_normaliser=sp.unit_normaliser)
-    xmax = batch.facts.xmax
+    xmax = batch.stats.abs_max
     x1_err = x1_error(sp.logit_error, post.mean_err, xmax, sp.tail)
     var = var_err = None
     if post.variance is not None and post.variance_rounding is not None:
@@ -376,7 +373,7 @@ def compute_partials(
     *,
     rows: tuple[int, int] | None = None,
     top_k: int = 0,
-    precision: Precision = Precision.EXACT,
+    precision: str = "exact",
     chunk_rows: int | None = None,
     screen: str = "float32",
     config: EngineConfig | None = None,
@@ -401,12 +398,12 @@ def compute_partials(
     b = int(xq.shape[0])
     dev = ds.device
     cfg = (config or EngineConfig.for_device(dev)).with_chunk_rows(chunk_rows)
-    group = Group(start, stop, 0, b, max_sq=facts(ds).range_max_sq(ds, start, stop))
+    group = Group(start, stop, 0, b, max_sq=ds.range_max_sq(start, stop))
     plan = _Plan([group], None, None, *(np.empty(0, dtype=np.int64),) * 3, [-1] * b)
     want = Want(entropy=True, ess=True, variance=variance, top_k=top_k, logits=True)
     a = alpha.to(device=dev, dtype=torch.float64)
     s = sigma.to(device=dev, dtype=torch.float64)
-    batch = _batch(ds, xq.to(dev), a, s, plan, exclude, want, cfg, screen)
-    query = OracleQuery(x_t=xq, coeffs=None, exclude=exclude)  # type: ignore[arg-type]
-    sp = _partials(batch, precision, plan, query)
+    ex = exclude.to(device=dev, dtype=torch.int64) if exclude is not None else None
+    batch = _batch(ds, xq.to(dev), a, s, plan, ex, want, cfg, screen)
+    sp = _partials(batch, precision, plan, as_host(exclude) if exclude is not None else None)
     return sp.partials, sp.logit_error, sp.refined

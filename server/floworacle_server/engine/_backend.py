@@ -24,12 +24,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from floworacle_server.data._dataset import Dataset
-from floworacle_server.data._nearest_index import NEAREST_SPACES, BackendChoice, NearestIndex
-from floworacle_server.engine._nearest import _faiss, exact_knn
+from floworacle.protocol import SPACES
+from floworacle_server.data import FAISS, BackendChoice, Dataset, NearestIndex
+from floworacle_server.engine._knn import KNN_BACKENDS, exact_knn
 from floworacle_server.engine._space import SearchSpace, search_space
 
-__all__ = ["NearestInfo", "calibrate_nearest_backend", "nearest_info"]
+__all__ = ["NEAREST_BACKENDS", "NearestInfo", "calibrate_nearest_backends", "choose_backend", "nearest_info"]
+
+#: ``backend`` values: "auto" follows the data set's calibration.
+NEAREST_BACKENDS: tuple[str, ...] = ("auto", *KNN_BACKENDS)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ _cache_lock = threading.Lock()
 
 
 def _threads() -> tuple[int, int]:
-    return torch.get_num_threads(), int(_faiss.omp_get_max_threads()) if _faiss is not None else 0
+    return torch.get_num_threads(), int(FAISS.omp_get_max_threads()) if FAISS is not None else 0
 
 
 def _measure(sp: SearchSpace, rows: int, seed: int) -> tuple[float, float]:
@@ -67,49 +70,68 @@ def _measure(sp: SearchSpace, rows: int, seed: int) -> tuple[float, float]:
     return best["torch"], best["faiss"]
 
 
-def calibrate_nearest_backend(
-    dataset: Dataset, *, space: str | None = None, prefer: str = "auto", force: bool = False
-) -> BackendChoice:
-    """Choose (and record in ``dataset.nearest_backends``) the exact screen of each space; log why.
+def choose_backend(backend: str, sp: SearchSpace) -> str:
+    """The exact screen of a search: "torch", "faiss", or for "auto" the one calibrated for the space.
+
+    "auto" is torch on GPUs and without faiss; on CPU data it is the choice the server recorded in
+    ``dataset.nearest_backends`` at start-up, else what :func:`calibrate_nearest_backends` measures
+    (once per shape of data and threads in a process).
+    """
+    if backend not in NEAREST_BACKENDS:
+        raise ValueError(f"backend must be one of {NEAREST_BACKENDS}, got {backend!r}")
+    if backend == "faiss":
+        if FAISS is None:
+            raise ValueError("backend='faiss' needs the faiss package (pip install faiss-cpu); or use backend='torch'")
+        if sp.device.type != "cpu":
+            raise ValueError("backend='faiss' screens CPU data only; use backend='torch' (or 'auto') for GPU data")
+        return "faiss"
+    if backend == "torch" or sp.device.type != "cpu" or FAISS is None:
+        return "torch"
+    choice = sp.dataset.nearest_backends.get(sp.name)
+    if choice is None:
+        choice = calibrate_nearest_backends(sp.dataset, spaces=(sp.name,))[sp.name]
+    return choice.backend
+
+
+def calibrate_nearest_backends(
+    dataset: Dataset, *, spaces: tuple[str, ...] | None = None, prefer: str = "auto", force: bool = False
+) -> dict[str, BackendChoice]:
+    """The exact screen of each space of ``dataset`` (the ones it has, or ``spaces``), logged with why;
+    the caller records them (``dataset.nearest_backends.update(...)``: the server does at start-up).
 
     Args:
         dataset: the resident data set.
-        space: "data", "features", or None for every space the data set has.
+        spaces: which spaces ("data", "features"); None: every space the data set has.
         prefer: "auto" (measure), or "torch" / "faiss" to impose one (a server setting).
         force: measure again even when a choice is recorded or cached.
-
-    Returns:
-        The choice for ``space`` (for the data space when ``space`` is None).
 
     Raises:
         ValueError: unknown ``prefer`` or space, or "faiss" where it cannot run.
     """
-    if prefer not in ("auto", "torch", "faiss"):
-        raise ValueError(f"nearest backend must be 'auto', 'torch' or 'faiss', got {prefer!r}")
-    spaces = (
-        [space] if space is not None else [s for s in NEAREST_SPACES if s == "data" or dataset.features is not None]
-    )
+    if prefer not in NEAREST_BACKENDS:
+        raise ValueError(f"nearest backend must be one of {NEAREST_BACKENDS}, got {prefer!r}")
+    names = spaces if spaces is not None else tuple(s for s in SPACES if s == "data" or dataset.features is not None)
     chosen: dict[str, BackendChoice] = {}
-    for name in spaces:
+    for name in names:
         sp = search_space(dataset, name)
-        if not force and prefer == "auto" and name in dataset.nearest_backends:
-            chosen[name] = dataset.nearest_backends[name]
+        recorded = dataset.nearest_backends.get(name)
+        if not force and prefer == "auto" and recorded is not None:
+            chosen[name] = recorded
             continue
         choice = _choose(sp, prefer, force)
-        dataset.nearest_backends[name] = choice
         chosen[name] = choice
         log.info("data set %r, %s space: nearest backend %s (%s)", dataset.name, name, choice.backend, choice.reason)
-    return chosen[spaces[0]]
+    return chosen
 
 
 def _choose(sp: SearchSpace, prefer: str, force: bool) -> BackendChoice:
     if prefer != "auto":
-        if prefer == "faiss" and (_faiss is None or sp.device.type != "cpu"):
+        if prefer == "faiss" and (FAISS is None or sp.device.type != "cpu"):
             raise ValueError("the faiss screen needs the faiss package and data on the CPU; use 'torch' or 'auto'")
         return BackendChoice(prefer, "set by configuration")
     if sp.device.type != "cpu":
         return BackendChoice("torch", f"data on {sp.device.type}: the faiss screen takes CPU data only")
-    if _faiss is None:
+    if FAISS is None:
         return BackendChoice("torch", "faiss is not installed")
     b, n, d = _QUERIES, sp.num_samples, sp.dim
     rows = int(min(n, max(_MIN_ROWS, math.ceil(_FLOPS / (2 * b * d)))))
@@ -158,18 +180,18 @@ class NearestInfo:
 
 
 def nearest_info(dataset: Dataset) -> NearestInfo:
-    """The data set's nearest-search facts; calibrates the backends first if nobody did."""
-    calibrate_nearest_backend(dataset)
-    data = dataset.nearest_backends["data"]
+    """The data set's nearest-search facts (the recorded screens, or calibrated now if none are)."""
+    choices = calibrate_nearest_backends(dataset)
+    data = choices["data"]
     reason = data.reason
-    feats = dataset.nearest_backends.get("features")
+    feats = choices.get("features")
     if feats is not None and feats.backend != data.backend:
         reason += f"; features space: {feats.backend} ({feats.reason})"
     return NearestInfo(
         backend=data.backend,
         backend_reason=reason,
         exact_max_samples=dataset.exact_nearest_max_samples,
-        indexes=tuple(dataset.nearest_indexes[s] for s in NEAREST_SPACES if s in dataset.nearest_indexes),
+        indexes=tuple(dataset.nearest_indexes[s] for s in SPACES if s in dataset.nearest_indexes),
         feature_dim=dataset.feature_dim,
         feature_metric=dataset.feature_metric,
     )

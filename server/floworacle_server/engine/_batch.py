@@ -10,18 +10,17 @@ slices of per-slot tensors.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from floworacle_server.data._dataset import Dataset
+from floworacle_server.data import Dataset, DataStats
 from floworacle_server.engine._bounds import REACH_MARGIN, ScreenModel
 from floworacle_server.engine._config import EngineConfig
 
-__all__ = ["Coef", "Group", "Want", "Batch", "DatasetFacts", "facts"]
+__all__ = ["Coef", "Group", "Want", "Queries", "Slots", "Batch", "mask_excluded"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class Want:
     keep_empty: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Coef:
     """Per-slot float64 tensors derived from the path coefficients (shape (S,))."""
 
@@ -62,10 +61,10 @@ class Coef:
         return Coef(*(t.index_select(0, rows) for t in (self.alpha, self.sigma, self.c, self.half, self.inv2s2)))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Group:
     """Slots ``[s0, s1)`` over data rows ``[start, stop)``; ``label`` -1 for the whole set;
-    ``max_sq`` the largest ``||x_i||^2`` of those rows (host float, from :class:`DatasetFacts`)."""
+    ``max_sq`` the largest ``||x_i||^2`` of those rows (host float, from the data set's stats)."""
 
     start: int
     stop: int
@@ -87,162 +86,132 @@ class Group:
         return self.s1 - self.s0
 
 
-@dataclass
-class DatasetFacts:
-    """Host-side facts about a data set, computed once (each costs a pass and a host read)."""
-
-    xmax: float
-    max_abs_logw: float
-    #: classes without samples, and classes whose samples all weigh 0 (their posterior is empty)
-    empty_classes: frozenset[int]
-    dead_classes: frozenset[int]
-    #: row range of each class (host copy of ``class_offsets``)
-    class_ranges: list[tuple[int, int]]
-    #: largest ||x_i||^2 of the whole data set and of each class
-    max_sq: float
-    class_max_sq: list[float]
-    _sq32: torch.Tensor | None = field(default=None, repr=False)
-    _range_max_sq: dict[tuple[int, int], float] = field(default_factory=dict, repr=False)
-
-    def sq32(self, ds: Dataset) -> torch.Tensor:
-        """(N,) float32 ``||x_i||^2`` for the screening epilogue (converted once)."""
-        if self._sq32 is None:
-            self._sq32 = ds.sq_norms.to(torch.float32)
-        return self._sq32
-
-    def range_max_sq(self, ds: Dataset, start: int, stop: int) -> float:
-        """Largest ||x_i||^2 over rows [start, stop) (cached; one host read per new range)."""
-        if (start, stop) == (0, ds.num_samples):
-            return self.max_sq
-        key = (start, stop)
-        if key not in self._range_max_sq:
-            self._range_max_sq[key] = float(ds.sq_norms[start:stop].max())
-        return self._range_max_sq[key]
-
-
-_FACTS: dict[int, tuple[weakref.ref[Dataset], DatasetFacts]] = {}
-
-
-def facts(ds: Dataset) -> DatasetFacts:
-    """The cached :class:`DatasetFacts` of ``ds`` (dropped when the data set is). For a shard of a
-    gang, the extremes, the weights' range and the empty or weightless classes are the whole data
-    set's (``ds.shard.facts``), so that refusals and error bounds are those of the whole; row
-    ranges are the shard's own."""
-    hit = _FACTS.get(id(ds))
-    if hit is not None and hit[0]() is ds:
-        return hit[1]
-    whole = ds.shard.facts if ds.shard is not None else None
-    max_abs_logw = 0.0
-    dead: set[int] = set()
-    empty: set[int] = set()
-    if ds.class_offsets is not None:
-        empty = {y for y, e in enumerate((ds.class_offsets[1:] == ds.class_offsets[:-1]).tolist()) if e}
-    if ds.log_weights is not None:
-        finite = torch.isfinite(ds.log_weights)
-        max_abs_logw = float(ds.log_weights[finite].abs().max()) if bool(finite.any()) else 0.0
-        if ds.class_offsets is not None:
-            cs = torch.zeros(ds.num_samples + 1, dtype=torch.int64, device=ds.device)
-            cs[1:] = torch.cumsum(finite.to(torch.int64), 0)
-            per_class = cs[ds.class_offsets.to(ds.device)]
-            dead = {y for y, n in enumerate((per_class[1:] - per_class[:-1]).tolist()) if n == 0} - empty
-    ranges: list[tuple[int, int]] = []
-    class_max: list[float] = []
-    if ds.class_offsets is not None:
-        off = ds.class_offsets.tolist()
-        ranges = list(zip(off[:-1], off[1:], strict=True))
-        class_max = [float(ds.sq_norms[a:b].max()) if b > a else 0.0 for a, b in ranges]
-    max_sq = float(ds.sq_norms.max())
-    if whole is not None:
-        empty = {y for y, n in enumerate(whole.class_counts) if n == 0}
-        dead = {y for y, (n, a) in enumerate(zip(whole.class_counts, whole.class_alive, strict=True)) if n and not a}
-        class_max, max_sq, max_abs_logw = list(whole.class_max_sq), whole.max_sq, whole.max_abs_logw
-    out = DatasetFacts(
-        xmax=ds.abs_max(),
-        max_abs_logw=max_abs_logw,
-        empty_classes=frozenset(empty),
-        dead_classes=frozenset(dead),
-        class_ranges=ranges,
-        max_sq=max_sq,
-        class_max_sq=class_max,
-    )
-    for (a, b), v in zip(ranges, class_max, strict=True):
-        out._range_max_sq[(a, b)] = v
-    _FACTS[id(ds)] = (weakref.ref(ds), out)
-    weakref.finalize(ds, _FACTS.pop, id(ds), None)
-    return out
-
-
-@dataclass
-class Batch:
-    """Everything the passes of one batch share.
+@dataclass(frozen=True)
+class Queries:
+    """The batch's B queries on the data's device.
 
     Attributes:
-        ds: the data set.
-        cfg: block sizes (per device).
-        model: the screening GEMM's precision and bound.
-        x: (B, D) queries as sent (any float dtype) on the data's device: the exact values.
+        x: (B, D) queries as sent (any float dtype): the exact values.
         xs: (B, D) queries in the screening dtype (``x`` itself when it already is).
-        qnorm: (B,) float64 upper bound of ``||x_t||`` (within (D + 4) u32 of it).
-        slot_query: (S,) int64 query of each slot, or None when slot s is query s (S = B).
-        coef: per-slot coefficients.
-        qnorm_s: (S,) float64 ``qnorm`` per slot.
-        exclude: (S,) int64 data row each slot leaves out (-1: none), or None.
-        groups: the slots' row ranges.
-        want: which sums to produce.
-        facts: the data set's cached facts.
-        slot_consts: (3, S) float64 per slot: the largest ||x_i||^2 of its rows, its reach
-            ``ln(rows) + 37`` and its number of rows (built on the host, one copy).
-        slot_start: (S,) int64 first row of each slot's range.
-        share_lower: a gang's shard: the gang's largest of every rank's (S,) screening lower
-            bounds (a collective, called once per exact batch on every rank), so that each shard
-            keeps the candidates within reach of the whole data set's maximum, not of its own
-            (None: one process).
-        lower_shared: set once the lower bounds were shared: the slots' tails are then relative
-            to the gang's largest weight (they add up in the merge).
+        norm: (B,) float64 upper bound of ``||x_t||`` (within (D + 4) u32 of it).
     """
 
-    ds: Dataset
-    cfg: EngineConfig
-    model: ScreenModel
     x: torch.Tensor
     xs: torch.Tensor
-    qnorm: torch.Tensor
-    slot_query: torch.Tensor | None
+    norm: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Slots:
+    """The batch's S slots (posteriors to evaluate).
+
+    Attributes:
+        query: (S,) int64 query of each slot, or None when slot s is query s (S = B).
+        coef: per-slot coefficients.
+        qnorm: (S,) float64 ``Queries.norm`` per slot.
+        exclude: (S,) int64 data row each slot leaves out (-1: none), or None.
+        groups: the slots' row ranges.
+        consts: (3, S) float64 per slot: the largest ||x_i||^2 of its rows, its reach
+            ``ln(rows) + 37`` and its number of rows (built on the host, one copy).
+        start: (S,) int64 first row of each slot's range.
+    """
+
+    query: torch.Tensor | None
     coef: Coef
-    qnorm_s: torch.Tensor
+    qnorm: torch.Tensor
     exclude: torch.Tensor | None
-    groups: list[Group]
-    want: Want
-    facts: DatasetFacts
-    slot_consts: torch.Tensor
-    slot_start: torch.Tensor
-    share_lower: Callable[[torch.Tensor], torch.Tensor] | None = None
-    lower_shared: bool = False
+    groups: tuple[Group, ...]
+    consts: torch.Tensor
+    start: torch.Tensor
 
     @staticmethod
-    def consts(groups: list[Group], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (3, S) ``slot_consts`` and (S,) ``slot_start`` of ``groups``."""
+    def constants(groups: tuple[Group, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (3, S) ``consts`` and (S,) ``start`` of ``groups``."""
         rows = np.array([g.rows for g in groups], dtype=np.float64)
         sizes = [g.size for g in groups]
         per = np.stack([[g.max_sq for g in groups], np.log(np.maximum(rows, 1)) + REACH_MARGIN, rows])
         starts = np.repeat(np.array([g.start for g in groups], dtype=np.int64), sizes)
         return torch.from_numpy(np.repeat(per, sizes, axis=1)).to(device), torch.from_numpy(starts).to(device)
 
+
+@dataclass(frozen=True)
+class Batch:
+    """Everything the passes of one batch share; immutable once built.
+
+    Attributes:
+        ds: the data set (its :attr:`~floworacle_server.data.Dataset.stats` are the whole set's).
+        cfg: block sizes (per device).
+        model: the screening GEMM's precision and bound.
+        want: which sums to produce.
+        q: the queries.
+        s: the slots.
+        share_lower: a gang's shard: the gang's largest of every rank's (S,) screening lower
+            bounds (a collective, called once per exact batch on every rank), so that each shard
+            keeps the candidates within reach of the whole data set's maximum, not of its own
+            (None: one process). The exact pass's tails are then relative to the gang's largest
+            weight (:attr:`SlotPartials.shared_tail`).
+    """
+
+    ds: Dataset
+    cfg: EngineConfig
+    model: ScreenModel
+    want: Want
+    q: Queries
+    s: Slots
+    share_lower: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    # the names the passes use
+    @property
+    def x(self) -> torch.Tensor:
+        return self.q.x
+
+    @property
+    def xs(self) -> torch.Tensor:
+        return self.q.xs
+
+    @property
+    def qnorm(self) -> torch.Tensor:
+        return self.q.norm
+
+    @property
+    def coef(self) -> Coef:
+        return self.s.coef
+
+    @property
+    def qnorm_s(self) -> torch.Tensor:
+        return self.s.qnorm
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        return self.s.groups
+
+    @property
+    def slot_query(self) -> torch.Tensor | None:
+        return self.s.query
+
+    @property
+    def slot_start(self) -> torch.Tensor:
+        return self.s.start
+
     @property
     def slot_max_sq(self) -> torch.Tensor:
-        return self.slot_consts[0]
+        return self.s.consts[0]
 
     @property
     def slot_reach(self) -> torch.Tensor:
-        return self.slot_consts[1]
+        return self.s.consts[1]
 
     @property
     def slot_rows(self) -> torch.Tensor:
-        return self.slot_consts[2]
+        return self.s.consts[2]
+
+    @property
+    def stats(self) -> DataStats:
+        return self.ds.stats
 
     @property
     def slots(self) -> int:
-        return int(self.coef.alpha.shape[0])
+        return int(self.s.coef.alpha.shape[0])
 
     @property
     def dim(self) -> int:
@@ -251,15 +220,15 @@ class Batch:
     def queries(self, rows: torch.Tensor | slice, *, screen: bool = False) -> torch.Tensor:
         """Query vectors of the slots ``rows`` (exact values, or screening dtype)."""
         src = self.xs if screen else self.x
-        if self.slot_query is None:
+        if self.s.query is None:
             return src[rows] if isinstance(rows, slice) else src.index_select(0, rows)
-        q = self.slot_query[rows] if isinstance(rows, slice) else self.slot_query.index_select(0, rows)
+        q = self.s.query[rows] if isinstance(rows, slice) else self.s.query.index_select(0, rows)
         return src.index_select(0, q)
 
     def excluded(self, rows: torch.Tensor | slice) -> torch.Tensor | None:
-        if self.exclude is None:
+        if self.s.exclude is None:
             return None
-        return self.exclude[rows] if isinstance(rows, slice) else self.exclude.index_select(0, rows)
+        return self.s.exclude[rows] if isinstance(rows, slice) else self.s.exclude.index_select(0, rows)
 
 
 def mask_excluded(logits: torch.Tensor, excluded: torch.Tensor | None, start: int) -> None:

@@ -83,6 +83,7 @@ __all__ = [
     "SCREEN_DTYPES",
     "ScreenModel",
     "float32_gemm_unit_roundoff",
+    "screening_error_bound",
     "reach",
     "screen_logit_error",
     "pair_logit_error",
@@ -292,3 +293,32 @@ def variance_error(
     grow = ew + ew * ew
     logits_part = grow * (var + m2_err) / (1.0 - grow).clamp(min=1e-300)
     return logits_part + tail * (4.0 * max_sq + var + m2_err) + m2_err
+
+
+def screening_error_bound(
+    q_norm: torch.Tensor, max_data_norm: float, dim: int, unit_roundoff: float = 2.0**-24
+) -> torch.Tensor:
+    """Bound on ``|screened - exact|`` squared distance, per query.
+
+    The screen is ``s_i = ||x||^2 + (||x_i||^2 - 2 x . x_i)`` with the dot product (and the
+    float32 rounding of x and of ``||x_i||^2``) in float32; faiss computes every term in float32.
+    With u the GEMM unit roundoff, any summation order gives ``|fl(q . x_i) - x . x_i| <=
+    (u + gamma_D (1 + u)) ||x|| ||x_i||`` (gamma_D = D u / (1 - D u), Cauchy-Schwarz), and the
+    norm terms add at most ``(gamma_D + 3u)(||x||^2 + ||x_i||^2)``. Taken together, for D u <= 0.1,
+
+        |s_i - d_i| <= 3 (D + 2) u (||x|| + ||x_i||)^2 + 4 (D + 4) 2^-53 (||x|| + ||x_i||)^2
+
+    (the second term covers the float64 arithmetic). ``||x_i||`` is replaced by its maximum
+    over the data, so the bound holds for every sample, screened or not.
+
+    Args:
+        q_norm: (B,) float64 query norms ``||x||``.
+        max_data_norm: ``max_i ||x_i||`` of the stored data.
+        dim: D.
+        unit_roundoff: u of the screening arithmetic.
+
+    Returns:
+        (B,) float64 bounds.
+    """
+    c = 3.0 * (dim + 2) * unit_roundoff + 4.0 * (dim + 4) * U64
+    return c * (q_norm + max_data_norm) ** 2

@@ -188,7 +188,7 @@ def _finish(
         topk_logits=tl,
         topk_index=acc.ti,
         mean_err=mean_err,
-        xmax=batch.facts.xmax,
+        xmax=batch.stats.abs_max,
     )
 
 
@@ -280,8 +280,8 @@ def _dense_bucket(batch: Batch, bucket: list[tuple[Group, list[int]]]) -> tuple[
         acc.absorb(flat, base, xb[:, :, : d + extra], None, cfg.host_shortcuts)
         blocks += 1
     max_norm = batch.slot_max_sq.index_select(0, idx).sqrt()
-    err = dense_logit_error(qn, co.alpha, max_norm, co.inv2s2, batch.facts.max_abs_logw, d)
-    xmax = batch.facts.xmax
+    err = dense_logit_error(qn, co.alpha, max_norm, co.inv2s2, batch.stats.max_abs_logw, d)
+    xmax = batch.stats.abs_max
     # each block's GEMM adds gamma_rows of its own mass, each rescale and sum 4 u of the total
     mean_err = mean_rounding(rows + 4 * blocks, xmax)
     part = _finish(batch, acc, qn2 * co.inv2s2, ref, rows, blocks, mean_err)
@@ -345,7 +345,7 @@ def screened_pass(
             dref = torch.sub(x64, ref).square_().sum(dim=1)[None, :]
         acc.absorb(lt.to(f64), s0, x_acc[None], dref, cfg.host_shortcuts)
         blocks += 1
-    xmax = batch.facts.xmax
+    xmax = batch.stats.abs_max
     # weights rounded to the accumulation dtype act like logit errors of u_acc; the data rounded
     # to it (when stored otherwise), the float32 accumulation of a chunk (inputs rounded inside a
     # float32 GEMM below "highest" precision) and a half-precision output add to the mean's error

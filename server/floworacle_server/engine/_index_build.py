@@ -6,7 +6,7 @@ the residuals; all N vectors are added with the caller's indices as ids.
 
 Recall: Q held-out queries (samples outside the k-means sample, each searched with itself
 excluded, i.e. leave-one-out, as a memorisation check searches a near-copy) are answered exactly
-(:func:`~floworacle_server.engine._nearest.exact_knn`) and through the index at nprobe = 1, 2, 4,
+(:func:`~floworacle_server.engine._knn.exact_knn`) and through the index at nprobe = 1, 2, 4,
 ... The served pipeline is measured, re-ranking included: recall@k of a query is the share of its
 k answers whose exact distance is at most the true k-th distance (ties count as found). The
 default nprobe is the smallest that reaches the target recall (0.99 unless told), or the one
@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from floworacle_server.data._features import space_fingerprint
-from floworacle_server.data._index import load_index
-from floworacle_server.data._nearest_index import NearestIndex, write_nearest_index
-from floworacle_server.engine._ann import _faiss, faiss_blas_kernel, search_index
-from floworacle_server.engine._nearest import exact_knn
+from floworacle_server.data import FAISS, NearestIndex, load_index, space_fingerprint, write_nearest_index
+from floworacle_server.engine._ann import faiss_blas_kernel, search_index
+from floworacle_server.engine._backend import choose_backend
+from floworacle_server.engine._knn import exact_knn
 from floworacle_server.engine._space import SearchSpace, search_space
 
 __all__ = ["INDEX_KINDS", "IndexSpec", "build_nearest_index", "parse_index_spec", "train_index"]
@@ -156,20 +155,20 @@ def _rows_f32(sp: SearchSpace, rows: np.ndarray | slice) -> np.ndarray:
 
 def _kmeans(sample: np.ndarray, nlist: int, niter: int, seed: int, progress: bool) -> np.ndarray:
     """faiss k-means, one iteration per call (the next starts from the last centroids)."""
-    assert _faiss is not None
+    assert FAISS is not None
     d = sample.shape[1]
     centroids: np.ndarray | None = None
     with tqdm(total=niter, desc="k-means", unit="iter", disable=not progress) as bar, faiss_blas_kernel(d):
         for _ in range(niter):
-            cl = _faiss.Clustering(d, nlist)
+            cl = FAISS.Clustering(d, nlist)
             cl.niter = 1
             cl.seed = seed
             cl.max_points_per_centroid = sample.shape[0]  # the sample is already drawn
             cl.min_points_per_centroid = 1  # the parameters were checked; no faiss warning on stderr
             if centroids is not None:
-                _faiss.copy_array_to_vector(centroids.ravel(), cl.centroids)
-            cl.train(sample, _faiss.IndexFlatL2(d))
-            centroids = _faiss.vector_to_array(cl.centroids).reshape(nlist, d)
+                FAISS.copy_array_to_vector(centroids.ravel(), cl.centroids)
+            cl.train(sample, FAISS.IndexFlatL2(d))
+            centroids = FAISS.vector_to_array(cl.centroids).reshape(nlist, d)
             stats = cl.iteration_stats
             bar.set_postfix_str(f"objective {stats.at(stats.size() - 1).obj:.4g}")
             bar.update(1)
@@ -182,7 +181,7 @@ def train_index(sp: SearchSpace, spec: IndexSpec, *, progress: bool = True) -> t
 
     ``spec`` must be resolved (:func:`_resolve` fills its defaults); returns (index, facts).
     """
-    if _faiss is None:
+    if FAISS is None:
         raise ValueError("nearest indexes need the faiss package (pip install faiss-cpu)")
     assert spec.nlist is not None and spec.train is not None
     n, d = sp.num_samples, sp.dim
@@ -193,13 +192,13 @@ def train_index(sp: SearchSpace, spec: IndexSpec, *, progress: bool = True) -> t
     sample = _rows_f32(sp, sample_rows)
     centroids = _kmeans(sample, spec.nlist, spec.niter, spec.seed, progress)
     t_kmeans = time.perf_counter() - t0
-    quantizer = _faiss.IndexFlatL2(d)
+    quantizer = FAISS.IndexFlatL2(d)
     quantizer.add(centroids)
     if spec.kind == "ivf":
-        index = _faiss.IndexIVFFlat(quantizer, d, spec.nlist, _faiss.METRIC_L2)
+        index = FAISS.IndexIVFFlat(quantizer, d, spec.nlist, FAISS.METRIC_L2)
     else:
         assert spec.m is not None
-        index = _faiss.IndexIVFPQ(quantizer, d, spec.nlist, spec.m, spec.nbits)
+        index = FAISS.IndexIVFPQ(quantizer, d, spec.nlist, spec.m, spec.nbits)
     t1 = time.perf_counter()
     with faiss_blas_kernel(d):
         index.train(sample)  # the quantizer has its centroids: this trains the PQ (ivfpq) only
@@ -247,7 +246,7 @@ def measure_recall(
     rows = torch.from_numpy(np.sort(pick)).to(sp.device)
     y = sp.queries(sp.x[rows].to(torch.float64))
     k = spec.k
-    exact_keys, _ = exact_knn(sp, y, k, excluded=rows)
+    exact_keys, _ = exact_knn(sp, y, k, excluded=rows, backend=choose_backend("auto", sp))
     kth = exact_keys[:, k - 1]
     assert spec.nlist is not None
     ladder = [1 << i for i in range(int(math.log2(spec.nlist)) + 1)]
@@ -327,7 +326,7 @@ def build_nearest_index(
         "train_rows": facts["train_rows"],
         "niter": spec.niter,
         "seed": spec.seed,
-        "faiss_version": getattr(_faiss, "__version__", "?"),
+        "faiss_version": getattr(FAISS, "__version__", "?"),
         # placeholders until measured (the search needs an entry to read its rerank and nlist)
         "default_nprobe": spec.nprobe or 1,
         "recall": 0.0,

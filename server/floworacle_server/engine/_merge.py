@@ -33,7 +33,7 @@ from floworacle_server.engine._bounds import U64
 from floworacle_server.engine._partials import Partials, per_query
 from floworacle_server.engine._passes import SlotPartials
 
-__all__ = ["Collective", "GangMerge", "merge_slot_partials"]
+__all__ = ["Collective", "CollectiveMerge", "merge_slot_partials"]
 
 
 class Collective(Protocol):
@@ -73,7 +73,7 @@ def merge_slot_partials(
     d = r.v.shape[1]
     # tails relative to the gang's largest weight (lower bounds shared) add up; relative to each
     # rank's own kept mass (the fast pass) they are mass-weighted
-    scalars = [r.s, r.s * mean_err, sp.tail if batch.lower_shared else r.s * sp.tail]
+    scalars = [r.s, r.s * mean_err, sp.tail if sp.shared_tail else r.s * sp.tail]
     counts = torch.zeros_like(r.s)
     counts[0] = sp.refined  # the refined pairs ride along in slot 0's column (a sum, like the rest)
     scalars.append(counts)
@@ -86,9 +86,9 @@ def merge_slot_partials(
     n = len(scalars)
     s = packed[:, 0].contiguous()
     safe_s = torch.where(s > 0, s, one)
-    xmax = batch.facts.xmax  # the whole data set's
+    xmax = batch.stats.abs_max  # the whole data set's
     merged_mean_err = packed[:, 1] / safe_s + 16 * U64 * world * xmax
-    tail = packed[:, 2].clone() if batch.lower_shared else packed[:, 2] / safe_s
+    tail = packed[:, 2].clone() if sp.shared_tail else packed[:, 2] / safe_s
     refined = int(packed[0, 3])
     h = packed[:, 4].contiguous() if r.h is not None else None
     q = packed[:, 4 + (r.h is not None)].contiguous() if r.q is not None else None
@@ -122,7 +122,7 @@ def merge_slot_partials(
     return SlotPartials(merged, bounds, refined, unit_normaliser=False, tail=tail, topk_original=True)
 
 
-class GangMerge:
+class CollectiveMerge:
     """What :func:`oracle` needs of a gang (``merge=``): the shared screening lower bounds
     (one all-reduce, max) and the merge of the slot partials."""
 

@@ -32,7 +32,7 @@
 
 3. The routes' partials are put into one (S,) state in slot order.
 
-The fast mode (``Precision.FAST``) skips 2 and 3: one streamed pass of the screening logits.
+The fast mode (``"fast"``) skips 2 and 3: one streamed pass of the screening logits.
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ class SlotPartials:
         tail: (S,) bound on the weight of the samples left out, relative to the kept mass.
         topk_original: the top-k indices are the data set's original indices already (a gang's
             merged partials), not rows.
+        shared_tail: ``tail`` is relative to the gang's largest weight (a shard's exact pass with
+            shared screening lower bounds: the ranks' tails add up), not to the kept mass.
     """
 
     partials: Partials
@@ -110,6 +112,7 @@ class SlotPartials:
     unit_normaliser: bool
     tail: torch.Tensor
     topk_original: bool = False
+    shared_tail: bool = False
 
 
 @dataclass
@@ -306,17 +309,17 @@ def _empty(batch: Batch, n: int) -> Partials:
 
 def _screen_errors(batch: Batch) -> torch.Tensor:
     """(S,) screening logit error bound of every slot."""
-    co, facts = batch.coef, batch.facts
+    co, stats = batch.coef, batch.stats
     return screen_logit_error(
-        batch.model, co.c, co.half, batch.qnorm_s, batch.slot_max_sq, facts.max_abs_logw, batch.dim
+        batch.model, co.c, co.half, batch.qnorm_s, batch.slot_max_sq, stats.max_abs_logw, batch.dim
     )
 
 
 def _dense_errors(batch: Batch) -> torch.Tensor:
     """(S,) logit error bound of the dense float64 pass for every slot."""
-    co, facts = batch.coef, batch.facts
+    co, stats = batch.coef, batch.stats
     return dense_logit_error(
-        batch.qnorm_s, co.alpha, batch.slot_max_sq.sqrt(), co.inv2s2, facts.max_abs_logw, batch.dim
+        batch.qnorm_s, co.alpha, batch.slot_max_sq.sqrt(), co.inv2s2, stats.max_abs_logw, batch.dim
     )
 
 
@@ -346,7 +349,6 @@ def exact_partials(batch: Batch) -> SlotPartials:
     scr = screen(batch, serr, tight_of if cfg.early_dense else None)
     if batch.share_lower is not None:  # a gang's shard: reach from the whole set's maximum
         scr.lower = _shared_lower(batch.share_lower, scr.lower)
-        batch.lower_shared = True
     thr = scr.threshold(batch.slot_reach)
     cands = _route(batch, scr, thr, tight_of)
     code, width = cands.code, cands.width
@@ -414,7 +416,14 @@ def exact_partials(batch: Batch) -> SlotPartials:
         tail = tail.index_fill(0, torch.tensor(empty, dtype=torch.int64, device=dev), 0.0)
     for slots_s, extra in split_tail:
         tail = tail.index_copy(0, torch.tensor(slots_s, dtype=torch.int64, device=dev), extra)
-    return SlotPartials(state, logit_err, refined, unit_normaliser=len(single) == s_total, tail=tail)
+    return SlotPartials(
+        state,
+        logit_err,
+        refined,
+        unit_normaliser=len(single) == s_total,
+        tail=tail,
+        shared_tail=batch.share_lower is not None,
+    )
 
 
 def fast_partials(batch: Batch) -> SlotPartials:

@@ -80,7 +80,7 @@ def exact_single(batch: Batch, slots: torch.Tensor | slice, rows: torch.Tensor) 
         topk_logits=tl,
         topk_index=ti,
         mean_err=0.0,  # float32 / float16 / bfloat16 -> float64 is exact
-        xmax=batch.facts.xmax,
+        xmax=batch.stats.abs_max,
     )
     return part, err
 
@@ -121,7 +121,7 @@ def exact_rows(batch: Batch, slots: torch.Tensor, rows: torch.Tensor) -> tuple[P
         h = torch.linalg.vecdot(p, z.clamp(min=torch.finfo(f64).min), dim=1)
     if want.ess:
         q = torch.linalg.vecdot(p, p, dim=1)
-    xmax = batch.facts.xmax
+    xmax = batch.stats.abs_max
     mean_err = mean_rounding(w, xmax)
     if want.variance:
         mu = v / s[:, None]

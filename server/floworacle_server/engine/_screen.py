@@ -120,7 +120,7 @@ def screen_logits(
         lt = lt.to(torch.float32)
     if not xc.scaled:
         lt.mul_(xc.c32[:, None])
-    lt.addr_(h32, batch.facts.sq32(ds)[rows], alpha=-1)
+    lt.addr_(h32, ds.sq_norms32[rows], alpha=-1)
     if ds.log_weights is not None:
         lt.add_(ds.log_weights[rows].to(torch.float32)[None, :])
     start = rows.start if rows.start is not None else 0

@@ -19,14 +19,25 @@ from dataclasses import dataclass
 
 import torch
 
-from floworacle_server.data._dataset import Dataset
-from floworacle_server.data._nearest_index import NEAREST_SPACES, NearestIndex
+from floworacle.protocol import SPACES
+from floworacle_server.data import Dataset, NearestIndex
 from floworacle_server.engine._types import NearestResult
 
-__all__ = ["SearchSpace", "search_space", "exclusion_rows"]
+__all__ = ["SearchSpace", "search_space", "exclusion_rows", "merge_topk"]
 
 _REFINE_BYTES_CPU = 4 << 20  # (b, L, D) float64 differences per query block
 _REFINE_BYTES_GPU = 256 << 20
+
+
+def merge_topk(keys: torch.Tensor, index: torch.Tensor, k: int, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The k smallest ``keys`` of each row of (B, m) candidates, ties by the smaller ``index``
+    (the order one brute-force pass over the whole set gives), with ``index`` and any further
+    (B, m) ``columns`` taken along: (keys, index, *columns), each (B, k). One merge for candidate
+    blocks, devices and a gang's shards (faiss' ResultHeap does the same job)."""
+    by_index = torch.argsort(index, dim=1, stable=True)
+    keys1 = torch.gather(keys, 1, by_index)
+    pick = torch.gather(by_index, 1, torch.argsort(keys1, dim=1, stable=True)[:, :k])
+    return (torch.gather(keys, 1, pick), torch.gather(index, 1, pick), *(torch.gather(c, 1, pick) for c in columns))
 
 
 @dataclass
@@ -103,11 +114,8 @@ class SearchSpace:
 
     def top_k(self, keys: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k smallest keys of each query with their rows; ties by key, then the caller's index."""
-        orig = self.dataset.original_index[rows]
-        o1 = torch.argsort(orig, dim=1, stable=True)
-        keys1, rows1 = torch.gather(keys, 1, o1), torch.gather(rows, 1, o1)
-        o2 = torch.argsort(keys1, dim=1, stable=True)[:, :k]
-        return torch.gather(keys1, 1, o2), torch.gather(rows1, 1, o2)
+        top, _, top_rows = merge_topk(keys, self.dataset.original_index[rows], k, rows)
+        return top, top_rows
 
     def result(self, keys: torch.Tensor, rows: torch.Tensor, *, approximate: bool) -> NearestResult:
         ds = self.dataset
@@ -123,8 +131,8 @@ class SearchSpace:
 
 def search_space(ds: Dataset, space: str) -> SearchSpace:
     """The :class:`SearchSpace` of ``space`` ("data" or "features"); ValueError if the data set lacks it."""
-    if space not in NEAREST_SPACES:
-        raise ValueError(f"space must be one of {NEAREST_SPACES}, got {space!r}")
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {list(SPACES)}, got {space!r}")
     index = ds.nearest_indexes.get(space)
     if space == "data":
         return SearchSpace("data", ds, ds.x, ds.sq_norms, "l2", index)
@@ -138,25 +146,12 @@ def search_space(ds: Dataset, space: str) -> SearchSpace:
 
 
 def exclusion_rows(ds: Dataset, exclude: torch.Tensor | None, b: int, k: int) -> torch.Tensor | None:
-    """(B,) rows to leave out of each query's answer (-1: none) from the caller's indices; None if none.
-
-    Raises:
-        ValueError: wrong shape or dtype, an index outside -1..N-1, or k = N with an exclusion.
-    """
+    """(B,) rows to leave out of each query's answer (-1: none, or a sample a shard does not hold)
+    from the caller's (B,) int64 indices (the rules checked them); None if there is none."""
     if exclude is None:
         return None
-    e = exclude if isinstance(exclude, torch.Tensor) else torch.as_tensor(exclude)
-    if e.is_floating_point() or e.dtype == torch.bool or e.is_complex():
-        raise ValueError(f"exclude must hold integer sample indices, got {e.dtype}")
-    if e.shape != (b,):
-        raise ValueError(f"exclude must have shape ({b},) (one index or -1 per query), got {tuple(e.shape)}")
-    e = e.to(device=ds.device, dtype=torch.int64)
-    n = ds.total_samples
-    if b and (int(e.min()) < -1 or int(e.max()) >= n):
-        raise ValueError(f"exclude holds data set indices 0..{n - 1} or -1 (none); got values outside that range")
+    e = exclude.to(device=ds.device, dtype=torch.int64)
     has = e >= 0
     if not bool(has.any()):
         return None
-    if k > n - 1:
-        raise ValueError(f"k = {k} leaves no room for an exclusion: with exclude, k must be at most N - 1 = {n - 1}")
     return torch.where(has, ds.rows_of(e.clamp_min(0)), torch.full_like(e, -1))

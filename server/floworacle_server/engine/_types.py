@@ -1,64 +1,41 @@
-"""Inputs and outputs of the engine: a batch of oracle queries and what comes back."""
+"""What the engine answers: the oracle's outputs and the nearest samples of a batch.
+
+Its inputs are the protocol's queries (:class:`floworacle.protocol.OracleQuery`,
+:class:`~floworacle.protocol.NearestQuery`), taken as they are.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from typing import Any
 
+import numpy as np
 import torch
 
-from floworacle.paths import PathCoefficients
+from floworacle.protocol import WireArray
 
-__all__ = ["Precision", "Guidance", "OracleQuery", "OracleResult", "NearestResult", "OUTPUTS"]
-
-#: Output names the engine knows; diagnostics are "topk", "entropy", "ess", "variance".
-OUTPUTS = ("velocity", "x1_hat", "eps_hat", "score", "topk", "entropy", "ess", "variance")
+__all__ = ["OracleResult", "NearestResult", "as_tensor", "as_host"]
 
 
-class Precision(str, Enum):
-    """EXACT: float64-accurate result. FAST: screening-GEMM logits used directly, with a bound."""
-
-    EXACT = "exact"
-    FAST = "fast"
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """CFG: ``u_w = u(x) + scale (u(x | y) - u(x))`` for t in [t_lo, t_hi], else ``u(x | y)``."""
-
-    scale: float
-    t_lo: float = 0.0
-    t_hi: float = 1.0
+def as_tensor(a: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A query field as a torch tensor on ``device``: the engine's one conversion at its entry. A
+    :class:`WireArray` or numpy array is viewed (no copy) before it moves; torch tensors as they are."""
+    if isinstance(a, WireArray):
+        t = a.torch()
+    elif isinstance(a, np.ndarray):
+        t = torch.from_numpy(a)
+    else:
+        t = torch.as_tensor(a)
+    return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
 
 
-@dataclass
-class OracleQuery:
-    """A batch of B oracle queries.
-
-    Attributes:
-        x_t: (B, D) queries, any float dtype, on any device (moved to the data's device).
-        coeffs: path coefficients, each (B,) float64.
-        t: (B,) float64 times, or None (needed only for a guidance interval).
-        labels: (B,) int64 class labels for class-conditional / guided queries (-1 = an
-            unconditional query), or None.
-        guidance: CFG setting (needs labels and t), or None.
-        exclude: (B,) int64 data set indices (the caller's original order, as in
-            ``topk_indices``), -1 for none: that sample weighs 0 for that query (leave-one-out),
-            in the unconditional and the conditional posterior alike; or None.
-        outputs: names from :data:`OUTPUTS`.
-        top_k: number of top posterior weights for "topk".
-        precision: EXACT or FAST.
-    """
-
-    x_t: torch.Tensor
-    coeffs: PathCoefficients
-    t: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    guidance: Guidance | None = None
-    exclude: torch.Tensor | None = None
-    outputs: tuple[str, ...] = ("velocity",)
-    top_k: int = 0
-    precision: Precision = Precision.EXACT
+def as_host(a: Any) -> np.ndarray:
+    """A (small) query field as a numpy array on the host (one device read for a GPU tensor)."""
+    if isinstance(a, WireArray):
+        return a.numpy()
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
 
 
 @dataclass

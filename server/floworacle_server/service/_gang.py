@@ -13,11 +13,16 @@ collectives merge them into the single-process answer:
 2. exact batches, after the screening GEMM: all-reduce (max) of the slots' screening lower
    bounds, so every shard keeps the candidates within reach of the whole set's largest weight
    (a shard that does not hold a query's nearest samples then refines none, as one process would);
-3. the partials' merge (:mod:`floworacle_server.engine._merge`): all-reduce (max) of the running
+3. the partials' merge (the engine's :class:`~floworacle_server.engine.CollectiveMerge` over this
+   gang's collectives): all-reduce (max) of the running
    maxima and the logit-error bounds, each rank rescales its sums to them, all-reduce (sum) of
    the sums and of the variance's between terms, one all-gather of the top-k (indices already in
    the data set's original order) and a top-k of the union;
-4. nearest queries: each rank's exact top-k of its shard, all-gathered and merged by distance.
+4. nearest queries: each rank's exact top-k of its shard, all-gathered and merged by the engine's
+   own rule (:func:`~floworacle_server.engine.merge_nearest`: by ranking key, ties by index).
+
+A batch travels as the protocol's query, field by field from its own definition
+(:func:`floworacle.protocol.to_parts`): its plain values in one object, each array as bytes.
 
 A rank that dies makes the next collective fail at once (gloo: connection closed), one that hangs
 after ``gang_timeout_s``: rank 0 answers the batch with UNAVAILABLE (never a partial answer),
@@ -36,19 +41,24 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from floworacle.paths import PathCoefficients
-from floworacle_server.data import Dataset, DatasetStore
-from floworacle_server.data._shard import facts_of, local_facts
-from floworacle_server.engine import Guidance, NearestResult, OracleQuery, OracleResult, Precision, nearest, oracle
-from floworacle_server.engine import posterior_nearest as posterior_nearest_search
-from floworacle_server.engine._merge import GangMerge
+from floworacle.protocol import NearestQuery, OracleQuery, from_parts, to_parts
+from floworacle_server.data import Dataset, DatasetStore, DataStats
+from floworacle_server.engine import (
+    CollectiveMerge,
+    NearestResult,
+    OracleResult,
+    merge_nearest,
+    oracle,
+    ranking_keys,
+    search,
+)
 
 __all__ = ["GangSpec", "Gang", "GangBroken"]
 
@@ -214,13 +224,13 @@ class Gang:
             )
         for ds in store:
             assert ds.shard is not None, "a gang's data sets are shards"
-            counts = ds.shard.facts.class_counts
-            maxima, alive = local_facts(ds, len(counts))
-            self.all_reduce(mx := torch.from_numpy(maxima.copy()), "max")
-            self.all_reduce(al := torch.from_numpy(alive.copy()), "sum")
+            mine = ds.stats
+            maxima, alive = mine.packed()
+            self.all_reduce(mx := torch.from_numpy(maxima), "max")
+            self.all_reduce(al := torch.from_numpy(alive), "sum")
             resident = torch.tensor([ds.resident_bytes], dtype=torch.int64)
             self.all_reduce(resident, "sum")
-            ds.shard.facts = facts_of(ds.shard.facts.num_samples, counts, mx.numpy(), al.numpy())
+            ds.set_stats(DataStats.from_packed(mine.num_samples, mine.class_counts, mx.numpy(), al.numpy()))
             ds.shard.resident_bytes = int(resident[0])
 
     # -- one batch, on every rank -------------------------------------------------------------------
@@ -229,8 +239,8 @@ class Gang:
         ends with the whole set's answer (ValueError: a refusal the gang agreed on)."""
         with self._turn():
             if self.rank == 0:
-                self._send_oracle(ds.name, query)
-            return oracle(ds, query, chunk_rows=chunk_rows, screen=screen, merge=GangMerge(self))
+                self._send("oracle", ds.name, query)
+            return oracle(ds, query, chunk_rows=chunk_rows, screen=screen, merge=CollectiveMerge(self))
 
     def _turn(self) -> Any:
         """Rank 0's hold on the gang for one command (others: nothing to hold)."""
@@ -264,150 +274,74 @@ class Gang:
         if self._beat is not None:
             self._beat.join(timeout=self.spec.timeout_s)
 
-    def nearest(
-        self,
-        ds: Dataset,
-        x: torch.Tensor,
-        k: int,
-        *,
-        exact: bool | None,
-        nprobe: int | None,
-        space: str,
-        exclude: torch.Tensor | None,
-        alpha: torch.Tensor | None,
-        sigma: torch.Tensor | None,
-    ) -> NearestResult:
+    def nearest(self, ds: Dataset, query: NearestQuery) -> NearestResult:
         """Rank 0: send the search; every rank: its shard's k nearest, then the gang's k nearest of
         those (gathered, merged by the search's own ranking, ties by index)."""
         with self._turn():
             if self.rank == 0:
-                self._send_nearest(ds.name, x, k, exact, nprobe, space, exclude, alpha, sigma)
-            return self._nearest(
-                ds, x, k, exact=exact, nprobe=nprobe, space=space, exclude=exclude, alpha=alpha, sigma=sigma
-            )
+                self._send("nearest", ds.name, query)
+            return self._nearest(ds, query)
 
-    def _nearest(
-        self,
-        ds: Dataset,
-        x: torch.Tensor,
-        k: int,
-        *,
-        exact: bool | None,
-        nprobe: int | None,
-        space: str,
-        exclude: torch.Tensor | None,
-        alpha: torch.Tensor | None,
-        sigma: torch.Tensor | None,
-    ) -> NearestResult:
-        kk = min(k, ds.num_samples - (1 if exclude is not None else 0))
+    def _nearest(self, ds: Dataset, q: NearestQuery) -> NearestResult:
+        k = q.k
+        kk = min(k, ds.num_samples - (1 if q.exclude is not None else 0))
         refusal: ValueError | None = None
         res = None
         try:
             if kk < 1:
                 raise ValueError("no rows")  # pragma: no cover - shards hold >= 2 rows each
-            if exclude is not None and k > ds.total_samples - self.world_size:
+            if q.exclude is not None and k > ds.total_samples - self.world_size:
                 # each shard leaves one row out of its own search, so W rows may be missing at worst
                 raise ValueError(
                     f"k = {k} with exclude is more than a gang of {self.world_size} shards can answer: "
                     f"k must be at most N - {self.world_size} = {ds.total_samples - self.world_size} here"
                 )
-            if alpha is not None:
-                res = posterior_nearest_search(
-                    ds, x, alpha, sigma, k=kk, exact=exact, nprobe=nprobe, space=space, exclude=exclude
-                )
-            else:
-                res = nearest(ds, x, kk, exact=exact, nprobe=nprobe, space=space, exclude=exclude)
+            res = search(ds, replace(q, k=kk))
         except ValueError as exc:
             refusal = exc
         self.agree_or_raise(refusal)
         assert res is not None
-        b = x.shape[0]
-        key = res.distances.to(torch.float64) ** 2
-        if alpha is not None and ds.log_weights is not None:  # the posterior ranks by weight, not distance
-            rows = ds.rows_of(res.indices.clamp(min=0))
-            pen = (2.0 * sigma**2 / alpha**2)[:, None] * -ds.log_weights[rows.clamp(min=0)]  # type: ignore[operator]
-            key = key + pen
-        pad = k - kk
+        b, pad = q.rows, k - kk
 
-        def padded(t: torch.Tensor, fill: float | int) -> torch.Tensor:
+        def padded(t: torch.Tensor, fill: float) -> torch.Tensor:
+            t = t.to(torch.float64)
             return torch.cat([t, t.new_full((b, pad), fill)], dim=1) if pad else t
 
-        idx = padded(res.indices, -1)
-        cols = [padded(key, math.inf), padded(res.distances.to(torch.float64), math.inf), idx.to(torch.float64)]
+        cols = [padded(ranking_keys(ds, q, res), math.inf), padded(res.distances, math.inf), padded(res.indices, -1)]
         if res.labels is not None:
-            cols.append(padded(res.labels, -1).to(torch.float64))
+            cols.append(padded(res.labels, -1))
         if res.similarities is not None:
-            cols.append(padded(res.similarities.to(torch.float64), -math.inf))
-        every = self.all_gather(torch.stack(cols))  # (W, c, B, k)
-        every = every.permute(1, 2, 0, 3).reshape(len(cols), b, self.world_size * k)
-        # nearest first, ties by the smaller index (the order a single process gives)
-        order = np.lexsort((every[2].numpy(), every[0].numpy()), axis=-1)[:, :k]
-        pick = torch.from_numpy(order)
-        take = lambda c: torch.gather(every[c], 1, pick)  # noqa: E731
-        labels = take(3).to(torch.int64) if res.labels is not None else None
-        sims = take(3 + (res.labels is not None)) if res.similarities is not None else None
-        return NearestResult(
-            indices=take(2).to(torch.int64),
-            distances=take(1),
-            labels=labels,
-            approximate=bool(res.approximate),
-            similarities=sims,
-        )
+            cols.append(padded(res.similarities, -math.inf))
+        every = self.all_gather(torch.stack(cols))  # (W, c, B, k); indices < 2^53 are exact in float64
+        parts = []
+        for w in range(self.world_size):
+            c = every[w]
+            labels = c[3].to(torch.int64) if res.labels is not None else None
+            sims = c[3 + (res.labels is not None)] if res.similarities is not None else None
+            part = NearestResult(c[2].to(torch.int64), c[1], labels, bool(res.approximate), sims)
+            parts.append((c[0], part))
+        return merge_nearest(parts, k)
 
     # -- commands from rank 0 ----------------------------------------------------------------------
-    def _send_oracle(self, name: str, q: OracleQuery) -> None:
-        x = q.x_t.reshape(q.x_t.shape[0], -1)
-        c = q.coeffs
-        header = {
-            "op": "oracle",
-            "dataset": name,
-            "shape": tuple(x.shape),
-            "dtype": str(x.dtype).removeprefix("torch."),
-            "t": q.t is not None,
-            "labels": q.labels is not None,
-            "exclude": q.exclude is not None,
-            "guidance": None if q.guidance is None else (q.guidance.scale, q.guidance.t_lo, q.guidance.t_hi),
-            "outputs": tuple(q.outputs),
-            "top_k": q.top_k,
-            "precision": q.precision.value,
-        }
-        self.broadcast_object(header)
-        self.broadcast_tensor(x, tuple(x.shape), x.dtype)
-        coefs = torch.from_numpy(np.stack([c.alpha, c.sigma, c.d_alpha, c.d_sigma]).astype(np.float64))
-        self.broadcast_tensor(coefs, tuple(coefs.shape), torch.float64)
-        for vec, dt in ((q.t, torch.float64), (q.labels, torch.int64), (q.exclude, torch.int64)):
-            if vec is not None:
-                self.broadcast_tensor(vec.to(dt), (x.shape[0],), dt)
+    def _send(self, op: str, name: str, query: OracleQuery | NearestQuery) -> None:
+        """Broadcast a command with its query: the query's plain values in one object, then each of
+        its arrays as bytes (shapes and dtypes travel with the values)."""
+        meta, arrays = to_parts(query)
+        self.broadcast_object({"op": op, "dataset": name, "query": meta})
+        for key in sorted(arrays):
+            raw = torch.from_numpy(np.ascontiguousarray(arrays[key]).reshape(-1).view(np.uint8))
+            self.broadcast_tensor(raw, tuple(raw.shape), torch.uint8)
 
-    def _receive_oracle(self, h: dict[str, Any]) -> OracleQuery:
-        b = h["shape"][0]
-        x = self.broadcast_tensor(None, h["shape"], getattr(torch, h["dtype"])).cpu()
-        coefs = self.broadcast_tensor(None, (4, b), torch.float64).cpu().numpy()
-        vec = {n: self.broadcast_tensor(None, (b,), dt).cpu() if h[n] else None
-               for n, dt in (("t", torch.float64), ("labels", torch.int64), ("exclude", torch.int64))}  # fmt: skip
-        g = h["guidance"]
-        return OracleQuery(
-            x_t=x,
-            coeffs=PathCoefficients(*coefs),
-            t=vec["t"],
-            labels=vec["labels"],
-            guidance=None if g is None else Guidance(*g),
-            exclude=vec["exclude"],
-            outputs=tuple(h["outputs"]),
-            top_k=int(h["top_k"]),
-            precision=Precision(h["precision"]),
-        )
-
-    def _send_nearest(self, name: str, x: torch.Tensor, k: int, exact: bool | None, nprobe: int | None, space: str,
-                      exclude: torch.Tensor | None, alpha: torch.Tensor | None, sigma: torch.Tensor | None) -> None:  # fmt: skip
-        header = {"op": "nearest", "dataset": name, "shape": tuple(x.shape), "k": k, "exact": exact, "nprobe": nprobe,
-                  "space": space, "exclude": exclude is not None, "posterior": alpha is not None}  # fmt: skip
-        self.broadcast_object(header)
-        self.broadcast_tensor(x.to(torch.float64), tuple(x.shape), torch.float64)
-        if alpha is not None and sigma is not None:
-            self.broadcast_tensor(torch.stack([alpha, sigma]).to(torch.float64), (2, x.shape[0]), torch.float64)
-        if exclude is not None:
-            self.broadcast_tensor(exclude.to(torch.int64), (x.shape[0],), torch.int64)
+    def _receive(self, h: dict[str, Any]) -> OracleQuery | NearestQuery:
+        """The query of rank 0's command ``h``."""
+        meta = h["query"]
+        arrays: dict[str, np.ndarray] = {}
+        for key in sorted(meta["arrays"]):
+            shape, dtype = meta["arrays"][key]
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            raw = self.broadcast_tensor(None, (nbytes,), torch.uint8).cpu().numpy()
+            arrays[key] = raw.view(np.dtype(dtype)).reshape(shape)
+        return from_parts(meta, arrays)
 
     def stop_workers(self) -> None:
         """Rank 0: tell the other ranks to leave (after the drain)."""
@@ -432,19 +366,13 @@ class Gang:
                     self.agree_or_raise(None)
                     continue
                 ds = store.get(h["dataset"])
+                if h["op"] not in ("oracle", "nearest"):
+                    raise GangBroken(f"unknown gang command {h['op']!r}")
+                query = self._receive(h)
                 try:
-                    if h["op"] == "oracle":
-                        self.oracle(ds, self._receive_oracle(h), chunk_rows, screen)
-                    elif h["op"] == "nearest":
-                        b = h["shape"][0]
-                        x = self.broadcast_tensor(None, h["shape"], torch.float64).cpu()
-                        alpha = sigma = None
-                        if h["posterior"]:
-                            alpha, sigma = self.broadcast_tensor(None, (2, b), torch.float64).cpu()
-                        ex = self.broadcast_tensor(None, (b,), torch.int64).cpu() if h["exclude"] else None
-                        self.nearest(ds, x, h["k"], exact=h["exact"], nprobe=h["nprobe"], space=h["space"],
-                                     exclude=ex, alpha=alpha, sigma=sigma)  # fmt: skip
+                    if isinstance(query, OracleQuery):
+                        self.oracle(ds, query, chunk_rows, screen)
                     else:
-                        raise GangBroken(f"unknown gang command {h['op']!r}")
+                        self.nearest(ds, query)
                 except ValueError:
                     pass  # refused by the whole gang alike; rank 0 answers the caller

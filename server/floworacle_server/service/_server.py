@@ -19,9 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from floworacle.protocol import SERVICE_NAME, pb_grpc, server_options
-from floworacle_server.data import DIGITS_NAME, DatasetStore, load_dataset
-from floworacle_server.data._shard import ShardSpec
-from floworacle_server.engine import calibrate_nearest_backend, flush_denormals
+from floworacle_server.data import DIGITS_NAME, DatasetStore, ShardSpec, load_dataset
+from floworacle_server.engine import calibrate_nearest_backends, flush_denormals
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
 from floworacle_server.service._batcher import DynamicBatcher
@@ -31,7 +30,14 @@ from floworacle_server.service._requests import Limits
 from floworacle_server.service._servicer import FlowOracleServicer
 from floworacle_server.settings import Settings
 
-__all__ = ["OracleServer", "create_server", "build_store", "SERVICE_NAME", "dataset_health_name"]
+__all__ = [
+    "OracleServer",
+    "create_server",
+    "build_store",
+    "record_nearest_backends",
+    "SERVICE_NAME",
+    "dataset_health_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,13 @@ _RELEASE_AGAIN_S = 1.0
 def dataset_health_name(dataset: str) -> str:
     """Health-check service name of one data set: ``floworacle.v1.FlowOracle/<dataset>``."""
     return f"{SERVICE_NAME}/{dataset}"
+
+
+def record_nearest_backends(store: DatasetStore) -> None:
+    """Which exact nearest screen is faster on this machine, per data set and space: measured once
+    by the engine (logged) and recorded in the data set, where searches and DescribeDataset read it."""
+    for ds in store:
+        ds.nearest_backends.update(calibrate_nearest_backends(ds))
 
 
 def build_store(settings: Settings, shard: ShardSpec | None = None) -> DatasetStore:
@@ -237,8 +250,7 @@ class OracleServer:
             RuntimeError: the address cannot be bound.
         """
         s = self.settings
-        for ds in self.store:  # which exact nearest screen is faster on this machine, measured once (logged)
-            calibrate_nearest_backend(ds)
+        record_nearest_backends(self.store)
         self.batcher.start()
         server = grpc.aio.server(interceptors=self._interceptors, options=server_options(s.max_message_bytes))
         servicer = FlowOracleServicer(
@@ -313,7 +325,7 @@ class OracleServer:
         """Once nothing is in flight after a burst, hand the heap's free blocks back to the system
         (the pinned trim threshold would otherwise keep up to 256 MiB of them resident)."""
         if freed >= 32 << 20 and self.settings.tune_allocator:
-            from floworacle._alloc import release_free_memory
+            from floworacle import release_free_memory
 
             loop = asyncio.get_running_loop()
             loop.run_in_executor(None, release_free_memory)

@@ -19,14 +19,9 @@ from floworacle_server.engine import nearest_info
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._batcher import BatcherClosedError, DeadlineExpiredError, DynamicBatcher, QueueFullError
 from floworacle_server.service._budget import ByteBudget
-from floworacle_server.service._compute import (
-    NearestRunner,
-    OracleRunner,
-    empty_nearest_response,
-    empty_oracle_response,
-)
+from floworacle_server.service._compute import NearestRunner, OracleRunner
 from floworacle_server.service._gang import Gang, GangBroken
-from floworacle_server.service._requests import Limits, RpcFailure, parse_nearest, parse_oracle, resolve_dataset
+from floworacle_server.service._requests import Limits, RpcFailure, read_nearest, read_oracle, resolve_dataset
 
 __all__ = ["FlowOracleServicer", "dataset_info"]
 
@@ -222,11 +217,11 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                     self.metrics.observe_request(method, code.name, time.perf_counter() - start)
 
     async def _oracle(self, method: str, request: pb.OracleRequest, deadline: float | None) -> pb.OracleResponse:
-        job = parse_oracle(request, self.store, self.limits)
-        if job.rows == 0:  # nothing to compute: the empty answer, in the shapes asked for
-            return empty_oracle_response(job)
-        resp: pb.OracleResponse = await self.batcher.submit(job.key, job.rows, job, self._oracle_runner, deadline)
-        self.metrics.add_rows(method, job.rows)
+        work = read_oracle(request, self.store, self.limits)
+        if work.rows == 0:  # nothing to compute: the empty answer, in the shapes asked for
+            return work.query.empty_response()
+        resp: pb.OracleResponse = await self.batcher.submit(work.key, work.rows, work, self._oracle_runner, deadline)
+        self.metrics.add_rows(method, work.rows)
         return resp
 
     @contextlib.contextmanager
@@ -260,13 +255,13 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         async def run() -> pb.NearestResponse:
             deadline = _deadline(context)
             with self._admitted(request):
-                job = parse_nearest(request, self.store, self.limits)
-                if job.rows == 0:
-                    return empty_nearest_response(job)
+                work = read_nearest(request, self.store, self.limits)
+                if work.rows == 0:
+                    return work.query.empty_response(work.dataset.labels is not None)
                 resp: pb.NearestResponse = await self.batcher.submit(
-                    job.key, job.rows, job, self._nearest_runner, deadline
+                    work.key, work.rows, work, self._nearest_runner, deadline
                 )
-            self.metrics.add_rows("Nearest", job.rows)
+            self.metrics.add_rows("Nearest", work.rows)
             return resp
 
         return await self._unary("Nearest", context, run)

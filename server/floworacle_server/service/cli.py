@@ -64,10 +64,9 @@ def _serve_gang(settings: Settings) -> int:
     then rank 0 serves gRPC and the others compute the batches it sends until it stops them."""
     import torch
 
-    from floworacle_server.data._shard import ShardSpec
-    from floworacle_server.engine import calibrate_nearest_backend
+    from floworacle_server.data import ShardSpec
     from floworacle_server.service._gang import Gang, GangBroken, GangSpec
-    from floworacle_server.service._server import build_store, engine_thread_setup
+    from floworacle_server.service._server import build_store, engine_thread_setup, record_nearest_backends
 
     device = settings.resolved_device() if settings.data or settings.device != "auto" else "cpu"
     if device == "cuda":  # one GPU per rank of a node
@@ -92,8 +91,7 @@ def _serve_gang(settings: Settings) -> int:
             log.info("shard of %s: %d of %d rows on %s", ds.name, ds.num_samples, ds.total_samples, ds.device)
         if settings.rank == 0:
             return asyncio.run(serve(settings, store=store, gang=gang))
-        for ds in store:  # as rank 0 does at start-up, before the first search waits for it
-            calibrate_nearest_backend(ds)
+        record_nearest_backends(store)  # as rank 0 does at start-up, before the first search waits for it
         engine_thread_setup()  # this thread runs the engine here
         try:
             gang.serve_commands(store, settings.chunk_rows, settings.screen)

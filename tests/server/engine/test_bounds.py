@@ -10,7 +10,7 @@ import torch
 
 from floworacle.paths import get_path
 from floworacle_server.data import Dataset
-from floworacle_server.engine import OracleQuery, _bounds, _nearest, nearest, oracle
+from floworacle_server.engine import OracleQuery, _bounds, _knn, nearest, oracle
 from floworacle_server.engine._bounds import ScreenModel, dense_logit_error, screen_logit_error
 from oracle_reference import oracle_reference, rel_err
 
@@ -29,7 +29,7 @@ def test_one_gemm_model_for_oracle_and_nearest(matmul_precision: None, setting: 
     torch.set_float32_matmul_precision(setting)
     cpu = torch.device("cpu")
     assert _bounds.float32_gemm_unit_roundoff(cpu) == u
-    assert _nearest._gemm_unit_roundoff(cpu) == u
+    assert _knn.float32_gemm_unit_roundoff(cpu) == u  # the nearest screen's bound reads it
     model = ScreenModel.choose("float32", cpu, torch.float32, 100)
     inside = 0.0 if u == 2.0**-24 else 2 * u  # both operands rounded inside the GEMM
     assert model.gamma == pytest.approx(((100 + 4) * 2.0**-24 + 2.0**-24 + inside) * 1.01 + 4 * 2.0**-53)

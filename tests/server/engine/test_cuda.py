@@ -9,7 +9,7 @@ import torch
 
 from floworacle.paths import get_path
 from floworacle_server.data import Dataset
-from floworacle_server.engine import Guidance, OracleQuery, Precision, oracle
+from floworacle_server.engine import Guidance, OracleQuery, oracle
 from oracle_reference import oracle_reference, rel_err
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -93,7 +93,7 @@ def test_cuda_fast_mode_reports_a_bound_that_holds() -> None:
     t = np.linspace(0.0, 0.9, 32)
     c = get_path("linear").coefficients(t)
     xt = c.alpha[:, None] * X[rng.integers(0, len(X), 32)] + c.sigma[:, None] * rng.standard_normal((32, 1024))
-    res = oracle(ds, OracleQuery(x_t=torch.from_numpy(xt).cuda(), coeffs=c, precision=Precision.FAST))
+    res = oracle(ds, OracleQuery(x_t=torch.from_numpy(xt).cuda(), coeffs=c, precision="fast"))
     ref = oracle_reference(X, xt, c.alpha, c.sigma, c.d_alpha, c.d_sigma)
     err = np.abs(res.velocity.cpu().numpy() - ref.velocity).max(axis=1)
     assert (err <= res.velocity_error_bound.cpu().numpy()).all()

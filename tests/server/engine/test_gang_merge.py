@@ -1,6 +1,6 @@
 """The oracle over a gang's shards equals the single-process oracle: 2 and 3 real gloo ranks on the
 CPU, each holding its shard (make_shard), the partials merged with torch.distributed collectives
-(engine._merge through the service's Gang), every output within 1e-12 relative of the whole data
+(the engine's CollectiveMerge over the service's Gang), every output within 1e-12 relative of the whole data
 set's answer, for plain, class-conditional, guided, leave-one-out and fast queries, with sample
 weights, and a refusal that one shard alone raises refused by every rank alike."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,8 @@ import torch
 import torch.multiprocessing as mp
 
 from floworacle.paths import get_path
-from floworacle_server.data import Dataset
-from floworacle_server.data._shard import ShardSpec, make_shard
-from floworacle_server.engine import Guidance, OracleQuery, Precision, oracle
+from floworacle_server.data import Dataset, ShardSpec, make_shard
+from floworacle_server.engine import Guidance, OracleQuery, oracle
 
 ALL = ("velocity", "x1_hat", "eps_hat", "score", "topk", "entropy", "ess", "variance")
 
@@ -51,15 +51,14 @@ def _queries(ds: Dataset, kind: str) -> OracleQuery:
         top_k=5,
     )
     if kind in ("labels", "guided"):
-        q.labels = torch.from_numpy(np.arange(b) % 5 - 1).clamp(max=3)  # -1 .. 3 (class 4 may weigh 0)
+        q = replace(q, labels=torch.from_numpy(np.arange(b) % 5 - 1).clamp(max=3))  # -1 .. 3 (class 4 may weigh 0)
     if kind == "guided":
-        q.guidance = Guidance(scale=2.5, t_lo=0.2, t_hi=0.8)
+        q = replace(q, guidance=Guidance(scale=2.5, t_lo=0.2, t_hi=0.8))
     if kind == "exclude":
-        q.exclude = torch.from_numpy(
-            np.where(np.arange(b) % 2 == 0, ds.original_index[torch.from_numpy(rows)].numpy(), -1)
-        )
+        keep = np.where(np.arange(b) % 2 == 0, ds.original_index[torch.from_numpy(rows)].numpy(), -1)
+        q = replace(q, exclude=torch.from_numpy(keep))
     if kind == "fast":
-        q.precision = Precision.FAST
+        q = replace(q, precision="fast")
     return q
 
 
@@ -69,8 +68,7 @@ BOUNDED = {"x1_hat_error_bound": "x1_hat", "velocity_error_bound": "velocity", "
 
 
 def _rank(rank: int, world: int, port: int, weighted: bool, out: str) -> None:
-    from floworacle_server.engine import _passes
-    from floworacle_server.engine._merge import GangMerge
+    from floworacle_server.engine import CollectiveMerge, _passes
     from floworacle_server.service._gang import Gang, GangSpec
 
     try:
@@ -91,12 +89,14 @@ def _rank(rank: int, world: int, port: int, weighted: bool, out: str) -> None:
 
         _passes._route = counting
         for kind in CASES:  # the same queries on every rank (built from the whole set)
-            res = oracle(shard, _queries(full, kind), merge=GangMerge(gang))
+            res = oracle(shard, _queries(full, kind), merge=CollectiveMerge(gang))
             results[kind] = {k: v.clone() for k, v in vars(res).items() if isinstance(v, torch.Tensor)}
         q = _queries(full, "labels")
-        q.labels = torch.full((q.x_t.shape[0],), 4)  # class 4: weight 0 when weighted (one refusal, everywhere)
+        q = replace(
+            q, labels=torch.full((q.x_t.shape[0],), 4)
+        )  # class 4: weight 0 when weighted (one refusal, everywhere)
         try:
-            oracle(shard, q, merge=GangMerge(gang))
+            oracle(shard, q, merge=CollectiveMerge(gang))
             results["refused"] = ""
         except ValueError as exc:
             results["refused"] = str(exc)
@@ -192,7 +192,7 @@ def test_a_gang_answers_like_one_process(tmp_path: Path, world: int, weighted: b
     if weighted:
         single = ""
         q = _queries(full, "labels")
-        q.labels = torch.full((q.x_t.shape[0],), 4)
+        q = replace(q, labels=torch.full((q.x_t.shape[0],), 4))
         with pytest.raises(ValueError) as info:
             oracle(full, q)
         single = str(info.value)

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np, torch
     from floworacle.paths import get_path
     from floworacle_server.data import Dataset
-    from floworacle_server.engine import OracleQuery, Precision, oracle
+    from floworacle_server.engine import OracleQuery, oracle
 
     def kb(field):
         for line in open("/proc/self/status"):
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     c = get_path("linear").coefficients(np.full(b, t))
     xt = torch.from_numpy(c.alpha[:, None] * ds.x[rng.integers(0, n, b)].double().numpy()
                           + c.sigma[:, None] * rng.standard_normal((b, d)))
-    q = OracleQuery(x_t=xt, coeffs=c, outputs=("velocity",), precision=Precision(prec))
+    q = OracleQuery(x_t=xt, coeffs=c, outputs=("velocity",), precision=prec)
     oracle(ds, q, chunk_rows=1024)  # warm-up: thread pools, allocator
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     open("/proc/self/clear_refs", "w").write("5")

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from floworacle_server.data import Dataset
-from floworacle_server.engine._nearest import nearest, posterior_nearest, screening_error_bound
+from floworacle_server.engine import nearest, posterior_nearest
+from floworacle_server.engine._bounds import screening_error_bound
 
 
 def _ref_knn(data: np.ndarray, q: np.ndarray, k: int, extra: np.ndarray | None = None):
@@ -174,16 +175,17 @@ def test_posterior_nearest_with_sample_weights() -> None:
 def test_bad_input(labelled) -> None:
     ds, _, _ = labelled
     q = torch.zeros(2, 40)
-    for k in (0, 3001, 2.0):
-        with pytest.raises(ValueError, match="k must be an integer in 1..3000"):
+    # the protocol's rules, with the protocol's messages (what a remote caller reads too)
+    for k, message in ((0, "k must be >= 1"), (3001, "k = 3001 is more than the data set's 3000"), (2.5, "integer")):
+        with pytest.raises(ValueError, match=message):
             nearest(ds, q, k)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"shape \(B, 40\)"):
+    with pytest.raises(ValueError, match=r"expects \(B, 40\)"):
         nearest(ds, torch.zeros(2, 41), 1)
     with pytest.raises(ValueError, match="NaN"):
         nearest(ds, torch.full((2, 40), float("nan")), 1)
     with pytest.raises(ValueError, match="backend"):
         nearest(ds, q, 1, backend="annoy")
-    with pytest.raises(ValueError, match="alpha must be > 0"):
+    with pytest.raises(ValueError, match=r"alpha_t\[1\] = 0 \(pure noise"):
         posterior_nearest(ds, q, torch.tensor([0.5, 0.0]))
     with pytest.raises(ValueError, match="alpha must be a scalar or have shape"):
         posterior_nearest(ds, q, torch.tensor([0.5, 0.5, 0.5]))
@@ -306,12 +308,14 @@ def test_exclude_bad_input(labelled) -> None:
     q = torch.zeros(2, 40)
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
         nearest(ds, q, 1, exclude=torch.tensor([1]))
-    with pytest.raises(ValueError, match="outside that range"):
+    with pytest.raises(ValueError, match=r"exclude\[1\] = 3000 is past the data set's 3000 samples"):
         nearest(ds, q, 1, exclude=torch.tensor([1, 3000]))
-    with pytest.raises(ValueError, match="outside that range"):
+    with pytest.raises(ValueError, match=r"exclude\[0\] = -2 is not a data set index"):
         nearest(ds, q, 1, exclude=torch.tensor([-2, 0]))
-    with pytest.raises(ValueError, match="integer sample indices"):
-        nearest(ds, q, 1, exclude=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="exclude must be integers, got 1.5"):
+        nearest(ds, q, 1, exclude=torch.tensor([1.5, 2.0]))
+    as_floats = nearest(ds, q, 2, exclude=torch.tensor([1.0, 2.0]))  # integral floats are indices, as in the SDK
+    assert 1 not in as_floats.indices[0].tolist() and 2 not in as_floats.indices[1].tolist()
     with pytest.raises(ValueError, match="at most N - 1 = 2999"):
         nearest(ds, q, 3000, exclude=torch.tensor([1, -1]))
     full = nearest(ds, q, 3000, exclude=torch.tensor([-1, -1]))  # -1 everywhere: k = N is fine
@@ -381,7 +385,7 @@ def test_feature_space_errors() -> None:
     with pytest.raises(ValueError, match="space must be one of"):
         nearest(plain, x[:1], 1, space="pixels")
     ds = _with_features(x, rng.standard_normal((50, 3)), "l2")
-    with pytest.raises(ValueError, match=r"shape \(B, 3\)"):
+    with pytest.raises(ValueError, match=r"expects \(B, 3\)"):
         nearest(ds, np.zeros((2, 4)), 1, space="features")
     with pytest.raises(ValueError, match="data space"):
         posterior_nearest(ds, x[:1], 0.5, space="features")

@@ -11,7 +11,7 @@ import torch
 
 from floworacle.paths import PathCoefficients, custom_coefficients, get_path
 from floworacle_server.data import Dataset
-from floworacle_server.engine import CPU, Guidance, OracleQuery, Precision, compute_partials, oracle
+from floworacle_server.engine import CPU, Guidance, OracleQuery, compute_partials, oracle
 from oracle_reference import oracle_reference, rel_err
 
 ALL = ("velocity", "x1_hat", "eps_hat", "score", "topk", "entropy", "ess", "variance")
@@ -95,7 +95,7 @@ def test_near_ties_high_dimension(t_late: float) -> None:
     # they really are ties: the two best weights are both substantial
     assert (np.sort(ref.weights, axis=1)[:, -2] > 1e-3).any()
     # and the fast float32 path really is inaccurate there, which is why the refinement exists
-    fast = oracle(ds, OracleQuery(x_t=torch.from_numpy(xt), coeffs=c, precision=Precision.FAST), chunk_rows=128)
+    fast = oracle(ds, OracleQuery(x_t=torch.from_numpy(xt), coeffs=c, precision="fast"), chunk_rows=128)
     assert rel_err(fast.velocity.numpy(), ref.velocity) > 1e-5
     assert (np.abs(fast.velocity.numpy() - ref.velocity).max(axis=1) <= fast.velocity_error_bound.numpy()).all()
 
