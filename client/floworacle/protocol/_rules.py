@@ -193,7 +193,7 @@ def named_coefficients(name: str, sigma_min: float, t: np.ndarray) -> paths.Path
 
 def custom_coefficients(values: Sequence[np.ndarray], batch: int) -> paths.PathCoefficients:
     """Per-query (alpha, sigma, d_alpha, d_sigma), each (B,), validated."""
-    names = ("alpha", "sigma", "d_alpha", "d_sigma")
+    names = paths.COEFFICIENT_NAMES
     for name, v in zip(names, values, strict=True):
         if np.shape(v) != (batch,):
             raise RequestError(

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from floworacle.protocol import SPACES
 from floworacle_server.data._dataset import STORAGE_DTYPES
 from floworacle_server.data._nearest_index import describe_entry
 
@@ -65,7 +66,7 @@ def register(sub: Any) -> None:
     )
     add.add_argument("dir", help="index directory")
     add.add_argument("spec", metavar="KIND[:PARAMS]", help=_INDEX_HELP.format(space="chosen"))
-    add.add_argument("--space", choices=("data", "features"), default="data", help="which vectors (default data)")
+    add.add_argument("--space", choices=tuple(SPACES), default="data", help="which vectors (default data)")
     add.add_argument("--verify", action="store_true", help="recompute the directory's fingerprints first")
     add.add_argument("--no-progress", action="store_true", help="no progress bars")
     add.set_defaults(func=_add)

@@ -204,16 +204,18 @@ def _refusal(
 
 
 class SlotMerge(Protocol):
-    """A gang's part in one batch (:class:`._merge.GangMerge`), on every rank alike."""
+    """The hook through which the partials of a part of the data set (a shard) are merged with the
+    other parts' before the outputs are assembled (:class:`._merge.CollectiveMerge`: collectives over
+    a process group, called on every member alike)."""
 
     def share_lower(self, lower: torch.Tensor) -> torch.Tensor:
-        """The gang's largest of every rank's (S,) screening lower bounds (exact batches, once)."""
+        """The largest of every part's (S,) screening lower bounds (exact batches, once)."""
         ...
 
     def __call__(self, sp: SlotPartials | None, refusal: ValueError | None, batch: Batch) -> SlotPartials:
         """The merge of every shard's slot partials, called with this rank's partials, or None and
         the refusal when it could not compute them; returns the merged partials (top-k indices in
-        the data set's original order) or raises the refusal the gang agreed on."""
+        the data set's original order) or raises the refusal the parts agreed on."""
         ...
 
 
@@ -245,8 +247,8 @@ def oracle(
     Labels < 0 mean an unconditional query; labels >= 0 a class-conditional one, or a guided one
     when ``query.guidance`` is set (guided inside [t_lo, t_hi], conditional outside).
     ``config``: block sizes (default: the data device's); ``chunk_rows`` overrides its screening
-    chunk. ``merge``: ``ds`` is one shard of a gang and every rank calls this with the same query;
-    the shards' partials are merged before the outputs are assembled, so every rank returns the
+    chunk. ``merge``: ``ds`` is one part of a data set and every part is called with the same query;
+    the parts' partials are merged before the outputs are assembled, so every part returns the
     whole data set's answer. Returns float64 tensors on the data's device; shapes (B, D), (B,), (B, k).
 
     Raises:

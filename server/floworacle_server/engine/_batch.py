@@ -35,7 +35,7 @@ class Want:
     #: may be merged with others need them; the oracle's own answers do not)
     logits: bool = True
     #: a slot without any sample of positive weight gets an empty partial instead of a refusal
-    #: (a gang's shard: whether the posterior is empty is decided after the merge)
+    #: (partials to be merged: whether the posterior is empty is decided after the merge)
     keep_empty: bool = False
 
 
@@ -145,10 +145,11 @@ class Batch:
         want: which sums to produce.
         q: the queries.
         s: the slots.
-        share_lower: a gang's shard: the gang's largest of every rank's (S,) screening lower
-            bounds (a collective, called once per exact batch on every rank), so that each shard
-            keeps the candidates within reach of the whole data set's maximum, not of its own
-            (None: one process). The exact pass's tails are then relative to the gang's largest
+        share_lower: a part of a data set whose partials are merged: the largest of every part's
+            (S,) screening lower bounds (a collective, called once per exact batch on every part),
+            so that each part keeps the candidates within reach of the whole data set's maximum,
+            not of its own (None: the whole data set). The exact pass's tails are then relative to
+            the whole set's largest
             weight (:attr:`SlotPartials.shared_tail`).
     """
 

@@ -162,7 +162,7 @@ def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight_of: Callable[[]
     code = torch.where(tight, Route.DENSE, Route.RESCREEN)
     split_mass = torch.zeros_like(lower)
     head_w = width
-    if cfg.split and not batch.want.variance and not batch.want.keep_empty:  # (a gang's shards: float64 only)
+    if cfg.split and not batch.want.variance and not batch.want.keep_empty:  # (parts to be merged: float64 only)
         # the head: rows screened within R nats of the maximum, all among the kept ones?
         r_head = split_reach(scr.err + _split_extra(batch), rows, _split_acc(batch))
         head_thr = lower - r_head - scr.err
@@ -347,7 +347,7 @@ def exact_partials(batch: Batch) -> SlotPartials:
         return tight_cache[0]
 
     scr = screen(batch, serr, tight_of if cfg.early_dense else None)
-    if batch.share_lower is not None:  # a gang's shard: reach from the whole set's maximum
+    if batch.share_lower is not None:  # a part of the data set: reach from the whole set's maximum
         scr.lower = _shared_lower(batch.share_lower, scr.lower)
     thr = scr.threshold(batch.slot_reach)
     cands = _route(batch, scr, thr, tight_of)
@@ -357,7 +357,7 @@ def exact_partials(batch: Batch) -> SlotPartials:
     pieces: list[tuple[list[int], Partials, torch.Tensor]] = []
     refined = 0
     empty = [i for i in range(s_total) if code[i] == Route.EMPTY]
-    # a gang's shard: slots none of whose rows here lie within reach of the gang's maximum
+    # a part of the data set: slots none of whose rows here lie within reach of the whole's maximum
     beyond = [i for i in range(s_total) if code[i] == Route.SPARSE and width[i] == 0]
     if empty or beyond:  # empty partials (keep_empty); what ``beyond`` leaves out is in its tail
         none = empty + beyond
