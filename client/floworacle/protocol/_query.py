@@ -34,7 +34,7 @@ from floworacle.paths import COEFFICIENT_NAMES, PathCoefficients
 from floworacle.protocol import _rules as rules
 from floworacle.protocol._codec import FLOAT_DTYPES, CodecError, WireArray, dtype_by_enum, dtype_by_name, fill, is_torch
 from floworacle.protocol._errors import RequestError
-from floworacle.protocol._limits import MAX_TOP_K
+from floworacle.protocol._limits import MAX_TOP_K, MESSAGE_OVERHEAD
 from floworacle.protocol._tables import BOUND_FIELDS, OUTPUTS, PRECISIONS, SPACES, output_by_name
 from floworacle.v1 import oracle_pb2 as pb
 
@@ -555,20 +555,34 @@ class OracleQuery(_Query):
         rules.check_top_k(self.top_k, "topk" in self.outputs, facts.num_samples)
         return replace(self, x_t=x, sample_shape=shape)
 
-    def response(self, result: Any, start: int = 0) -> pb.OracleResponse:
+    def answer_bytes(self) -> int:
+        """The size of this query's answer message (its tensors' bytes, exactly, plus at most
+        :data:`MESSAGE_OVERHEAD` for names, shapes and framing): what the server checks against its
+        message limit before computing anything."""
+        b = self.rows
+        dim = int(math.prod(self.x_t.shape[1:]))
+        itemsize = dtype_by_name(self.output_dtype or wire_dtype_name(self.x_t)).itemsize
+        total = len(BOUND_FIELDS) * 8 * b
+        for spec in OUTPUTS:
+            if spec.name in self.outputs:
+                per = {"sample": dim * itemsize, "topk": 16 * self.top_k, "per_query": 8}[spec.kind]
+                total += per * b * (len(spec.fields) if spec.kind == "per_query" else 1)
+        return total + MESSAGE_OVERHEAD
+
+    def response(self, result: Any, start: int = 0, into: pb.OracleResponse | None = None) -> pb.OracleResponse:
         """The answer to this query from rows [start, start + B) of an engine result (an object with
         one (rows, ...) array or tensor per response field, None where not computed): every
-        requested output in its wire dtype, and the error bounds."""
+        requested output in its wire dtype, and the error bounds; written into ``into`` (e.g. the
+        ``response`` of a stream's answer, which saves copying it there) when given."""
         b = self.rows
         sl = slice(start, start + b)
         shape = self.sample_shape if self.sample_shape is not None else tuple(getattr(self.x_t, "shape", (b, 0))[1:])
         out_dtype = self.output_dtype or wire_dtype_name(self.x_t)
-        resp = pb.OracleResponse(
-            dataset=self.dataset,
-            fingerprint=self.fingerprint,
-            precision=PRECISIONS[self.precision],  # type: ignore[arg-type]
-            request_id=self.request_id,
-        )
+        resp = into if into is not None else pb.OracleResponse()
+        resp.dataset = self.dataset
+        resp.fingerprint = self.fingerprint
+        resp.precision = PRECISIONS[self.precision]  # type: ignore[assignment]
+        resp.request_id = self.request_id
         for spec in OUTPUTS:
             if spec.name not in self.outputs:
                 continue
@@ -589,7 +603,7 @@ class OracleQuery(_Query):
                 fill(getattr(resp, name), value[sl], "float64")
         return resp
 
-    def empty_response(self) -> pb.OracleResponse:
+    def empty_response(self, into: pb.OracleResponse | None = None) -> pb.OracleResponse:
         """The answer to a batch of no queries: every requested output with 0 rows, in its shape."""
         shape = self.sample_shape if self.sample_shape is not None else tuple(getattr(self.x_t, "shape", (0, 0))[1:])
         empty: dict[str, np.ndarray] = {n: np.zeros(0) for n in BOUND_FIELDS}
@@ -601,7 +615,7 @@ class OracleQuery(_Query):
                     empty[name] = np.zeros((0, self.top_k), np.int64 if name == "topk_indices" else np.float64)
                 else:
                     empty[name] = np.zeros(0)
-        return self.response(_Values(empty))
+        return self.response(_Values(empty), into=into)
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,9 @@ class OracleRunner:
         self.last_engine_seconds = time.perf_counter() - start_engine
         out: list[pb.OracleResponse] = []
         start = 0
-        for q in queries:
-            out.append(q.response(res, start))
-            start += q.rows
+        for w in works:
+            out.append(w.query.response(res, start, into=w.into))
+            start += w.rows
         return out, int(res.refined)
 
 

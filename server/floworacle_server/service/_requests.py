@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
-from floworacle.protocol import NearestQuery, OracleQuery, pb
+from floworacle.protocol import DEFAULT_MAX_MESSAGE_BYTES, NearestQuery, OracleQuery, RequestError, pb
 from floworacle_server.data import Dataset, DatasetStore
 
 __all__ = ["RpcFailure", "Limits", "Work", "resolve_dataset", "read_oracle", "read_nearest"]
@@ -46,9 +46,10 @@ class RpcFailure(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits from the settings."""
+    """Per-request limits from the settings: rows per request, bytes per message (the answer's too)."""
 
     max_request_rows: int
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 Q = TypeVar("Q", OracleQuery, NearestQuery)
@@ -61,6 +62,8 @@ class Work(Generic[Q]):
 
     dataset: Dataset
     query: Q
+    #: where the runner writes the answer (a stream's answer message), or None for a new message
+    into: Any = None
 
     @property
     def rows(self) -> int:
@@ -94,6 +97,14 @@ def read_oracle(req: pb.OracleRequest, store: DatasetStore, limits: Limits) -> W
     or :class:`~floworacle.protocol.RequestError`)."""
     ds = resolve_dataset(store, req.dataset, req.fingerprint)
     q = OracleQuery.from_request(req, limits.max_request_rows).check(ds.facts)
+    size = q.answer_bytes()
+    if size > limits.max_message_bytes:  # refused before anything is computed
+        raise RequestError(
+            f"the answer to these {q.rows} queries would take {size} bytes, over this server's message limit of "
+            f"{limits.max_message_bytes} (max_message_bytes): send fewer rows per request, ask for fewer outputs or "
+            "a smaller top_k, or a 2-byte wire dtype (the SDK splits batches to fit by itself)",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
     return Work(ds, replace(q, dataset=ds.name, fingerprint=ds.fingerprint))
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from floworacle.protocol import SERVICE_NAME, pb_grpc, server_options
+from floworacle.protocol import SERVICE_NAME, server_options
 from floworacle_server.data import DIGITS_NAME, DatasetStore, ShardSpec, load_dataset
 from floworacle_server.engine import calibrate_nearest_backends, flush_denormals
 from floworacle_server.metrics import ServiceMetrics
@@ -27,7 +27,7 @@ from floworacle_server.service._batcher import DynamicBatcher
 from floworacle_server.service._budget import ByteBudget
 from floworacle_server.service._gang import Gang
 from floworacle_server.service._requests import Limits
-from floworacle_server.service._servicer import FlowOracleServicer
+from floworacle_server.service._servicer import FlowOracleServicer, add_servicer
 from floworacle_server.settings import Settings
 
 __all__ = [
@@ -111,56 +111,6 @@ class _Health(health.aio.HealthServicer):
         return await super().Check(request, context)
 
 
-class _RejectMalformed(grpc.aio.ServerInterceptor):
-    """Answers a FlowOracle request whose bytes do not parse as its message type with
-    INVALID_ARGUMENT (gRPC's own answer would be UNKNOWN), by parsing it inside the handler."""
-
-    _PREFIX = f"/{SERVICE_NAME}/"
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method or ""
-        if handler is None or handler.request_deserializer is None or not method.startswith(self._PREFIX):
-            return handler
-        parse = handler.request_deserializer
-        name = method.rsplit("/", 1)[-1]
-
-        async def parsed(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return parse(raw)
-            except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the {name} request is not a valid protobuf message ({type(exc).__name__}: {exc}); "
-                    "build it with the generated floworacle.v1 classes or the SDK",
-                )
-
-        if not handler.request_streaming and not handler.response_streaming and handler.unary_unary is not None:
-            unary = handler.unary_unary
-
-            async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-                return await unary(await parsed(raw, context), context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
-        if handler.request_streaming and handler.response_streaming and handler.stream_stream is not None:
-            stream = handler.stream_stream
-
-            async def stream_stream(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-                async def requests() -> AsyncIterator[Any]:
-                    async for raw in raws:
-                        yield await parsed(raw, context)
-
-                async for response in stream(requests(), context):
-                    yield response
-
-            return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=handler.response_serializer)
-        return handler
-
-
 def engine_thread_setup() -> None:
     """First thing on the thread that runs the engine (the batcher's, a gang worker's main one):
     flush-to-zero for it and torch's OpenMP workers, since exp() of very negative float32 logits
@@ -217,11 +167,7 @@ class OracleServer:
         if settings.auth_tokens_file is not None:
             self.auth = TokenAuthInterceptor(settings.auth_tokens_file, metrics=self.metrics)
         # Authentication runs first, so no other interceptor sees an unauthenticated call.
-        self._interceptors = (
-            *((self.auth,) if self.auth is not None else ()),
-            _RejectMalformed(),
-            *interceptors,
-        )
+        self._interceptors = (*((self.auth,) if self.auth is not None else ()), *interceptors)
         if server_credentials is None:
             server_credentials = server_credentials_from_files(
                 settings.tls_cert, settings.tls_key, settings.tls_client_ca
@@ -257,7 +203,7 @@ class OracleServer:
             self.store,
             self.batcher,
             self.metrics,
-            limits=Limits(max_request_rows=s.max_request_rows),
+            limits=Limits(max_request_rows=s.max_request_rows, max_message_bytes=s.max_message_bytes),
             chunk_rows=s.chunk_rows,
             screen=s.screen,
             max_stream_inflight=s.max_stream_inflight,
@@ -268,7 +214,7 @@ class OracleServer:
             on_gang_broken=self._gang_broken,
         )
         self._servicer = servicer
-        pb_grpc.add_FlowOracleServicer_to_server(servicer, server)
+        add_servicer(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if s.reflection:
             from grpc_reflection.v1alpha import reflection

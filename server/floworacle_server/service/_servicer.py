@@ -9,11 +9,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Protocol, TypeVar
+from dataclasses import replace
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from floworacle.protocol import SPACES, RequestError, dtype_by_name, pb, pb_grpc
+from floworacle.protocol import SERVICE_NAME, SPACES, RequestError, dtype_by_name, pb
 from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.engine import nearest_info
 from floworacle_server.metrics import ServiceMetrics
@@ -23,7 +24,7 @@ from floworacle_server.service._compute import NearestRunner, OracleRunner
 from floworacle_server.service._gang import Gang, GangBroken
 from floworacle_server.service._requests import Limits, RpcFailure, read_nearest, read_oracle, resolve_dataset
 
-__all__ = ["FlowOracleServicer", "dataset_info"]
+__all__ = ["FlowOracleServicer", "add_servicer", "dataset_info", "parse_request"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,6 +122,49 @@ def _as_failure(exc: BaseException) -> RpcFailure:
     return RpcFailure(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}: {exc})", reason="other")
 
 
+#: The request message of each method (the servicer parses the raw bytes itself).
+REQUESTS: dict[str, Any] = {
+    "Oracle": pb.OracleRequest,
+    "OracleStream": pb.OracleRequest,
+    "Nearest": pb.NearestRequest,
+    "ListDatasets": pb.ListDatasetsRequest,
+    "DescribeDataset": pb.DescribeDatasetRequest,
+}
+
+
+def parse_request(method: str, raw: bytes) -> Any:
+    """The request message of ``method`` from its bytes; INVALID_ARGUMENT when they do not parse
+    (gRPC's own answer to a message its deserializer refuses would be UNKNOWN)."""
+    try:
+        return REQUESTS[method].FromString(raw)
+    except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
+        raise RpcFailure(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the {method} request is not a valid protobuf message ({type(exc).__name__}: {exc}); "
+            "build it with the generated floworacle.v1 classes or the SDK",
+            reason="invalid",
+        ) from None
+
+
+def add_servicer(servicer: FlowOracleServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer's methods on ``server``: requests reach them as raw bytes, answers are
+    messages that protobuf serializes."""
+    responses: dict[str, Any] = {
+        "Oracle": pb.OracleResponse,
+        "OracleStream": pb.OracleStreamResponse,
+        "Nearest": pb.NearestResponse,
+        "ListDatasets": pb.ListDatasetsResponse,
+        "DescribeDataset": pb.DatasetInfo,
+    }
+    handlers = {}
+    for method, response in responses.items():
+        make = (
+            grpc.stream_stream_rpc_method_handler if method == "OracleStream" else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method] = make(getattr(servicer, method), response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on the ``time.monotonic`` clock (None: no deadline)."""
     remaining = context.time_remaining()
@@ -133,7 +177,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return time.monotonic() + remaining
 
 
-class FlowOracleServicer(pb_grpc.FlowOracleServicer):
+class FlowOracleServicer:
     """Validates requests, sends them through the batcher, and maps every error to a status."""
 
     def __init__(
@@ -216,19 +260,21 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 if not observed:
                     self.metrics.observe_request(method, code.name, time.perf_counter() - start)
 
-    async def _oracle(self, method: str, request: pb.OracleRequest, deadline: float | None) -> pb.OracleResponse:
-        work = read_oracle(request, self.store, self.limits)
+    async def _oracle(
+        self, method: str, request: pb.OracleRequest, deadline: float | None, into: pb.OracleResponse | None = None
+    ) -> tuple[pb.OracleResponse, int]:
+        """The answer to one oracle request (written into ``into`` when given) and its size."""
+        work = replace(read_oracle(request, self.store, self.limits), into=into)
         if work.rows == 0:  # nothing to compute: the empty answer, in the shapes asked for
-            return work.query.empty_response()
+            return work.query.empty_response(into), 0
         resp: pb.OracleResponse = await self.batcher.submit(work.key, work.rows, work, self._oracle_runner, deadline)
         self.metrics.add_rows(method, work.rows)
-        return resp
+        return resp, work.query.answer_bytes()
 
     @contextlib.contextmanager
-    def _admitted(self, request: pb.OracleRequest | pb.NearestRequest) -> Iterator[None]:
-        """Hold the request's bytes against the server's budget while it is in flight; refuse it
+    def _admitted(self, n: int) -> Iterator[None]:
+        """Hold a request's ``n`` bytes against the server's budget while it is in flight; refuse it
         (RESOURCE_EXHAUSTED with a retry hint) when they do not fit."""
-        n = request.ByteSize()
         if not self.budget.try_take(n):
             raise RpcFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -243,19 +289,22 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
         finally:
             self.budget.give(n)
 
-    # -- RPCs -----------------------------------------------------------------------------------
-    async def Oracle(self, request: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleResponse:
+    # -- RPCs: each takes its request's raw bytes, parses them once (parse_request) and so knows
+    # -- their size without serializing the message again --------------------------------------
+    async def Oracle(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.OracleResponse:
         async def run() -> pb.OracleResponse:
-            with self._admitted(request):
-                return await self._oracle("Oracle", request, _deadline(context))
+            deadline = _deadline(context)
+            with self._admitted(len(raw)):
+                resp, _ = await self._oracle("Oracle", parse_request("Oracle", raw), deadline)
+                return resp
 
         return await self._unary("Oracle", context, run)
 
-    async def Nearest(self, request: pb.NearestRequest, context: grpc.aio.ServicerContext) -> pb.NearestResponse:
+    async def Nearest(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.NearestResponse:
         async def run() -> pb.NearestResponse:
             deadline = _deadline(context)
-            with self._admitted(request):
-                work = read_nearest(request, self.store, self.limits)
+            with self._admitted(len(raw)):
+                work = read_nearest(parse_request("Nearest", raw), self.store, self.limits)
                 if work.rows == 0:
                     return work.query.empty_response(work.dataset.labels is not None)
                 resp: pb.NearestResponse = await self.batcher.submit(
@@ -266,49 +315,49 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
 
         return await self._unary("Nearest", context, run)
 
-    async def ListDatasets(
-        self, request: pb.ListDatasetsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListDatasetsResponse:
+    async def ListDatasets(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ListDatasetsResponse:
         async def run() -> pb.ListDatasetsResponse:
+            parse_request("ListDatasets", raw)
             default = self.store.default_name
             return pb.ListDatasetsResponse(datasets=[dataset_info(ds, default) for ds in self.store])
 
         return await self._unary("ListDatasets", context, run)
 
-    async def DescribeDataset(
-        self, request: pb.DescribeDatasetRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DatasetInfo:
+    async def DescribeDataset(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.DatasetInfo:
         async def run() -> pb.DatasetInfo:
+            request = parse_request("DescribeDataset", raw)
             return dataset_info(resolve_dataset(self.store, request.name), self.store.default_name)
 
         return await self._unary("DescribeDataset", context, run)
 
     async def OracleStream(
-        self, request_iterator: AsyncIterator[pb.OracleRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.OracleStreamResponse]:
         """Pipelined oracle: each message is validated and queued as soon as it arrives (up to
         ``max_stream_inflight`` messages and ``max_stream_inflight_bytes`` at once, within the
         server's budget; beyond, the stream is not read, so its sender waits on flow control);
-        answers go back in request order; a failed message is answered with its status inside the
-        stream, which stays open."""
+        answers go back in request order; a failed message (one that does not even parse included)
+        is answered with its status inside the stream, which stays open."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         slots = asyncio.Semaphore(self.max_stream_inflight)
         held = ByteBudget(self.max_stream_inflight_bytes, parent=self.budget)  # this stream's bytes
-        answers: asyncio.Queue[tuple[asyncio.Task[pb.OracleStreamResponse], int] | _Revoked | None] = asyncio.Queue()
+        answers: asyncio.Queue[tuple[asyncio.Task[tuple[pb.OracleStreamResponse, int]], int] | _Revoked | None] = (
+            asyncio.Queue()
+        )
         loop = asyncio.get_running_loop()
 
         async def read() -> None:
             try:
-                async for req in request_iterator:
+                async for raw in request_iterator:
                     problem = self.auth.check(context.invocation_metadata()) if self.auth is not None else None
                     if problem is not None:
                         answers.put_nowait(_Revoked(problem))
                         return
-                    n = req.ByteSize()
+                    n = len(raw)
                     await slots.acquire()
                     await held.take(n)
-                    answers.put_nowait((loop.create_task(self._stream_one(req, context)), n))
+                    answers.put_nowait((loop.create_task(self._stream_one(raw, context)), n))
             finally:
                 answers.put_nowait(None)
 
@@ -326,8 +375,7 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                         await context.abort(code, task.message)
                         return  # unreachable: abort raises
                     work, n = task
-                    answer = await work
-                    m = answer.ByteSize()
+                    answer, m = await work
                     held.force(m)  # the answer, until gRPC has taken it
                     yield answer
                     held.give(n + m)
@@ -351,16 +399,28 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                 held.give(held.used)  # whatever this stream still held
                 self.metrics.observe_request("OracleStream", code.name, time.perf_counter() - start)
 
-    async def _stream_one(self, req: pb.OracleRequest, context: grpc.aio.ServicerContext) -> pb.OracleStreamResponse:
+    async def _stream_one(self, raw: bytes, context: grpc.aio.ServicerContext) -> tuple[pb.OracleStreamResponse, int]:
+        """One stream message's answer and its size (the answer's tensors, from its query: measuring
+        a message would serialize it once more)."""
+        try:
+            req = parse_request("OracleStream", raw)
+        except RpcFailure as exc:  # unreadable: answered in its place (no request id to echo)
+            return self._stream_error(pb.OracleRequest(), exc), 0
+        return await self._stream_answer(req, context)
+
+    async def _stream_answer(
+        self, req: pb.OracleRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[pb.OracleStreamResponse, int]:
         deadline = _deadline(context)
         # A stream is already back-pressured by its in-flight slots, and its answers carry no retry
         # hint; so a full queue (a transient state) is waited out here, with backoff, until the
         # call's deadline (or STREAM_RETRY_S without one), instead of failing the message.
         give_up = time.monotonic() + STREAM_RETRY_S if deadline is None else deadline
         backoff = RETRY_PUSHBACK_MS / 1000
+        out = pb.OracleStreamResponse(request_id=req.request_id)
         while True:
             try:
-                resp = await self._oracle("OracleStream", req, deadline)
+                _, size = await self._oracle("OracleStream", req, deadline, into=out.response)  # written in place
                 break
             except asyncio.CancelledError:
                 raise
@@ -369,12 +429,10 @@ class FlowOracleServicer(pb_grpc.FlowOracleServicer):
                     await asyncio.sleep(backoff)
                     backoff = min(2 * backoff, 1.0)
                     continue
-                return self._stream_error(req, exc)
+                return self._stream_error(req, exc), 0
             except Exception as exc:
-                return self._stream_error(req, exc)
-        out = pb.OracleStreamResponse(request_id=req.request_id)
-        out.response.CopyFrom(resp)
-        return out
+                return self._stream_error(req, exc), 0
+        return out, size
 
     def _notice(self, exc: BaseException) -> None:
         if isinstance(exc, GangBroken) and self._on_gang_broken is not None:
