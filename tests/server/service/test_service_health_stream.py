@@ -140,3 +140,40 @@ async def test_unary_with_aio_client(server, digits):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     sent = protocol.decode(protocol.encode(xt, "bfloat16"))
     assert max_rel(protocol.decode(resp.velocity), ref_oracle(x, sent, *linear_coeffs(t))["velocity"]) < 1e-6
+
+
+def test_an_unreadable_stream_message_is_answered_in_its_place_and_owed_answers_arrive(channel, digits):
+    """Two valid messages then bytes that do not parse, sent back to back: the two answers arrive,
+    then the unreadable message's INVALID_ARGUMENT in its place, and the stream goes on."""
+    x, _ = digits
+    reqs = [r.SerializeToString() for r, ref in _stream_requests(x) if ref is not None][:3]
+    garbage = b"\x0a\xff\xff\xff\xff\x0f"  # field 1 (a string) claiming more bytes than follow
+    call = channel.stream_stream("/floworacle.v1.FlowOracle/OracleStream")  # raw bytes both ways
+    raws = list(call(iter([reqs[0], reqs[1], garbage, reqs[2]]), timeout=30))
+    answers = [pb.OracleStreamResponse.FromString(r) for r in raws]
+    assert len(answers) == 4
+    assert [a.error_code for a in answers] == [0, 0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0]
+    assert "not a valid protobuf message" in answers[2].error_message
+    assert answers[0].HasField("response") and answers[1].HasField("response") and answers[3].HasField("response")
+
+
+def test_an_answer_over_the_message_limit_is_refused_before_any_compute(digits):
+    """A client made from proto/ alone asks for more than one message can carry: refused at once
+    (no engine call), with the size and what to change."""
+    x, _ = digits
+    settings = Settings(device="cpu", metrics_port=-1, max_message_bytes=4 << 20)
+    with serve_in_thread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.FlowOracleStub(ch)
+        b = 4096  # a 2 MiB request; four float64 outputs of (4096, 64) and a top-1024: a 75 MB answer
+        req = oracle_request(np.repeat(x[:64], b // 64, axis=0).astype(np.float64), np.full(b, 0.5))
+        req.outputs.extend([pb.OUTPUT_VELOCITY, pb.OUTPUT_X1_HAT, pb.OUTPUT_EPS_HAT, pb.OUTPUT_SCORE])
+        req.top_k = 1024
+        calls = srv.server.batcher.engine_calls
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Oracle(req, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over this server's message limit of 4194304" in err.value.details()
+        assert srv.server.batcher.engine_calls == calls
+        # the same request cut to fit is answered
+        small = oracle_request(x[:8].astype(np.float64), np.full(8, 0.5))
+        assert stub.Oracle(small, timeout=30).HasField("velocity")
