@@ -160,3 +160,19 @@ def test_the_answer_size_is_known_before_computing(outputs: tuple[str, ...]) -> 
     }  # fmt: skip
     size = replace(q, dataset="d" * 40, fingerprint="sha256:" + "0" * 64).response(type("R", (), values)()).ByteSize()
     assert size <= q.answer_bytes() <= size + MESSAGE_OVERHEAD
+
+
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16", "float64"])
+def test_non_finite_points_are_found_by_their_bits_in_every_wire_dtype(wire: str) -> None:
+    big = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38, "float64": 1.7976e308}[wire]
+    x = np.zeros((5, 12))
+    x[1, 2], x[3, 5] = big, -big  # the largest finite values of the dtype pass
+    assert WireArray.encode(x, wire).nonfinite_row() is None
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[4, 11], y[2, 0] = bad, bad
+        w = WireArray.encode(y, wire)
+        assert w.nonfinite_row() == 2
+        query = replace(OracleQuery.build(np.zeros((5, 12)), 0.5), x_t=w)
+        with pytest.raises(RequestError, match=r"x_t\[2\] has a NaN or Inf"):
+            OracleQuery.from_request(query.to_request(), 9).check(replace(FACTS, sample_shape=(12,)))

@@ -787,10 +787,8 @@ def _layout(x: Any, name: str, dataset: str, dim: int, sample_shape: Sequence[in
     shape = tuple(int(s) for s in x.shape)
     out_shape = rules.sample_layout(shape, name, dataset, dim, sample_shape)
     flat = x.reshape(shape[0], dim)
-    values = flat.data if isinstance(flat, WireArray) else flat
-    if isinstance(flat, WireArray) and flat.dtype.name == "bfloat16":
-        values = flat.numpy()
-    rules.check_finite_rows(_as_numpy(values), name)
+    wire = flat if isinstance(flat, WireArray) else WireArray.encode(flat, wire_dtype_name(flat))
+    rules.check_finite_rows(wire, name)
     return flat, out_shape
 
 

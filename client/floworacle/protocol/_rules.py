@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from floworacle import paths
+from floworacle.protocol._codec import WireArray
 from floworacle.protocol._errors import RequestError
 from floworacle.protocol._limits import MAX_TOP_K
 from floworacle.protocol._tables import (
@@ -158,14 +159,11 @@ def check_rows(rows: int, field: str, max_rows: int) -> None:
         )
 
 
-def check_finite_rows(flat: np.ndarray, field: str) -> None:
-    """Every value finite. min and max are both finite iff every value is (they propagate NaN and
-    +-inf would be one of them), so only a failing request pays for the scan that names the row."""
-    if flat.size == 0 or (np.isfinite(flat.min()) and np.isfinite(flat.max())):
-        return
-    finite = np.isfinite(flat).all(axis=1)
-    row = int(np.flatnonzero(~finite)[0])
-    raise RequestError(f"{field}[{row}] has a NaN or Inf; send finite values")
+def check_finite_rows(points: WireArray, field: str) -> None:
+    """Every value of the (B, ...) points finite (:meth:`WireArray.nonfinite_row`)."""
+    row = points.nonfinite_row()
+    if row is not None:
+        raise RequestError(f"{field}[{row}] has a NaN or Inf; send finite values")
 
 
 # -- path and time -----------------------------------------------------------------------------
