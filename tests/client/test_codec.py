@@ -184,3 +184,15 @@ def test_conversions_match_torch_bit_for_bit() -> None:
                 got = to_like(wire, torch.zeros(1, dtype=getattr(torch, like)))
                 want = y.to(getattr(torch, name)).to(getattr(torch, like))
                 assert got.dtype == want.dtype and torch.equal(got, want), (src, name, like)
+
+
+def test_two_byte_conversions_in_blocks_equal_torch_for_large_tensors() -> None:
+    """Tensors larger than torch's grain size are converted block by block on the calling thread
+    (its thread pool is slow on a busy CPU): the bits and the shape equal one torch conversion."""
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(97, 1031, generator=g, dtype=torch.float64) * torch.logspace(-8, 8, 1031, dtype=torch.float64)
+    for name in ("float16", "bfloat16"):
+        wire = encode(y, name)
+        assert list(wire.shape) == [97, 1031]
+        assert wire.data == encode(y.to(getattr(torch, name)), name).data, name
+        assert wire.data == encode(y.t().contiguous().t(), name).data  # a non-contiguous view: the same values
