@@ -67,13 +67,16 @@ class PathCoefficients:
 
     @property
     def velocity_x1(self) -> np.ndarray:
-        """A_t in ``u = A_t x1_hat + B_t x_t``: ``d_alpha - alpha d_sigma / sigma``."""
-        return self.d_alpha - self.alpha * self.d_sigma / self.sigma
+        """A_t in ``u = A_t x1_hat + B_t x_t``: ``d_alpha - alpha d_sigma / sigma`` (may overflow to
+        inf for absurd coefficients: answers are checked for finiteness before they are sent)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self.d_alpha - self.alpha * self.d_sigma / self.sigma
 
     @property
     def velocity_xt(self) -> np.ndarray:
         """B_t in ``u = A_t x1_hat + B_t x_t``: ``d_sigma / sigma``."""
-        return self.d_sigma / self.sigma
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self.d_sigma / self.sigma
 
     def validate(self) -> None:
         """Raise ValueError (with what to change) unless every query is inside the oracle's domain."""

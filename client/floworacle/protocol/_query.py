@@ -592,15 +592,15 @@ class OracleQuery(_Query):
                     raise RuntimeError(f"the engine did not compute the requested {name}")
                 part = value[sl]
                 if spec.kind == "sample":
-                    fill(getattr(resp, name), part.reshape(b, *shape), out_dtype)
+                    _finite_into(getattr(resp, name), WireArray.encode(part.reshape(b, *shape), out_dtype), name, part)
                 elif spec.kind == "topk":
-                    fill(getattr(resp, name), part[:, : self.top_k], None)
+                    _finite_into(getattr(resp, name), WireArray.encode(part[:, : self.top_k]), name, part)
                 else:
-                    fill(getattr(resp, name), part, "float64")
+                    _finite_into(getattr(resp, name), WireArray.encode(part, "float64"), name, part)
         for name in BOUND_FIELDS:
             value = getattr(result, name)
             if value is not None:
-                fill(getattr(resp, name), value[sl], "float64")
+                _finite_into(getattr(resp, name), WireArray.encode(value[sl], "float64"), name, value[sl])
         return resp
 
     def empty_response(self, into: pb.OracleResponse | None = None) -> pb.OracleResponse:
@@ -768,6 +768,25 @@ class NearestQuery(_Query):
         idx = np.zeros((0, self.k), np.int64)
         labels = idx if has_labels else None
         return self.response(_Values(dict(indices=idx, distances=np.zeros((0, self.k)), labels=labels)))
+
+
+def _finite_into(field: pb.Tensor, wire: WireArray, name: str, exact: Any) -> None:
+    """Write an answer's tensor, unless a value in it is not finite: an answer never carries NaN
+    or an infinity (RequestError naming the query, and what to change)."""
+    row = wire.nonfinite_row()
+    if row is not None:
+        big = float(np.abs(_as_numpy(exact[row]).astype(np.float64)).max())
+        if math.isfinite(big) and wire.dtype.itemsize < 8:
+            wider = "float32 or float64" if wire.dtype.itemsize == 2 else "float64"
+            raise RequestError(
+                f"the {name} of query {row} reaches {big:.4g}, beyond the range of {wire.dtype.name}: ask for the "
+                f"answers in {wider} (output_dtype; the SDK's wire_dtype)"
+            )
+        raise RequestError(
+            f"the {name} of query {row} is not finite: its path coefficients, guidance scale or values are too large "
+            "for float64 (send ordinary magnitudes)"
+        )
+    wire.fill(field)
 
 
 class _Values:

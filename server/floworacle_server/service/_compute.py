@@ -42,7 +42,7 @@ class OracleRunner:
         #: end-to-end benchmark splits a call's time into compute and transport with it.
         self.last_engine_seconds = 0.0
 
-    def __call__(self, works: Sequence[Work[OracleQuery]]) -> tuple[list[pb.OracleResponse], int]:
+    def __call__(self, works: Sequence[Work[OracleQuery]]) -> tuple[list[pb.OracleResponse | Exception], int]:
         ds = works[0].dataset
         queries = [w.query for w in works]
         merged = OracleQuery.concat(queries)
@@ -52,10 +52,13 @@ class OracleRunner:
         else:
             res = oracle(ds, merged, chunk_rows=self.chunk_rows, screen=self.screen)
         self.last_engine_seconds = time.perf_counter() - start_engine
-        out: list[pb.OracleResponse] = []
+        out: list[pb.OracleResponse | Exception] = []
         start = 0
         for w in works:
-            out.append(w.query.response(res, start, into=w.into))
+            try:
+                out.append(w.query.response(res, start, into=w.into))
+            except ValueError as exc:  # an answer that cannot be sent (not finite): this request's alone
+                out.append(exc)
             start += w.rows
         return out, int(res.refined)
 

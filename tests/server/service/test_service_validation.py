@@ -215,3 +215,37 @@ def test_values_too_large_for_screening_are_refused_and_the_server_keeps_answeri
     xt = noisy_queries(x, t, seed=41)
     resp = stub.Oracle(oracle_request(xt, t, dtype="float64"), timeout=30)
     assert max_rel(protocol.decode(resp.velocity), ref_oracle(x, xt, *linear_coeffs(t))["velocity"]) < 1e-6
+
+
+def test_no_answer_carries_an_infinity_and_batch_mates_are_exact(server, digits):
+    """An answer that does not fit its wire dtype (a float16 velocity past 65504, a float32 one
+    guided with a scale of 1e308) or overflows float64 (d_sigma = 1e308) is refused with the
+    reason; a request merged with them in one engine call gets its exact answer (the async
+    client sends them together)."""
+    import asyncio
+
+    from floworacle import AsyncOracleClient, OracleError
+
+    x, labels = digits
+    big = np.full((1, 64), 6e4, np.float16)  # the velocity is about -1.2e5 at t = 0.5
+
+    async def run() -> tuple[object, object, object, object]:
+        async with AsyncOracleClient(server.address, timeout=30) as c:
+            calls = [
+                c.velocity(big, 0.5),
+                c.velocity(x[:2], 0.5, labels=labels[:2], guidance=1e308),
+                c.velocity(x[:2], None, coefficients={"alpha": 0.5, "sigma": 0.5, "d_alpha": 1.0, "d_sigma": 1e308}),
+                c.velocity(x[:3] * 0.5, np.array([0.3, 0.5, 0.7])),
+            ]
+            return tuple(await asyncio.gather(*calls, return_exceptions=True))  # type: ignore[return-value]
+
+    half, guided, overflow, fine = asyncio.run(run())
+    assert isinstance(half, OracleError) and half.code == INVALID
+    assert "velocity of query 0 reaches 1.2e+05, beyond the range of float16" in half.details
+    assert "float32" in half.details
+    assert isinstance(guided, OracleError) and guided.code == INVALID
+    assert "beyond the range of float32: ask for the answers in float64" in guided.details
+    assert isinstance(overflow, OracleError) and overflow.code == INVALID and "not finite" in overflow.details
+    t = np.array([0.3, 0.5, 0.7])
+    ref = ref_oracle(x, x[:3] * 0.5, *linear_coeffs(t))
+    assert max_rel(np.asarray(fine), ref["velocity"]) < 1e-6
