@@ -756,11 +756,13 @@ class NearestQuery(_Query):
             dataset=self.dataset, fingerprint=self.fingerprint, approximate=bool(result.approximate)
         )
         fill(resp.indices, result.indices[sl, : self.k], "int64")
-        fill(resp.distances, result.distances[sl, : self.k], "float64")
+        distances = result.distances[sl, : self.k]
+        _finite_into(resp.distances, WireArray.encode(distances, "float64"), "distances", distances)
         if result.labels is not None:
             fill(resp.labels, result.labels[sl, : self.k], "int64")
         if result.similarities is not None:
-            fill(resp.similarities, result.similarities[sl, : self.k], "float64")
+            sims = result.similarities[sl, : self.k]
+            _finite_into(resp.similarities, WireArray.encode(sims, "float64"), "similarities", sims)
         return resp
 
     def empty_response(self, has_labels: bool) -> pb.NearestResponse:

@@ -17,12 +17,14 @@ from floworacle_server.engine._ann import faiss_blas_kernel
 from floworacle_server.engine._bounds import float32_gemm_unit_roundoff, screening_error_bound
 from floworacle_server.engine._space import SearchSpace
 
-__all__ = ["exact_knn", "KNN_BACKENDS"]
+__all__ = ["exact_knn", "KNN_BACKENDS", "FLOAT32_NORM"]
 
 #: Screens of the exact search: torch's GEMM + topk (every device) or faiss' brute force (CPU).
 KNN_BACKENDS = ("torch", "faiss")
 
 _SCREEN_BYTES = 64 << 20  # (B, chunk) float32 scores per chunk
+#: Largest vector norm a float32 screen takes: its squares (and sums of two) stay below float32's max.
+FLOAT32_NORM = 2.0**60
 
 
 def _default_chunk_rows(b: int, pool: int, n: int) -> int:
@@ -124,8 +126,11 @@ def exact_knn(
     assert backend in KNN_BACKENDS, f"resolve the backend first (._backend.choose_backend), got {backend!r}"
     use = "torch" if penalty is not None or FAISS is None else backend
     u = float32_gemm_unit_roundoff(dev) if use == "torch" else 2.0**-24
-    exact_screen = dim * u > 0.1  # float32 error bound useless: screen in float64 instead
     q_norm = torch.linalg.vector_norm(y, dim=1)
+    # float64 screen where float32 cannot serve: its error bound would be useless (TF32 / bf16
+    # GEMMs), or squared norms would overflow it (norms past 2^60; faiss adds ||q||^2 too)
+    big = b > 0 and max(float(q_norm.max()), sp.max_norm()) > FLOAT32_NORM
+    exact_screen = dim * u > 0.1 or big
     qn2 = q_norm**2
     bound = screening_error_bound(q_norm, sp.max_norm(), dim, 2.0**-53 if exact_screen else u) + sp.key_slack()
     q32 = y.to(torch.float32)

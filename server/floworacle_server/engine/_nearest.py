@@ -39,7 +39,7 @@ from floworacle.protocol import NearestQuery, rules
 from floworacle_server.data import Dataset
 from floworacle_server.engine._ann import search_index
 from floworacle_server.engine._backend import choose_backend
-from floworacle_server.engine._knn import exact_knn
+from floworacle_server.engine._knn import FLOAT32_NORM, exact_knn
 from floworacle_server.engine._space import SearchSpace, exclusion_rows, merge_topk, search_space
 from floworacle_server.engine._types import NearestResult, as_tensor
 
@@ -95,6 +95,8 @@ def search(
         y = y / torch.from_numpy(query.coeffs.alpha).to(dev)[:, None]
     beta = _penalty_scale(dataset, query, dev)
     approximate = beta is None and _use_index(sp, query.exact, query.nprobe)
+    if approximate and b and float(torch.linalg.vector_norm(y, dim=1).max()) > FLOAT32_NORM:
+        approximate = False  # an index searches in float32, which such norms overflow: search exactly
     exclude = as_tensor(query.exclude, dev, torch.int64) if query.exclude is not None else None
     excluded = exclusion_rows(dataset, exclude, b, k)
     if b == 0:

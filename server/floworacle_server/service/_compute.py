@@ -70,14 +70,17 @@ class NearestRunner:
     def __init__(self, gang: Gang | None = None) -> None:
         self.gang = gang
 
-    def __call__(self, works: Sequence[Work[NearestQuery]]) -> tuple[list[pb.NearestResponse], int]:
+    def __call__(self, works: Sequence[Work[NearestQuery]]) -> tuple[list[pb.NearestResponse | Exception], int]:
         ds = works[0].dataset
         queries = [w.query for w in works]
         merged = NearestQuery.concat(queries)
         res = self.gang.nearest(ds, merged) if self.gang is not None else search(ds, merged)
-        out: list[pb.NearestResponse] = []
+        out: list[pb.NearestResponse | Exception] = []
         start = 0
         for q in queries:
-            out.append(q.response(res, start))
+            try:
+                out.append(q.response(res, start))
+            except ValueError as exc:  # distances that overflow float64: this request's alone
+                out.append(exc)
             start += q.rows
         return out, 0

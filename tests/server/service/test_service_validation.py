@@ -249,3 +249,33 @@ def test_no_answer_carries_an_infinity_and_batch_mates_are_exact(server, digits)
     t = np.array([0.3, 0.5, 0.7])
     ref = ref_oracle(x, x[:3] * 0.5, *linear_coeffs(t))
     assert max_rel(np.asarray(fine), ref["velocity"]) < 1e-6
+
+
+@pytest.mark.parametrize("screen", ["torch", "faiss"])
+def test_nearest_on_huge_finite_points_stays_finite_on_both_screens(digits, screen):
+    """Points of 1e19..1e38 overflow a float32 screen (faiss returned no candidates: INTERNAL
+    before); they are screened in float64 and answered with finite distances. At 1e200 the
+    distances themselves overflow float64: refused, with the reason, and the server goes on."""
+    from floworacle import OracleClient, OracleError
+    from floworacle_server.data import BackendChoice, DatasetStore, load_digits
+    from floworacle_server.service.testing import serve_in_thread
+    from floworacle_server.settings import Settings
+
+    ds = load_digits("cpu")
+    ds.nearest_backends["data"] = BackendChoice(screen, "set by the test")
+    x, _ = digits
+    with serve_in_thread(Settings(device="cpu", metrics_port=-1), DatasetStore([ds])) as srv:
+        with OracleClient(srv.address, timeout=60) as c:
+            for v in (1e19, 1e30, 1e38):
+                pts = np.vstack([np.full((1, 64), v), x[5:6].astype(np.float64)])
+                nn = c.nearest(pts, k=3)
+                assert np.isfinite(nn.distances).all() and (nn.indices >= 0).all()
+                assert nn.indices[1, 0] == 5 and nn.distances[1, 0] == 0.0  # the ordinary row is exact
+                # what a float64 brute force over the stored values gives (ties by index)
+                d = np.sqrt(((pts[0] - x.astype(np.float64)) ** 2).sum(axis=1))
+                np.testing.assert_array_equal(nn.distances[0], d[nn.indices[0]])
+                assert nn.distances[0, -1] <= np.sort(d)[2]
+            with pytest.raises(OracleError) as err:
+                c.nearest(np.full((2, 64), 1e200), k=2)
+            assert err.value.code == INVALID and "distances of query 0 is not finite" in err.value.details
+            assert c.nearest(x[:2], k=1).indices[:, 0].tolist() == [0, 1]
