@@ -184,22 +184,35 @@ def _partials(batch: Batch, precision: str, plan: _Plan, exclude: np.ndarray | N
 def _refusal(
     exc: NonFiniteScreening | EmptyPosterior, batch: Batch, plan: _Plan, exclude: np.ndarray | None
 ) -> ValueError:
-    """The actionable refusal of a slot the engine cannot answer."""
-    if isinstance(exc, NonFiniteScreening):
-        b = exc.slot if plan.slot_query is None else int(plan.slot_query[exc.slot])
-        return ValueError(
-            f"x_t[{b}] has a NaN or Inf, or is too large for the oracle's float32 screening to stay finite; "
-            "send finite queries scaled to ordinary magnitudes (|values| below ~1e15)"
-        )
+    """The actionable refusal of a slot the engine cannot answer.
+
+    A posterior is empty for a structural reason only when an exclusion took the last sample of
+    positive weight of its scope (empty and weightless classes are refused before any pass);
+    otherwise every weight underflowed because the logits could not be compared in float64:
+    the query's values (or its path coefficients) are too large, and the message says so."""
     b = exc.slot if plan.slot_query is None else int(plan.slot_query[exc.slot])
+    if not bool(torch.isfinite(batch.x[b]).all()):
+        return ValueError(f"x_t[{b}] has a NaN or Inf; send finite values")
+    too_large = (
+        f"x_t[{b}] is too large for the oracle's logits to stay finite and comparable (|x_t| up to "
+        f"{float(batch.x[b].abs().max()):.3g} at alpha = {float(batch.coef.alpha[exc.slot]):.3g}, sigma = "
+        f"{float(batch.coef.sigma[exc.slot]):.3g}); send queries scaled to the data's magnitudes (|values| below "
+        "~1e15) and ordinary path coefficients"
+    )
+    if isinstance(exc, NonFiniteScreening):
+        return ValueError(too_large)
     y = plan.slot_label[exc.slot]
+    stats = batch.stats
+    alive = sum(stats.class_alive) if y < 0 and stats.class_alive else stats.num_samples
+    if y >= 0:
+        alive = stats.class_alive[y]
+    excluded = exclude is not None and int(exclude[b]) >= 0
+    if not excluded or alive > 1:
+        return ValueError(too_large)
     scope = "the data set" if y < 0 else f"class {y}"
-    left = ""
-    if exclude is not None and int(exclude[b]) >= 0:
-        left = f" once sample {int(exclude[b])} is excluded"
     return ValueError(
-        f"query {b}: no sample with positive weight is left in {scope} of data set {batch.ds.name!r}{left}; "
-        "its posterior is empty: drop the exclusion or query a larger set"
+        f"query {b}: no sample with positive weight is left in {scope} of data set {batch.ds.name!r} once sample "
+        f"{int(exclude[b])} is excluded; its posterior is empty: drop the exclusion or query a larger set"
     )
 
 

@@ -279,3 +279,20 @@ def test_nearest_on_huge_finite_points_stays_finite_on_both_screens(digits, scre
                 c.nearest(np.full((2, 64), 1e200), k=2)
             assert err.value.code == INVALID and "distances of query 0 is not finite" in err.value.details
             assert c.nearest(x[:2], k=1).indices[:, 0].tolist() == [0, 1]
+
+
+def test_huge_queries_are_refused_for_what_they_are(stub):
+    """x_t of 1e19..3e38 (finite float32) or alpha = 1e20 used to be told to "drop the exclusion"
+    they never sent: the message now names the query, its magnitude and what to change."""
+    for v in (1e19, 1e30, 3e38):
+        x = np.full((2, 64), v, np.float32)
+        x[1] = 0.1
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Oracle(oracle_request(x, T2), timeout=30)
+        assert err.value.code() == INVALID
+        assert "x_t[0] is too large for the oracle's logits" in err.value.details()
+        assert "exclusion" not in err.value.details()
+    huge_alpha = _custom(alpha=np.array([1e20, 0.4]))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Oracle(_req(path=huge_alpha), timeout=30)
+    assert err.value.code() == INVALID and "alpha = 1e+20" in err.value.details()
