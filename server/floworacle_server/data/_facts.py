@@ -51,6 +51,7 @@ class DataStats:
         abs_max: max |x_ij| over all stored values.
         max_sq: max ||x_i||^2 over all rows; ``class_max_sq`` per class.
         max_abs_logw: max |log p_i| over the rows of positive weight (0 without weights).
+        alive: rows of positive weight in the whole data set.
     """
 
     num_samples: int
@@ -60,6 +61,7 @@ class DataStats:
     max_sq: float
     class_max_sq: tuple[float, ...]
     max_abs_logw: float = 0.0
+    alive: int = 0
 
     @property
     def empty_classes(self) -> frozenset[int]:
@@ -74,9 +76,9 @@ class DataStats:
 
     def packed(self) -> tuple[np.ndarray, np.ndarray]:
         """(maxima to merge with max: abs_max, max_sq, max_abs_logw, class_max_sq...; counts to merge
-        with sum: class_alive...)."""
+        with sum: alive, class_alive...)."""
         maxima = np.array([self.abs_max, self.max_sq, self.max_abs_logw, *self.class_max_sq], dtype=np.float64)
-        return maxima, np.array(self.class_alive, dtype=np.int64)
+        return maxima, np.array([self.alive, *self.class_alive], dtype=np.int64)
 
     @classmethod
     def from_packed(
@@ -86,11 +88,12 @@ class DataStats:
         return cls(
             num_samples=num_samples,
             class_counts=class_counts,
-            class_alive=tuple(int(a) for a in alive),
+            class_alive=tuple(int(a) for a in alive[1:]),
             abs_max=float(maxima[0]),
             max_sq=float(maxima[1]),
             class_max_sq=tuple(float(m) for m in maxima[3:]),
             max_abs_logw=float(maxima[2]),
+            alive=int(alive[0]),
         )
 
 
@@ -107,9 +110,11 @@ def measure_stats(
     n = int(x.shape[0])
     abs_max = max((float(x[s : s + _ROWS].abs().max()) for s in range(0, n, _ROWS)), default=0.0)
     logw = 0.0
+    alive_rows = n
     if log_weights is not None:
         finite = torch.isfinite(log_weights)
         logw = float(log_weights[finite].abs().max()) if bool(finite.any()) else 0.0
+        alive_rows = int(finite.sum())
     class_max: list[float] = []
     alive: list[int] = []
     if class_offsets is not None:
@@ -126,4 +131,5 @@ def measure_stats(
         max_sq=float(sq_norms.max()) if n else 0.0,
         class_max_sq=tuple(class_max),
         max_abs_logw=logw,
+        alive=alive_rows,
     )

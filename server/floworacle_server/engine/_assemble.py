@@ -202,12 +202,8 @@ def _refusal(
     if isinstance(exc, NonFiniteScreening):
         return ValueError(too_large)
     y = plan.slot_label[exc.slot]
-    stats = batch.stats
-    alive = sum(stats.class_alive) if y < 0 and stats.class_alive else stats.num_samples
-    if y >= 0:
-        alive = stats.class_alive[y]
-    excluded = exclude is not None and int(exclude[b]) >= 0
-    if not excluded or alive > 1:
+    alive = batch.stats.alive if y < 0 else batch.stats.class_alive[y]
+    if exclude is None or int(exclude[b]) < 0 or alive > 1:
         return ValueError(too_large)
     scope = "the data set" if y < 0 else f"class {y}"
     return ValueError(
