@@ -176,3 +176,22 @@ def test_non_finite_points_are_found_by_their_bits_in_every_wire_dtype(wire: str
         query = replace(OracleQuery.build(np.zeros((5, 12)), 0.5), x_t=w)
         with pytest.raises(RequestError, match=r"x_t\[2\] has a NaN or Inf"):
             OracleQuery.from_request(query.to_request(), 9).check(replace(FACTS, sample_shape=(12,)))
+
+
+def test_the_reversed_convention_is_answered_in_s() -> None:
+    with pytest.raises(RequestError, match=r"s\[0\] = 0 is outside \[0.0001, 1\] for the reversed convention"):
+        OracleQuery.build(_x(1), 0.0, convention="reversed")
+    with pytest.raises(RequestError, match=r"0 <= s_lo <= s_hi <= 1, got \[0.6, 0.2\]"):
+        OracleQuery.build(_x(1), 0.5, convention="reversed", labels=[0], guidance=2.0, guidance_interval=(0.6, 0.2))
+    with pytest.raises(RequestError, match=r"s\[1\] = nan is not finite"):
+        NearestQuery.build(_x(2), 1, t=[0.5, np.nan], convention="reversed")
+
+
+def test_output_dtype_messages_offer_only_float_dtypes() -> None:
+    req = OracleQuery.build(_x(2), 0.5).to_request()
+    for value in (99, 5):  # unknown, and int64: neither is a float wire dtype
+        req.output_dtype = value  # type: ignore[assignment]
+        with pytest.raises(RequestError) as err:
+            OracleQuery.from_request(req, 10)
+        assert f"output_dtype {value} is not a float wire dtype" in err.value.details
+        assert "int64" not in err.value.details and "float32 (1)" in err.value.details

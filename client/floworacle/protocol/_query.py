@@ -32,7 +32,16 @@ import numpy as np
 from floworacle import paths
 from floworacle.paths import COEFFICIENT_NAMES, PathCoefficients
 from floworacle.protocol import _rules as rules
-from floworacle.protocol._codec import FLOAT_DTYPES, CodecError, WireArray, dtype_by_enum, dtype_by_name, fill, is_torch
+from floworacle.protocol._codec import (
+    DTYPES,
+    FLOAT_DTYPES,
+    CodecError,
+    WireArray,
+    dtype_by_enum,
+    dtype_by_name,
+    fill,
+    is_torch,
+)
 from floworacle.protocol._errors import RequestError
 from floworacle.protocol._limits import MAX_TOP_K, MESSAGE_OVERHEAD
 from floworacle.protocol._tables import BOUND_FIELDS, OUTPUTS, PRECISIONS, SPACES, output_by_name
@@ -66,6 +75,8 @@ OWN = "own"
 
 #: ``path`` of a query whose coefficients the caller gave (``PathSpec.custom``).
 CUSTOM_PATH = "custom"
+#: The dtypes float answers travel in, by their enum value.
+FLOAT_BY_ENUM = {d.enum: d for d in DTYPES if d.is_float}
 
 
 def _f(role: str, default: Any = None, *, fill: Any = None, merge: Callable[[list[Any]], Any] | None = None) -> Any:
@@ -277,15 +288,16 @@ def _called_times(t: Any, batch: int, convention: str, path: str, coefficients: 
         if convention == "reversed":
             raise RequestError("the reversed convention needs s (pass it as t)")
         return None
-    tv = rules.check_times(_float_vector(t, batch, "t"), batch)
-    if convention == "reversed":
-        if coefficients is not None or path != "linear":
-            raise RequestError(
-                "convention='reversed' is the linear path with t = 1 - s (SD3 / Flux); "
-                "use path='linear' without custom coefficients"
-            )
-        tv = paths.reversed_to_t(tv)
-    return tv
+    if convention != "reversed":
+        return rules.check_times(_float_vector(t, batch, "t"), batch)
+    if coefficients is not None or path != "linear":
+        raise RequestError(
+            "convention='reversed' is the linear path with t = 1 - s (SD3 / Flux); "
+            "use path='linear' without custom coefficients"
+        )
+    s = rules.check_times(_float_vector(t, batch, "s"), batch, "s")
+    rules.check_reversed_times(s)
+    return paths.reversed_to_t(s)
 
 
 def _called_path(
@@ -460,7 +472,8 @@ class OracleQuery(_Query):
                 lo, hi = (float(v) for v in guidance_interval)
             else:
                 raise RequestError(f"guidance_interval must be (lo, hi), got {guidance_interval!r}")
-            if convention == "reversed":
+            if convention == "reversed":  # checked in s, as given, then mapped
+                rules.check_guidance(float(guidance), lo, hi, "s")
                 lo, hi = 1.0 - hi, 1.0 - lo
             scale, lo, hi = rules.check_guidance(float(guidance), lo, hi)
             if tv is None:
@@ -528,10 +541,11 @@ class OracleQuery(_Query):
         rules.check_top_k(top_k, any(o.name == "topk" for o in outputs))
         output_dtype = None
         if req.output_dtype != pb.DTYPE_UNSPECIFIED:
-            wd = dtype_by_enum(req.output_dtype, "output_dtype")
-            if not wd.is_float:
+            wd = FLOAT_BY_ENUM.get(int(req.output_dtype))
+            if wd is None:
+                choices = ", ".join(f"{d.name} ({d.enum})" for d in FLOAT_BY_ENUM.values())
                 raise RequestError(
-                    f"output_dtype must be a float dtype (float32, float16, bfloat16, float64), got {wd.name}"
+                    f"output_dtype {int(req.output_dtype)} is not a float wire dtype; use one of {choices}"
                 )
             output_dtype = wd.name
         assert coeffs is not None

@@ -34,6 +34,8 @@ from floworacle.v1 import oracle_pb2 as pb
 
 __all__ = [
     "plain",
+    "echo",
+    "ECHO_CHARS",
     "integer",
     "int_vector",
     "check_batch_shape",
@@ -46,6 +48,7 @@ __all__ = [
     "check_labels",
     "check_exclude",
     "check_guidance",
+    "check_reversed_times",
     "check_top_k",
     "check_k",
     "outputs_from_names",
@@ -77,6 +80,18 @@ def plain(x: Any) -> str:
     if isinstance(x, float | np.floating):
         return f"{float(x):.10g}"
     return str(x)
+
+
+#: Longest piece of a caller's string echoed into a message (a status message travels in
+#: metadata, whose size gRPC limits: an echoed 100 kB name turned NOT_FOUND into RESOURCE_EXHAUSTED).
+ECHO_CHARS = 64
+
+
+def echo(value: str) -> str:
+    """A caller's string as a message quotes it: its repr, cut to :data:`ECHO_CHARS` characters."""
+    if len(value) <= ECHO_CHARS:
+        return repr(value)
+    return f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
 
 
 def _shape(shape: Iterable[int]) -> str:
@@ -255,16 +270,32 @@ def check_exclude(exclude: np.ndarray, batch: int, num_samples: int | None = Non
         )
 
 
-def check_guidance(scale: float, t_lo: float, t_hi: float) -> tuple[float, float, float]:
-    """A finite CFG scale and interval 0 <= t_lo <= t_hi <= 1."""
+def check_guidance(scale: float, t_lo: float, t_hi: float, time: str = "t") -> tuple[float, float, float]:
+    """A finite CFG scale and interval 0 <= lo <= hi <= 1 (in ``time``: "t", or "s" in the
+    reversed convention, as the caller gave it)."""
     if not all(math.isfinite(v) for v in (scale, t_lo, t_hi)):
         raise RequestError(
             f"guidance scale and interval must be finite, got scale = {plain(scale)}, "
             f"interval = [{plain(t_lo)}, {plain(t_hi)}]"
         )
     if not 0.0 <= t_lo <= t_hi <= 1.0:
-        raise RequestError(f"guidance interval must satisfy 0 <= t_lo <= t_hi <= 1, got [{plain(t_lo)}, {plain(t_hi)}]")
+        raise RequestError(
+            f"guidance interval must satisfy 0 <= {time}_lo <= {time}_hi <= 1, got [{plain(t_lo)}, {plain(t_hi)}]"
+        )
     return float(scale), float(t_lo), float(t_hi)
+
+
+def check_reversed_times(s: np.ndarray) -> None:
+    """Times s of the reversed convention (s = 1 noise, s = 0 data) within the linear path's
+    range, said in s: s = 0 (sigma = 0) is excluded, the velocity is singular there."""
+    s_min = 1.0 - paths.get_path("linear").t_max
+    bad = (s < s_min) | (s > 1.0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise RequestError(
+            f"s[{i}] = {plain(s[i])} is outside [{plain(s_min)}, 1] for the reversed convention (s = 1 is noise, "
+            "s = 0 is data; the end where sigma < 1e-4 is excluded because the velocity is singular there)"
+        )
 
 
 # -- outputs, precision, counts ------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+from floworacle.protocol import rules
 from floworacle_server.data._dataset import Dataset
 
 __all__ = ["DatasetStore"]
@@ -56,7 +57,7 @@ class DatasetStore:
             return self._items[key]
 
     def _unknown(self, name: str) -> str:
-        return f"unknown data set {name!r}; available: {', '.join(self._items) or '(none)'}"
+        return f"unknown data set {rules.echo(name)}; available: {', '.join(self._items) or '(none)'}"
 
     def names(self) -> list[str]:
         """Names in the order they were added."""

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from floworacle.protocol import DEFAULT_MAX_MESSAGE_BYTES, NearestQuery, OracleQuery, RequestError, pb
+from floworacle.protocol import DEFAULT_MAX_MESSAGE_BYTES, NearestQuery, OracleQuery, RequestError, pb, rules
 from floworacle_server.data import Dataset, DatasetStore
 
 __all__ = ["RpcFailure", "Limits", "Work", "resolve_dataset", "read_oracle", "read_nearest"]
@@ -85,7 +85,7 @@ def resolve_dataset(store: DatasetStore, name: str, fingerprint: str = "") -> Da
     if fingerprint and fingerprint != ds.fingerprint:
         raise RpcFailure(
             grpc.StatusCode.FAILED_PRECONDITION,
-            f"data set {ds.name!r} has fingerprint {ds.fingerprint}, but the request pinned {fingerprint}; "
+            f"data set {ds.name!r} has fingerprint {ds.fingerprint}, but the request pinned {rules.echo(fingerprint)}; "
             "the server holds different data than you expect (update the pin or point at the right server)",
             reason="invalid",
         )

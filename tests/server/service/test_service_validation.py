@@ -296,3 +296,17 @@ def test_huge_queries_are_refused_for_what_they_are(stub):
     with pytest.raises(grpc.RpcError) as err:
         stub.Oracle(_req(path=huge_alpha), timeout=30)
     assert err.value.code() == INVALID and "alpha = 1e+20" in err.value.details()
+
+
+def test_long_names_and_pins_are_not_echoed_whole(stub):
+    """A 100 kB data set name or fingerprint pin is quoted in part: the status keeps its code
+    (echoed whole it passed gRPC's metadata limit and became RESOURCE_EXHAUSTED)."""
+    long = "x" * 100_000
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Oracle(_req(dataset=long), timeout=30)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "(100000 characters)" in err.value.details() and len(err.value.details()) < 1000
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Oracle(_req(fingerprint="sha256:" + long), timeout=30)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "(100007 characters)" in err.value.details() and len(err.value.details()) < 1000
