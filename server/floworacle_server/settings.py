@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     name: str | None = Field(default=None, description="Name of the data set given as a bare PATH.")
     host: str = Field(default="0.0.0.0", description="Address the gRPC server binds.")
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of a second, open gRPC server that answers only grpc.health.v1 and reads no message "
+        "over 4 KiB (probes; same host and TLS); 0 picks a free one. With auth_tokens_file, health on the "
+        "gRPC port needs a token like every other method, so probes use this port.",
+    )
     metrics_port: int = Field(
         default=9090, ge=-1, le=65535, description="Prometheus /metrics port; 0 picks a free one, -1 turns it off."
     )
@@ -161,7 +169,8 @@ class Settings(BaseSettings):
     auth_tokens_file: str | None = Field(
         default=None,
         description="File of accepted bearer tokens, one a line ('#' comments and blank lines ignored); when "
-        "set, every RPC except health checks needs 'authorization: Bearer <token>'. Re-read on SIGHUP.",
+        "set, every RPC on the gRPC port, health checks included, needs 'authorization: Bearer <token>' (open "
+        "health checks: health_port). Re-read on SIGHUP.",
         json_schema_extra={"metavar": "FILE"},
     )
     grace_period_s: float = Field(
@@ -265,6 +274,14 @@ class Settings(BaseSettings):
             raise ValueError("TLS needs both tls_cert and tls_key (PEM files); give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs TLS: give tls_cert and tls_key too")
+        return self
+
+    @model_validator(mode="after")
+    def _health_port(self) -> Settings:
+        if self.health_port is not None and self.health_port != 0 and self.health_port == self.port:
+            raise ValueError(
+                f"health_port {self.health_port} is the gRPC port; give the health server a port of its own"
+            )
         return self
 
     @model_validator(mode="after")
