@@ -33,6 +33,10 @@ ENV_PREFIX = "FLOWORACLE_"
 #: Environment variable naming the YAML settings file (same as ``--config``).
 CONFIG_ENV = "FLOWORACLE_CONFIG"
 
+#: The embedded data set's name (floworacle_server.data.DIGITS_NAME; not imported: loading the
+#: data package loads torch, and the settings are read by every floworacle command).
+_DIGITS = "digits"
+
 _DEVICE_HELP = '"cpu", "cuda", "cuda:N" or "auto" (CUDA when available, else CPU)'
 
 
@@ -306,6 +310,21 @@ class Settings(BaseSettings):
                 'a bare labels PATH needs exactly one data set; otherwise give labels as "NAME=PATH" '
                 f"(got labels {self.labels} for data {self.data})"
             )
+        served = [name for name, _ in self.data_sets()]
+        seen: set[str] = set()
+        for spec in self.labels:
+            if "=" not in spec:
+                continue
+            name = spec.partition("=")[0]
+            if name not in served:
+                # a misspelt name would otherwise serve that data set without classes, silently
+                raise ValueError(
+                    f"labels {spec!r} name the data set {name!r}, which no data argument gives; the data sets "
+                    f"are {', '.join(repr(n) for n in served)} (labels are \"NAME=PATH\" with NAME as in --data)"
+                )
+            if name in seen:
+                raise ValueError(f"labels are given twice for the data set {name!r}; give one labels file per data set")
+            seen.add(name)
         return self
 
     @classmethod
@@ -344,6 +363,22 @@ class Settings(BaseSettings):
         if index >= count:
             raise ValueError(f"device {self.device!r}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return self.device
+
+    def data_sets(self) -> list[tuple[str, str]]:
+        """(name, path) of every data set to serve, as ``build_store`` names them: "NAME=PATH" keeps
+        NAME; a bare PATH is named ``name``, or "digits" for the embedded set, or its file stem. No
+        data: the embedded digits set (named ``name`` when given)."""
+        if not self.data:
+            return [(self.name or _DIGITS, _DIGITS)]
+        out = []
+        for spec in self.data:
+            if "=" in spec:
+                name, _, path = spec.partition("=")
+            else:
+                path = spec
+                name = self.name or (_DIGITS if path == _DIGITS else Path(path).stem)
+            out.append((name, path))
+        return out
 
     def labels_for(self, name: str) -> str | None:
         """The labels file given for data set ``name`` (a bare PATH applies to the only data set)."""

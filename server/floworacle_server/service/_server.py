@@ -12,7 +12,6 @@ import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -100,12 +99,7 @@ def build_store(settings: Settings, shard: ShardSpec | None = None) -> DatasetSt
         store.add(load_dataset(DIGITS_NAME, name=settings.name, device=device, dtype=settings.dtype, shard=shard))
         return store
     device = settings.resolved_device()
-    for spec in settings.data:
-        if "=" in spec:
-            name, _, path = spec.partition("=")
-        else:
-            path = spec
-            name = settings.name or (DIGITS_NAME if path == DIGITS_NAME else Path(path).stem)
+    for name, path in settings.data_sets():
         labels = settings.labels_for(name)
         store.add(
             load_dataset(
