@@ -320,7 +320,7 @@ class Settings(BaseSettings):
                 # a misspelt name would otherwise serve that data set without classes, silently
                 raise ValueError(
                     f"labels {spec!r} name the data set {name!r}, which no data argument gives; the data sets "
-                    f"are {', '.join(repr(n) for n in served)} (labels are \"NAME=PATH\" with NAME as in --data)"
+                    f'are {", ".join(repr(n) for n in served)} (labels are "NAME=PATH" with NAME as in --data)'
                 )
             if name in seen:
                 raise ValueError(f"labels are given twice for the data set {name!r}; give one labels file per data set")

@@ -34,7 +34,14 @@ from floworacle_server.data._features import (
     fingerprint_features,
     prepare_features,
 )
-from floworacle_server.data._formats import LoadedArrays, load_arrays, load_side_array, validate_arrays
+from floworacle_server.data._formats import (
+    LoadedArrays,
+    load_arrays,
+    load_side_array,
+    read_npy,
+    unreadable,
+    validate_arrays,
+)
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, load_nearest_indexes
 from floworacle_server.data._shard import ShardSpec, shard_arrays, shard_rows
 
@@ -278,9 +285,12 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     if not mpath.is_file():
         raise ValueError(f"{p} is not an index directory (no {MANIFEST}); build one with `floworacle index build`")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{mpath} is not valid JSON ({exc}); rebuild the index") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else unreadable(mpath, exc)
+        raise ValueError(f"{p}: cannot read the manifest {MANIFEST}: {reason}; rebuild the index") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != INDEX_FORMAT:
         raise ValueError(f"{mpath} is not a Flow Oracle index manifest; rebuild the index")
     version = manifest.get("format_version")
@@ -289,7 +299,66 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
             f"{p}: index format version {version} is not supported by this server (reads {INDEX_VERSION}); "
             "rebuild the index with this version of `floworacle index build`"
         )
+    _check_manifest(mpath, manifest)
     return manifest
+
+
+def _is_int(v: Any, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _check_manifest(mpath: Path, m: dict[str, Any]) -> None:
+    """The fields :func:`load_index` reads are there and of the right kind, so that an edited or
+    truncated manifest is refused in one line instead of failing deep inside the load.
+
+    Raises:
+        ValueError: naming the first missing or malformed field.
+    """
+
+    def need(key: str) -> Any:
+        if key not in m:
+            raise ValueError(f"{mpath}: the manifest has no {key!r}; it is incomplete or was edited, rebuild the index")
+        return m[key]
+
+    def bad(key: str, what: str) -> ValueError:
+        shown = repr(m[key])
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return ValueError(f"{mpath}: the manifest's {key!r} must be {what}, found {shown}; rebuild the index")
+
+    if not isinstance(need("name"), str):
+        raise bad("name", "a string")
+    if need("dtype") not in _NUMPY_STORAGE:
+        raise bad("dtype", f"one of {sorted(_NUMPY_STORAGE)}")
+    if not _is_int(need("num_samples"), 1):
+        raise bad("num_samples", "an integer >= 1 (a data set of no samples cannot be served)")
+    shape = need("sample_shape")
+    if not isinstance(shape, list) or not shape or not all(_is_int(d, 1) for d in shape):
+        raise bad("sample_shape", "a non-empty list of integers >= 1, e.g. [64] or [4, 32, 32]")
+    scale = need("scale_factor")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale) or scale == 0:
+        raise bad("scale_factor", "a finite non-zero number")
+    if not isinstance(need("fingerprint"), str) or not m["fingerprint"]:
+        raise bad("fingerprint", "the sha256 fingerprint string")
+    if not isinstance(need("has_labels"), bool):
+        raise bad("has_labels", "true or false")
+    if m["has_labels"] and not _is_int(need("num_classes"), 1):
+        raise bad("num_classes", "an integer >= 1 when the index has labels")
+    if "has_weights" in m and not isinstance(m["has_weights"], bool):
+        raise bad("has_weights", "true or false")
+    files = m.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, (str, type(None))) for v in files.values()):
+        raise bad("files", "a mapping of file roles to file names")
+    features = m.get("features")
+    if features is not None:
+        if (
+            not isinstance(features, dict)
+            or not _is_int(features.get("dim"), 1)
+            or features.get("metric") not in ("l2", "cosine")
+            or not isinstance(features.get("fingerprint"), str)
+        ):
+            raise bad("features", "a section with dim (>= 1), metric (l2 or cosine) and fingerprint")
+        if not isinstance(need("data_fingerprint"), str):
+            raise bad("data_fingerprint", "the samples' own sha256 fingerprint string")
 
 
 def load_index(
@@ -330,17 +399,14 @@ def load_index(
         raise ValueError(f"{p}: unknown storage dtype {dtype!r} in the manifest; rebuild the index")
     files = manifest.get("files", {})
     shape = (int(manifest["num_samples"]), *(int(s) for s in manifest["sample_shape"]))
-    try:
-        data = np.load(p / files.get("data", _DATA_FILE), mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{p}: cannot read the data file ({exc}); rebuild the index") from exc
+    data = _read_part(p, files.get("data") or _DATA_FILE, "data", mmap=True)
     if tuple(data.shape) != shape or data.dtype != np.dtype(_NUMPY_STORAGE[dtype]):
         raise ValueError(
             f"{p}: data file holds {data.dtype} {tuple(data.shape)} but the manifest says {dtype} {shape}; "
             "the directory was modified, rebuild the index"
         )
-    labels = np.load(p / files["labels"], allow_pickle=False) if files.get("labels") else None
-    weights = np.load(p / files["weights"], allow_pickle=False) if files.get("weights") else None
+    labels = _read_part(p, files["labels"], "labels") if files.get("labels") else None
+    weights = _read_part(p, files["weights"], "weights") if files.get("weights") else None
     if bool(manifest.get("has_labels")) != (labels is not None):
         raise ValueError(f"{p}: manifest and label file disagree; rebuild the index")
     # cheap checks that hold even with verify=False: a wrong label file must not allocate 2^60 classes
@@ -427,11 +493,20 @@ def load_index(
     return ds
 
 
-def _read_features(p: Path, section: dict[str, Any], n: int) -> np.ndarray:
+def _read_part(p: Path, name: str, what: str, *, mmap: bool = False) -> np.ndarray:
+    """One .npy file of the index directory ``p``.
+
+    Raises:
+        ValueError: "<dir>: cannot read the <what> file <name>: <why>; rebuild the index".
+    """
     try:
-        feats = np.load(p / str(section.get("file", _FEATURES_FILE)), mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{p}: cannot read the features file ({exc}); rebuild the index") from exc
+        return read_npy(p / name, mmap=mmap)
+    except ValueError as exc:
+        raise ValueError(f"{p}: cannot read the {what} file {name}: {exc}; rebuild the index") from None
+
+
+def _read_features(p: Path, section: dict[str, Any], n: int) -> np.ndarray:
+    feats = _read_part(p, str(section.get("file", _FEATURES_FILE)), "features", mmap=True)
     if feats.dtype != np.float32 or feats.shape != (n, int(section["dim"])):
         raise ValueError(
             f"{p}: features file holds {feats.dtype} {feats.shape}, the manifest says float32 ({n}, {section['dim']}); "
