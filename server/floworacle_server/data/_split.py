@@ -127,9 +127,9 @@ def build_split_index(
             x, _take(loaded.labels, rows), _take(loaded.weights, rows), loaded.sample_shape, loaded.source
         )
         manifests[part] = build_index(
-            sub, out / part, features=_take(feats, rows), name=f"{base}-{part}", **build_options
-        )
-        np.save(out / part / SOURCE_ROWS_FILE, rows)
+            sub, out / part, features=_take(feats, rows), name=f"{base}-{part}",
+            before_commit=lambda tmp, rows=rows: np.save(tmp / SOURCE_ROWS_FILE, rows), **build_options,
+        )  # fmt: skip
     for part, other in zip(SPLIT_PARTS, reversed(SPLIT_PARTS), strict=True):
         m = manifests[part]
         m["split"] = {
