@@ -9,6 +9,7 @@ complete index directory with its own fingerprint, named ``NAME-train`` and ``NA
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def build_split_index(
         )
         manifests[part] = build_index(
             sub, out / part, features=_take(feats, rows), name=f"{base}-{part}",
-            before_commit=lambda tmp, rows=rows: np.save(tmp / SOURCE_ROWS_FILE, rows), **build_options,
+            before_commit=functools.partial(_save_source_rows, rows=rows), **build_options,
         )  # fmt: skip
     for part, other in zip(SPLIT_PARTS, reversed(SPLIT_PARTS), strict=True):
         m = manifests[part]
@@ -145,6 +146,11 @@ def build_split_index(
         }
         write_manifest(out / part, m)
     return manifests
+
+
+def _save_source_rows(index_dir: Path, rows: np.ndarray) -> None:
+    """Write a part's row map into its (not yet committed) index directory."""
+    np.save(index_dir / SOURCE_ROWS_FILE, rows)
 
 
 def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
