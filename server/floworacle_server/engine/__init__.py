@@ -4,13 +4,14 @@ Rooms: ``_bounds`` (the one rounding-error model), ``_config`` (per-device block
 ``_batch`` (per-batch state), ``_screen`` (screening GEMM and candidates), ``_refine`` (float64
 logits from differences), ``_dense`` (dense float64 and fast passes), ``_partials`` (mergeable
 sums), ``_passes`` (routing), ``_assemble`` (the outputs), ``_nearest`` (nearest samples),
-``_flush`` (flush-to-zero).
+``_flush`` (flush-to-zero), ``_diagnostics`` (the entropy's and ESS's bounds on the result).
 """
 
 from floworacle_server.engine._assemble import compute_partials, oracle
 from floworacle_server.engine._backend import NearestInfo, calibrate_nearest_backend, nearest_info
 from floworacle_server.engine._bounds import DENSE_LOGIT_TOL, REACH_MARGIN, SCREEN_DTYPES
 from floworacle_server.engine._config import CPU, CUDA, EngineConfig
+from floworacle_server.engine._diagnostics import BoundedOracleResult
 from floworacle_server.engine._flush import FlushState, flush_denormals
 from floworacle_server.engine._index_build import IndexSpec, build_nearest_index, parse_index_spec
 from floworacle_server.engine._nearest import check_search, nearest, posterior_nearest
@@ -24,6 +25,7 @@ __all__ = [
     "OUTPUTS",
     "REACH_MARGIN",
     "SCREEN_DTYPES",
+    "BoundedOracleResult",
     "EngineConfig",
     "FlushState",
     "Guidance",

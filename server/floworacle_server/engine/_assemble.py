@@ -42,6 +42,7 @@ from floworacle_server.data._dataset import Dataset
 from floworacle_server.engine._batch import Batch, Coef, Group, Want, facts
 from floworacle_server.engine._bounds import REACH_MARGIN, U32, U64, ScreenModel, variance_error, x1_error
 from floworacle_server.engine._config import EngineConfig
+from floworacle_server.engine._diagnostics import BoundedOracleResult, diagnostic_bounds
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._passes import (
     EmptyPosterior,
@@ -305,7 +306,8 @@ def oracle(
             _out_of_reach(sp.partials, ds, plan)
     post = sp.partials.finalize(consume=True, unit_normaliser=sp.unit_normaliser)
     xmax = batch.facts.xmax
-    x1_err = x1_error(sp.logit_error, post.mean_err, xmax, sp.tail)
+    x1_err = x1_error(sp.logit_error, post.mean_err, xmax, sp.tail, sp.partials.s, ds.total_samples)
+    ent_err, ess_err = diagnostic_bounds(post.entropy, post.ess, sp.logit_error, sp.tail, ds.total_samples)
     var = var_err = None
     if post.variance is not None and post.variance_rounding is not None:
         var_err = variance_error(post.variance, sp.logit_error, post.variance_rounding, sp.tail, batch.slot_max_sq)
@@ -320,6 +322,8 @@ def oracle(
         x1_err = err_slots.index_select(0, p)
         entropy = None if entropy is None else entropy.index_select(0, p)
         ess = None if ess is None else ess.index_select(0, p)
+        ent_err = None if ent_err is None else ent_err.index_select(0, p)
+        ess_err = None if ess_err is None else ess_err.index_select(0, p)
         var = None if var is None else var.index_select(0, p)
         var_err = None if var_err is None else var_err.index_select(0, p)
         tk_i, tk_w = tk_i.index_select(0, p), tk_w.index_select(0, p)
@@ -346,7 +350,7 @@ def oracle(
     if "score" in outputs:  # (alpha x1_hat - x_t) / sigma^2
         score = _float64_copy(x).neg_().addcmul_(x1, alpha[:, None]).div_((sigma * sigma)[:, None])
     v_err = a_t.abs() * x1_err + 4 * U64 * (a_t.abs() * x1max + b_t.abs() * batch.qnorm)
-    return OracleResult(
+    return BoundedOracleResult(
         x1_hat=x1,
         velocity=velocity,
         eps_hat=eps_hat,
@@ -360,6 +364,8 @@ def oracle(
         x1_hat_error_bound=x1_err,
         velocity_error_bound=v_err,
         refined=sp.refined,
+        entropy_error_bound=ent_err,
+        ess_error_bound=ess_err,
     )
 
 
