@@ -10,9 +10,11 @@ several servers in one process.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -25,6 +27,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BATCH_ROWS_BUCKETS",
@@ -417,6 +421,16 @@ class ServiceMetrics:
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that breaks off the TLS handshake (plain HTTP to an HTTPS port, a port scan)
+        or the connection is a client's problem: one debug line, not socketserver's traceback on
+        stderr for every such request. Anything else is logged with its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError)):
+            log.debug("metrics: a request from %s ended before an answer: %s", client_address, exc)
+            return
+        log.exception("metrics: a request from %s failed", client_address)
 
 
 class _QuietHandler(WSGIRequestHandler):

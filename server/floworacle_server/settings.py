@@ -33,6 +33,10 @@ ENV_PREFIX = "FLOWORACLE_"
 #: Environment variable naming the YAML settings file (same as ``--config``).
 CONFIG_ENV = "FLOWORACLE_CONFIG"
 
+#: The embedded data set's name (floworacle_server.data.DIGITS_NAME; not imported: loading the
+#: data package loads torch, and the settings are read by every floworacle command).
+_DIGITS = "digits"
+
 _DEVICE_HELP = '"cpu", "cuda", "cuda:N" or "auto" (CUDA when available, else CPU)'
 
 
@@ -73,6 +77,14 @@ class Settings(BaseSettings):
     name: str | None = Field(default=None, description="Name of the data set given as a bare PATH.")
     host: str = Field(default="0.0.0.0", description="Address the gRPC server binds.")
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of a second, open gRPC server that answers only grpc.health.v1 and reads no message "
+        "over 4 KiB (probes; same host and TLS); 0 picks a free one. With auth_tokens_file, health on the "
+        "gRPC port needs a token like every other method, so probes use this port.",
+    )
     metrics_port: int = Field(
         default=9090, ge=-1, le=65535, description="Prometheus /metrics port; 0 picks a free one, -1 turns it off."
     )
@@ -161,7 +173,8 @@ class Settings(BaseSettings):
     auth_tokens_file: str | None = Field(
         default=None,
         description="File of accepted bearer tokens, one a line ('#' comments and blank lines ignored); when "
-        "set, every RPC except health checks needs 'authorization: Bearer <token>'. Re-read on SIGHUP.",
+        "set, every RPC on the gRPC port, health checks included, needs 'authorization: Bearer <token>' (open "
+        "health checks: health_port). Re-read on SIGHUP.",
         json_schema_extra={"metavar": "FILE"},
     )
     grace_period_s: float = Field(
@@ -268,6 +281,14 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _health_port(self) -> Settings:
+        if self.health_port is not None and self.health_port != 0 and self.health_port == self.port:
+            raise ValueError(
+                f"health_port {self.health_port} is the gRPC port; give the health server a port of its own"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _metrics_security(self) -> Settings:
         if self.metrics_tls and self.tls_cert is None:
             raise ValueError("metrics_tls serves /metrics with the gRPC port's certificate: give tls_cert and tls_key")
@@ -289,6 +310,21 @@ class Settings(BaseSettings):
                 'a bare labels PATH needs exactly one data set; otherwise give labels as "NAME=PATH" '
                 f"(got labels {self.labels} for data {self.data})"
             )
+        served = [name for name, _ in self.data_sets()]
+        seen: set[str] = set()
+        for spec in self.labels:
+            if "=" not in spec:
+                continue
+            name = spec.partition("=")[0]
+            if name not in served:
+                # a misspelt name would otherwise serve that data set without classes, silently
+                raise ValueError(
+                    f"labels {spec!r} name the data set {name!r}, which no data argument gives; the data sets "
+                    f'are {", ".join(repr(n) for n in served)} (labels are "NAME=PATH" with NAME as in --data)'
+                )
+            if name in seen:
+                raise ValueError(f"labels are given twice for the data set {name!r}; give one labels file per data set")
+            seen.add(name)
         return self
 
     @classmethod
@@ -327,6 +363,22 @@ class Settings(BaseSettings):
         if index >= count:
             raise ValueError(f"device {self.device!r}: torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
         return self.device
+
+    def data_sets(self) -> list[tuple[str, str]]:
+        """(name, path) of every data set to serve, as ``build_store`` names them: "NAME=PATH" keeps
+        NAME; a bare PATH is named ``name``, or "digits" for the embedded set, or its file stem. No
+        data: the embedded digits set (named ``name`` when given)."""
+        if not self.data:
+            return [(self.name or _DIGITS, _DIGITS)]
+        out = []
+        for spec in self.data:
+            if "=" in spec:
+                name, _, path = spec.partition("=")
+            else:
+                path = spec
+                name = self.name or (_DIGITS if path == _DIGITS else Path(path).stem)
+            out.append((name, path))
+        return out
 
     def labels_for(self, name: str) -> str | None:
         """The labels file given for data set ``name`` (a bare PATH applies to the only data set)."""

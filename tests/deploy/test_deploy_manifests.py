@@ -167,6 +167,9 @@ def test_probes_check_grpc_health_on_the_grpc_port(overlay: Path, build_overlay:
         probe_map = mounted_configmap(objs, pod, script)
         assert probe_map == (METRICS_TLS / PROBE_SCRIPT).read_text(), "the pod runs the repository's probe script"
         assert server_name == "floworacle", "the probe checks the certificate for the Service's name"
+        if settings.auth_tokens_file is not None:
+            # health on the gRPC port needs a token then: the probe asks the open health server
+            assert settings.health_port is not None and settings.health_port != settings.port
 
 
 def mounted_configmap(objs: list[dict[str, Any]], pod: Pod, path: str) -> str:

@@ -108,15 +108,15 @@ def probe_command(build_overlay: Build, overlay: str) -> list[str]:
 
 
 def run_probe(command: list[str], secrets: Secrets, port: int, **replace: str) -> subprocess.CompletedProcess[str]:
-    """The manifest's probe command with the pod's paths mapped to the files here; `replace` swaps
-    whole arguments (to try a wrong CA or name)."""
+    """The manifest's probe command with the pod's paths mapped to the files here, against the health
+    server on `port`; `replace` swaps whole arguments (to try a wrong CA or name)."""
     argv = []
     for arg in command:
         arg = replace.get(arg, arg)
         arg = arg.replace(PROBES_DIR, f"{METRICS_TLS}/").replace(TLS_DIR, f"{secrets.tls}/")
         argv.append(arg)
     assert argv[0] == "python"
-    env = {"FLOWORACLE_PORT": str(port), "PATH": "/usr/bin:/bin"}
+    env = {"FLOWORACLE_HEALTH_PORT": str(port), "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=60, env=env, check=False)
 
 
@@ -135,21 +135,26 @@ def test_the_tls_probe_passes_only_for_a_serving_tls_server(
 ) -> None:
     command = probe_command(build_overlay, overlay)
     ca, name = command[2], command[3]
-    settings = tls_settings(secrets, metrics_port=-1, auth_tokens_file=str(secrets.tokens))
+    settings = tls_settings(secrets, metrics_port=-1, auth_tokens_file=str(secrets.tokens), health_port=0)
     with serve_in_thread(settings) as srv:
-        ok = run_probe(command, secrets, srv.port)
+        port = srv.server.health_port
+        assert port is not None
+        ok = run_probe(command, secrets, port)
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert "SERVING" in ok.stdout
+        # the gRPC port's health needs a token: the probe must ask the health port
+        closed = run_probe(command, secrets, srv.port)
+        assert closed.returncode == 1 and "UNAUTHENTICATED" in closed.stdout, closed.stdout
         # Another CA, or a name the certificate does not carry: the handshake fails, so does the probe.
-        rogue = run_probe(command, secrets, srv.port, **{ca: str(secrets.rogue_ca)})
+        rogue = run_probe(command, secrets, port, **{ca: str(secrets.rogue_ca)})
         assert rogue.returncode == 1, rogue.stdout + rogue.stderr
-        wrong = run_probe(command, secrets, srv.port, **{name: "not-floworacle"})
+        wrong = run_probe(command, secrets, port, **{name: "not-floworacle"})
         assert wrong.returncode == 1, wrong.stdout + wrong.stderr
         # Draining (or not yet loaded): NOT_SERVING fails readiness.
         srv.call(srv.server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
-        draining = run_probe(command, secrets, srv.port)
+        draining = run_probe(command, secrets, port)
         assert draining.returncode == 1 and "NOT_SERVING" in draining.stdout
-    gone = run_probe(command, secrets, srv.port)
+    gone = run_probe(command, secrets, port)
     assert gone.returncode == 1 and "UNAVAILABLE" in gone.stdout
 
 

@@ -35,6 +35,7 @@ from floworacle.protocol._limits import (
     MAX_CONCURRENT_STREAMS,
     MAX_TOP_K,
     MESSAGE_OVERHEAD,
+    STREAM_WINDOW_BYTES,
     channel_options,
     server_options,
 )
@@ -117,6 +118,7 @@ __all__ = [
     "MAX_CONCURRENT_STREAMS",
     "MAX_TOP_K",
     "MESSAGE_OVERHEAD",
+    "STREAM_WINDOW_BYTES",
     "channel_options",
     "server_options",
 ]

@@ -9,6 +9,7 @@ __all__ = [
     "MAX_CONCURRENT_STREAMS",
     "MAX_TOP_K",
     "MESSAGE_OVERHEAD",
+    "STREAM_WINDOW_BYTES",
     "channel_options",
     "server_options",
 ]
@@ -28,6 +29,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 #: Streams (calls) one connection may have open at once on the server (HTTP/2
 #: SETTINGS_MAX_CONCURRENT_STREAMS; 100 is the protocol's recommended floor).
 MAX_CONCURRENT_STREAMS = 256
+
+#: The server's HTTP/2 receive window per stream: what gRPC itself buffers of a stream's request
+#: bytes that the server has not asked for (a stream waiting for the server's byte budget, or one
+#: whose client never reads its answers). Fixed: with BDP probing gRPC grows it to the measured
+#: bandwidth-delay product (several MB a stream on loopback), outside any budget. A message the
+#: server does read still arrives at full speed: gRPC opens the window to the whole message then.
+STREAM_WINDOW_BYTES = 64 * 1024
 
 
 def _common(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -52,10 +60,11 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 
 def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
-    """Options for the server: the same limits, permission for the clients' keepalive pings, and
-    at most MAX_CONCURRENT_STREAMS streams per connection (each may hold a flow-control window of
-    unread bytes in gRPC's buffers, outside the server's own byte budget; a client's further calls
-    wait for a free stream, they do not fail)."""
+    """Options for the server: the same limits, permission for the clients' keepalive pings, at
+    most MAX_CONCURRENT_STREAMS streams per connection (a client's further calls wait for a free
+    stream, they do not fail), and a fixed receive window of STREAM_WINDOW_BYTES per stream (BDP
+    probing off), so that what gRPC buffers of unread request bytes is at most that per call; the
+    server caps its concurrent calls so that the windows together fit its byte budget."""
     return [
         *_common(max_message_bytes),
         ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
@@ -63,4 +72,6 @@ def server_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[t
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.so_reuseport", 0),
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
     ]

@@ -11,6 +11,10 @@ t'(u*) = t_s, i.e. u* = t_s / (s (1 - t_s) + t_s). Asking for u* = p gives the c
 
 In the reversed convention of SD3 / Flux / diffusers (sigma = 1 - t, s = 1 is noise) the same map
 is ``sigma' = k sigma / (1 + (k - 1) sigma)`` with k = 1 / s, their ``shift`` parameter.
+
+A switch time is measured on random queries and carries a bootstrap 95 % interval [lo, hi]; s is
+increasing in t_s, so the shift's interval is [s(lo), s(hi)] and the guidance interval's start
+ranges over [lo, hi]: the advice says how far it would move with another measurement.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from floworacle_server.analysis._transition import TransitionCurve
+from floworacle_server.analysis._transition import SwitchUncertainty, TransitionCurve
 
 __all__ = [
     "Advice",
@@ -77,6 +81,11 @@ class Advice:
         guidance_interval: (t_lo, t_hi) = (t_switch, guidance_end): guide only after the switch.
         guidance_interval_reversed: the same interval in the reversed convention, (1 - t_hi, 1 - t_lo).
         note: why there is no advice, or "".
+        t_switch_se: the switch time's bootstrap standard error (None: not measured, e.g. an old JSON).
+        t_switch_interval: its 95 % interval (lo, hi); hi None when it may lie beyond the grid.
+        shift_interval: (s(lo), s(hi)), the shift's range over that interval (hi None likewise).
+        shift_reversed_interval: (1 / s(hi), 1 / s(lo)) (lo None when s(hi) is).
+        guidance_start_interval: the range of the guidance interval's start, = t_switch_interval.
     """
 
     dataset: str
@@ -91,13 +100,37 @@ class Advice:
     guidance_interval: tuple[float, float] | None
     guidance_interval_reversed: tuple[float, float] | None
     note: str = ""
+    t_switch_se: float | None = None
+    t_switch_interval: tuple[float | None, float | None] | None = None
+    shift_interval: tuple[float | None, float | None] | None = None
+    shift_reversed_interval: tuple[float | None, float | None] | None = None
+    guidance_start_interval: tuple[float | None, float | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("guidance_interval", "guidance_interval_reversed"):
-            if d[k] is not None:
-                d[k] = list(d[k])
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
         return d
+
+
+def _shift_or_none(t_s: float | None, share: float) -> float | None:
+    """s for a switch at ``t_s``, None where there is none (beyond the grid, or at an end)."""
+    return shift_for_share(t_s, share) if t_s is not None and 0.0 < t_s < 1.0 else None
+
+
+def _intervals(u: SwitchUncertainty | None, share: float) -> dict[str, Any]:
+    """The Advice fields that carry the switch time's bootstrap interval through to s and 1 / s."""
+    if u is None:
+        return {}
+    s_lo, s_hi = _shift_or_none(u.lo, share), _shift_or_none(u.hi, share)
+    return {
+        "t_switch_se": u.se,
+        "t_switch_interval": (u.lo, u.hi),
+        "shift_interval": (s_lo, s_hi),
+        "shift_reversed_interval": (None if s_hi is None else 1.0 / s_hi, None if s_lo is None else 1.0 / s_lo),
+        "guidance_start_interval": (u.lo, u.hi),
+    }
 
 
 def _steps_before(t_switch: float, shift: float, steps: int) -> int:
@@ -172,28 +205,36 @@ def advise(
         guidance_interval=(t_lo, t_hi),
         guidance_interval_reversed=(1.0 - t_hi, 1.0 - t_lo),
         note=note,
+        **_intervals(curve.uncertainty.get(key), share),
     )
 
 
 def format_advice_table(advice: list[Advice]) -> str:
     """A plain-text table of the advice, one row per data set."""
-    head = ("data set", "switch", "t_s", "shift s", "SD3 shift", "steps<t_s uniform", "shifted", "guidance (t)")
+    head = (
+        "data set", "switch", "t_s +- se", "shift s [95%]", "SD3 shift [95%]", "steps<t_s uniform", "shifted",
+        "guidance (t)",
+    )  # fmt: skip
     rows = [head]
     for a in advice:
         if a.shift is None:
             rows.append((a.dataset, a.switch, _fmt(a.t_switch), "-", "-", "-", "-", a.note or "-"))
             continue
-        assert a.guidance_interval is not None
+        assert a.guidance_interval is not None and a.shift_reversed is not None
+        se = "" if a.t_switch_se is None else f" +- {a.t_switch_se:.3f}"
+        start = a.guidance_start_interval
+        start_range = "" if start is None else f" (start {_range(start, '.3f')})"
         rows.append(
             (
                 a.dataset,
                 a.switch,
-                _fmt(a.t_switch),
-                f"{a.shift:.4g}",
-                f"{a.shift_reversed:.4g}",
+                _fmt(a.t_switch) + se,
+                f"{a.shift:.3g}" + ("" if a.shift_interval is None else f" {_range(a.shift_interval, '.3g')}"),
+                f"{a.shift_reversed:.3g}"
+                + ("" if a.shift_reversed_interval is None else f" {_range(a.shift_reversed_interval, '.3g')}"),
                 f"{a.steps_before_switch_uniform}/{a.steps}",
                 f"{a.steps_before_switch_shifted}/{a.steps}",
-                f"[{a.guidance_interval[0]:.3f}, {a.guidance_interval[1]:.3f}]",
+                f"[{a.guidance_interval[0]:.3f}, {a.guidance_interval[1]:.3f}]{start_range}",
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -203,4 +244,10 @@ def format_advice_table(advice: list[Advice]) -> str:
 
 
 def _fmt(v: float | None) -> str:
-    return "never" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+    return "never" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _range(interval: tuple[float | None, float | None], spec: str) -> str:
+    """``[lo, hi]`` with "?" for an end that lies beyond the grid."""
+    lo, hi = interval
+    return f"[{'?' if lo is None else format(lo, spec)}, {'?' if hi is None else format(hi, spec)}]"

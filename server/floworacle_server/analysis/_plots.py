@@ -64,7 +64,10 @@ def plot_transition(curves: Sequence[TransitionCurve], path: str | Path, title: 
             s = c.stats[metric]
             label = c.name
             if metric == "top1":
-                label = f"{c.name}: t50={_fmt(c.t_switch_50)}, t99={_fmt(c.t_switch_99)}"
+                label = (
+                    f"{c.name}: t50={_fmt_se(c.t_switch_50, c, 't_switch_50')}, "
+                    f"t99={_fmt_se(c.t_switch_99, c, 't_switch_99')}"
+                )
             ax.plot(t, s["mean"][keep], color=color, ls=style, lw=1.6, label=label)
             alpha = 0.18 if len(curves) <= 4 else 0.08
             lo, hi = s["q10"][keep], s["q90"][keep]
@@ -72,9 +75,12 @@ def plot_transition(curves: Sequence[TransitionCurve], path: str | Path, title: 
                 lo, hi = np.maximum(lo, 1e-300), np.maximum(hi, 1e-300)
             ax.fill_between(t, lo, hi, color=color, alpha=alpha, lw=0)
             if metric == "top1" and marks:
-                for ts, ls in ((c.t_switch_50, ":"), (c.t_switch_99, "--")):
+                for key, ts, ls in (("t_switch_50", c.t_switch_50, ":"), ("t_switch_99", c.t_switch_99, "--")):
                     if ts is not None and t_lo <= ts <= t_hi:
                         ax.axvline(ts, color=color, ls=ls, lw=0.9)
+                        u = c.uncertainty.get(key)
+                        if u is not None and u.lo is not None:  # the switch's 95 % interval
+                            ax.axvspan(u.lo, u.hi if u.hi is not None else t_hi, color=color, alpha=0.12, lw=0)
         _logit_axis(ax, t_lo, t_hi)
         ax.set_yscale(yscale)
         ax.set_ylabel(ylabel)
@@ -177,3 +183,8 @@ def _styles(curves: Sequence[TransitionCurve]) -> tuple[list[Any], list[str]]:
 
 def _fmt(v: float | None) -> str:
     return "never" if v is None else f"{v:.3f}"
+
+
+def _fmt_se(v: float | None, curve: TransitionCurve, key: str) -> str:
+    u = curve.uncertainty.get(key)
+    return _fmt(v) if v is None or u is None or u.se is None else f"{v:.3f}+-{u.se:.3f}"

@@ -133,7 +133,21 @@ def _transition_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_T_GRID,
         help=f"times: 'a,b,c', 'linspace:LO:HI:COUNT' or 'logit:LO:HI:COUNT' (default {DEFAULT_T_GRID})",
     )
-    p.add_argument("--queries-per-t", type=int, default=256, help="queries M per t (same M pairs at every t)")
+    p.add_argument(
+        "--queries-per-t",
+        type=int,
+        default=None,
+        help="queries M per t (same M pairs at every t); default: adaptive, from 128 queries until each switch "
+        "time's bootstrap standard error is at most --target-se (at most --max-queries)",
+    )
+    p.add_argument(
+        "--target-se",
+        type=float,
+        default=None,
+        help="standard error the adaptive query count aims at for each switch time (default 0.005: a 95%% "
+        "interval of about +-0.01)",
+    )
+    p.add_argument("--max-queries", type=int, default=None, help="most queries of the adaptive count (default 4096)")
     p.add_argument("--seed", type=int, default=0, help="seed of the queries and of synthetic data")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--plot", help="write the curves (PNG) here")
@@ -158,6 +172,9 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
 
     from floworacle.paths import get_path
     from floworacle_server.analysis._transition import (
+        DEFAULT_MAX_QUERIES,
+        DEFAULT_START_QUERIES,
+        DEFAULT_TARGET_SE,
         Evaluator,
         client_evaluator,
         engine_evaluator,
@@ -170,8 +187,18 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
 
     path = get_path(args.path, args.sigma_min)
     t_grid = parse_t_grid(args.t_grid, path.t_max)
-    if args.queries_per_t < 1:
+    adaptive = args.queries_per_t is None
+    if not adaptive and (args.target_se is not None or args.max_queries is not None):
+        raise ValueError("--target-se and --max-queries set the adaptive query count; drop them or --queries-per-t")
+    start = DEFAULT_START_QUERIES if adaptive else args.queries_per_t
+    target_se = (args.target_se if args.target_se is not None else DEFAULT_TARGET_SE) if adaptive else None
+    max_queries = args.max_queries if args.max_queries is not None else DEFAULT_MAX_QUERIES
+    if start < 1:
         raise ValueError(f"--queries-per-t must be >= 1, got {args.queries_per_t}")
+    if target_se is not None and not target_se > 0:
+        raise ValueError(f"--target-se must be > 0, got {args.target_se}")
+    if adaptive and max_queries < start:
+        raise ValueError(f"--max-queries must be >= {start}, got {max_queries}")
     datasets: list[Dataset]
     if args.synthetic:
         if args.server:
@@ -219,11 +246,13 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
                         ds,
                         t_grid,
                         path=path,
-                        queries_per_t=args.queries_per_t,
+                        queries_per_t=start,
                         seed=args.seed,
                         label=label,
                         evaluator=ev,
                         progress=bar.update,
+                        target_se=target_se,
+                        max_queries=max_queries,
                     )
                 )
     finally:
@@ -234,7 +263,9 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
         "path": args.path,
         "sigma_min": args.sigma_min,
         "seed": args.seed,
-        "queries_per_t": args.queries_per_t,
+        "queries_per_t": args.queries_per_t,  # null: adaptive (each data set's "queries" says how many)
+        "target_se": target_se,
+        "max_queries": max_queries if adaptive else None,
         "t_grid": args.t_grid,
         "source": f"server {args.server}" if args.server else "in-process",
         "definitions": _DEFINITIONS,
@@ -253,13 +284,29 @@ _DEFINITIONS = {
     "stats": "mean, std (population) and quantiles q10, q50, q90 over the M queries at each t",
     "t_switch_50": "first t where mean top-1 >= 0.5 (linear interpolation on the grid; null if never)",
     "t_switch_99": "first t where mean top-1 >= 0.99 (linear interpolation on the grid; null if never)",
+    "uncertainty": "per switch time, a bootstrap over the M queries (400 resamples): se (standard deviation of the "
+    "resampled switch times), lo / hi (2.5 % / 97.5 % quantiles; hi null when over 2.5 % of the resamples never "
+    "reach the level), never (share of resamples that never reach it)",
+    "M": 'the "queries" of an entry: how many queries per t its curves average over',
 }
 
 
 def _print_switch_table(curves: list[Any]) -> None:
-    rows = [("data set", "N", "D", "t_switch_50", "t_switch_99")]
+    rows = [("data set", "N", "D", "M", "t_switch_50 +- se", "t_switch_99 +- se", "95% interval of t_switch_99")]
     for c in curves:
-        rows.append((c.name, str(c.num_samples), str(c.dim), _fmt(c.t_switch_50), _fmt(c.t_switch_99)))
+        u99 = c.uncertainty.get("t_switch_99")
+        interval = "-" if u99 is None else f"[{_fmt(u99.lo)}, {'beyond the grid' if u99.hi is None else _fmt(u99.hi)}]"
+        rows.append(
+            (
+                c.name,
+                str(c.num_samples),
+                str(c.dim),
+                str(c.queries),
+                _fmt_se(c.t_switch_50, c.uncertainty.get("t_switch_50")),
+                _fmt_se(c.t_switch_99, u99),
+                interval,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
@@ -268,7 +315,16 @@ def _print_switch_table(curves: list[Any]) -> None:
 
 
 def _fmt(v: float | None) -> str:
-    return "never" if v is None else f"{v:.4f}"
+    return "never" if v is None else f"{v:.3f}"
+
+
+def _fmt_se(v: float | None, u: Any) -> str:
+    """A switch time with its bootstrap standard error, to the digits that carry information."""
+    if v is None:
+        return "never"
+    if u is None or u.se is None:
+        return f"{v:.3f} +- ?"
+    return f"{v:.3f} +- {u.se:.3f}"
 
 
 def _transition_cmd(args: argparse.Namespace) -> int:

@@ -3,12 +3,18 @@ shards of a gang, the store; and what a data set knows of itself (``Dataset.stat
 ``Dataset.facts``), computed once and read by the engine and the request rules."""
 
 from floworacle_server.data._attach import attach_features, space_fingerprint
-from floworacle_server.data._dataset import STORAGE_DTYPES, Dataset, fingerprint_arrays
+from floworacle_server.data._dataset import Dataset, fingerprint_arrays
 from floworacle_server.data._digits import DIGITS_NAME, load_digits
 from floworacle_server.data._facts import DataStats, ShardOf, ShardSpec
 from floworacle_server.data._faiss import FAISS, need_faiss
 from floworacle_server.data._features import FEATURE_METRICS, FeatureSpace
-from floworacle_server.data._formats import SUPPORTED_SUFFIXES, LoadedArrays, load_arrays, validate_arrays
+from floworacle_server.data._formats import (
+    STORAGE_DTYPES,
+    SUPPORTED_SUFFIXES,
+    LoadedArrays,
+    load_arrays,
+    validate_arrays,
+)
 from floworacle_server.data._index import build_index, is_index_dir, load_index
 from floworacle_server.data._load import load_dataset
 from floworacle_server.data._manifest import read_manifest, write_manifest

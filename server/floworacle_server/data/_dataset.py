@@ -17,15 +17,10 @@ import torch
 from floworacle.protocol import DatasetFacts, SpaceFacts
 from floworacle_server.data._facts import DataStats, ShardOf, ShardSpec, measure_stats
 from floworacle_server.data._features import FeatureSpace
+from floworacle_server.data._formats import STORAGE_DTYPES
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, BackendChoice, NearestIndex
 
 __all__ = ["Dataset", "fingerprint_arrays", "STORAGE_DTYPES"]
-
-STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 def _as_numpy(a: Any) -> np.ndarray:

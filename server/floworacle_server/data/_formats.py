@@ -14,7 +14,23 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["LoadedArrays", "SUPPORTED_SUFFIXES", "load_arrays", "load_side_array", "validate_arrays"]
+__all__ = [
+    "STORAGE_DTYPES",
+    "LoadedArrays",
+    "SUPPORTED_SUFFIXES",
+    "load_arrays",
+    "load_side_array",
+    "read_npy",
+    "unreadable",
+    "validate_arrays",
+]
+
+#: Storage dtypes of a resident data set, by name.
+STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 #: File suffixes :func:`load_arrays` understands.
 SUPPORTED_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
@@ -68,40 +84,83 @@ def _from_mapping(mapping: dict[str, Any], found: list[str], path: Path) -> tupl
     return x, _pick(mapping, _LABEL_KEYS), _pick(mapping, _WEIGHT_KEYS)
 
 
+def unreadable(path: Path, exc: BaseException) -> str:
+    """Why ``path`` could not be read, in a few words (``exc`` is what reading it raised)."""
+    if path.is_symlink() and not path.exists():
+        return "it is a link to a file that does not exist"
+    if not path.exists():
+        return "it does not exist"
+    if path.is_dir():
+        return "it is a directory"
+    if isinstance(exc, EOFError) or path.stat().st_size == 0:
+        return "it is empty (0 bytes)"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return f"it is not a valid {path.suffix or 'data'} file ({type(exc).__name__}: {exc})"
+
+
+def read_npy(path: Path, *, mmap: bool = False) -> np.ndarray:
+    """``np.load`` of a .npy file (memory-mapped with ``mmap``), no pickles.
+
+    Raises:
+        ValueError: the file cannot be read; the message is :func:`unreadable`'s reason.
+    """
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(unreadable(path, exc)) from exc
+
+
 def _read(path: Path) -> tuple[Any, Any | None, Any | None]:
     suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise ValueError(
+            f"{path}: unknown file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)} or an index directory"
+        )
+    try:
+        obj, names = _open(path, suffix)
+    except Exception as exc:  # whatever a format's reader raises for a broken file: one line that says why
+        raise ValueError(f"cannot read {path}: {unreadable(path, exc)}") from exc
+    if names is not None:
+        return _from_mapping(obj, names, path)
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return obj, None, None
+    if isinstance(obj, dict):
+        return _from_mapping(obj, [str(k) for k in obj], path)
+    raise ValueError(f"{path}: expected a tensor or a dict of tensors, found {type(obj).__name__}")
+
+
+def _open(path: Path, suffix: str) -> tuple[Any, list[str] | None]:
+    """What ``path`` holds: (array, None) for .npy, (the known keys' arrays, every key) for .npz and
+    .safetensors, (the loaded object, None) for .pt."""
     if suffix == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False), None, None
+        return np.load(path, mmap_mode="r", allow_pickle=False), None
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as npz:
             # only the arrays we use are decompressed
-            return _from_mapping({k: npz[k] for k in npz.files if k in _ALL_KEYS}, list(npz.files), path)
+            return {k: npz[k] for k in npz.files if k in _ALL_KEYS}, list(npz.files)
     if suffix == ".safetensors":
         from safetensors import safe_open
 
         # framework="pt" keeps bfloat16 tensors readable (numpy has no bfloat16)
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
-            return _from_mapping({k: f.get_tensor(k) for k in names if k in _ALL_KEYS}, names, path)
-    if suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, torch.Tensor):
-            return obj, None, None
-        if isinstance(obj, dict):
-            return _from_mapping(obj, [str(k) for k in obj], path)
-        raise ValueError(f"{path}: expected a tensor or a dict of tensors, found {type(obj).__name__}")
-    raise ValueError(
-        f"{path}: unknown file type {suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)} or an index directory"
-    )
+            return {k: f.get_tensor(k) for k in names if k in _ALL_KEYS}, names
+    return torch.load(path, map_location="cpu", weights_only=True), None
 
 
 def load_side_array(path: str | Path, what: str) -> Any:
     """Read a labels or weights array from its own file (.npy, or any format above holding one array)."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{what} file {p} does not exist")
+        raise ValueError(f"cannot read the {what} file {p}: {unreadable(p, OSError())}")
     if p.suffix.lower() == ".npy":
-        return np.load(p, allow_pickle=False)
+        try:
+            return read_npy(p)
+        except ValueError as exc:
+            raise ValueError(f"cannot read the {what} file {p}: {exc}") from None
     arr, _, _ = _read(p)
     return arr
 

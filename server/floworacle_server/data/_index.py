@@ -13,12 +13,22 @@ Layout of a directory::
 
 ``data.npy`` is a plain .npy file, so loading memory-maps it instead of parsing it. With
 features, ``fingerprint`` is the combined one and ``data_fingerprint`` the samples' own.
+
+A build writes into a temporary directory beside the target (``.NAME.partial-PID-XXXX``) and
+moves it into place when it is complete: an interrupted build (Ctrl-C, SIGKILL, a full disk)
+leaves the target as it was, an old index or nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fnmatch
+import os
+import secrets
+import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +37,20 @@ import torch
 from tqdm.auto import tqdm
 
 from floworacle_server.data._attach import attach_features
-from floworacle_server.data._dataset import STORAGE_DTYPES, Dataset, fingerprint_arrays
+from floworacle_server.data._dataset import Dataset, fingerprint_arrays
 from floworacle_server.data._features import (
     combined_fingerprint,
     fingerprint_features,
     prepare_features,
 )
-from floworacle_server.data._formats import LoadedArrays, load_arrays, load_side_array, validate_arrays
+from floworacle_server.data._formats import (
+    STORAGE_DTYPES,
+    LoadedArrays,
+    load_arrays,
+    load_side_array,
+    read_npy,
+    validate_arrays,
+)
 from floworacle_server.data._manifest import INDEX_FORMAT, INDEX_VERSION, MANIFEST, read_manifest, write_manifest
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, load_nearest_indexes
 from floworacle_server.data._shard import ShardSpec, shard_arrays, shard_rows
@@ -54,6 +71,13 @@ _LABELS_FILE = "labels.npy"
 _WEIGHTS_FILE = "weights.npy"
 _FEATURES_FILE = "features.npy"
 _CHUNK_BYTES = 64 << 20  # per block when converting and hashing, whatever the row size
+
+#: What an index directory (or a build's leftover of one) may hold: ``--force`` replaces a
+#: directory of these files, and refuses one holding anything else.
+_INDEX_FILES = ("manifest.json", "manifest.json.tmp", "data.npy", "labels.npy", "weights.npy", "features.npy",
+                "source_rows.npy", "nearest-*.faiss", "nearest-*.faiss.tmp")  # fmt: skip
+#: Marks a build's temporary directory: ``.<target name>.partial-<pid>-<random>``.
+_PARTIAL = ".partial-"
 
 # numpy has no bfloat16: its bytes are stored as int16 and reinterpreted on load
 _NUMPY_STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
@@ -115,8 +139,14 @@ def build_index(
     overwrite: bool = False,
     features: Any | None = None,
     features_metric: str = "l2",
+    before_commit: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``src`` as an index directory at ``out_dir`` and return its manifest.
+
+    The files are written into a temporary directory beside ``out_dir`` and moved into place
+    once complete (atomically replacing an old index with ``overwrite``); an interrupted build
+    leaves ``out_dir`` as it was and removes its temporary directory (a killed one's is removed
+    by the next build of the same target).
 
     Args:
         src: a data file (any format of :func:`load_arrays`), loaded arrays, or an (N, ...) array.
@@ -125,10 +155,13 @@ def build_index(
         dtype: storage dtype, "float32", "float16" or "bfloat16".
         name: data set name (default: the output directory's name).
         progress: show a tqdm bar while converting and hashing.
-        overwrite: replace an existing index in ``out_dir``.
+        overwrite: replace an existing index in ``out_dir``, or the leftover of an unfinished
+            build there (a directory of index files without a manifest); never other files.
         features: optional (N, F) feature embeddings of the same samples (an array or a file
             in any format of :func:`load_arrays`), searched by ``nearest(..., space="features")``.
         features_metric: "l2" or "cosine" (rows stored normalised).
+        before_commit: called with the finished temporary directory before it is moved into
+            place (e.g. to train faiss indexes into it, so that they are part of the same commit).
 
     faiss indexes are added afterwards by
     :func:`floworacle_server.engine.build_nearest_index` (``--nearest-index`` on the CLI).
@@ -138,12 +171,15 @@ def build_index(
     :meth:`Dataset.from_arrays` computes for the same input.
 
     Raises:
-        ValueError: bad input (see :func:`validate_arrays`), bad dtype, or an existing index.
+        ValueError: bad input (see :func:`validate_arrays`), bad dtype, or a target that may not
+            be replaced.
     """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype {dtype!r} is not supported; use one of {sorted(STORAGE_DTYPES)}")
     if not np.isfinite(scale_factor) or scale_factor == 0.0:
         raise ValueError(f"scale_factor must be finite and non-zero, got {scale_factor}")
+    out = Path(out_dir)
+    _check_target(out, overwrite)  # before reading the input, which may take long
     if isinstance(src, (str, Path)):
         loaded = load_arrays(src, labels=labels, weights=weights)
     elif isinstance(src, LoadedArrays):
@@ -163,18 +199,36 @@ def build_index(
         loaded = LoadedArrays(x, lab, w, tuple(int(s) for s in x.shape[1:]), "data")
         validate_arrays(loaded.x, loaded.labels, loaded.weights, source="data")
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory; choose another output path")
-    if out.is_dir() and any(out.iterdir()):
-        if not (overwrite and is_index_dir(out)):
-            raise ValueError(
-                f"{out} is not empty; choose a new directory"
-                + (" or pass overwrite=True (--force) to replace this index" if is_index_dir(out) else "")
-            )
-        (out / MANIFEST).unlink()  # a half-replaced index must not look valid
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        manifest = _write_index(
+            loaded, tmp, name=name or out.resolve().name, scale_factor=scale_factor, dtype=dtype,
+            progress=progress, features=features, features_metric=features_metric,
+        )  # fmt: skip
+        if before_commit is not None:
+            before_commit(tmp)
+        _commit(tmp, out)
+    except BaseException:  # Ctrl-C included: the target stays as it was, the partial build goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
 
+
+def _write_index(
+    loaded: LoadedArrays,
+    out: Path,
+    *,
+    name: str,
+    scale_factor: float,
+    dtype: str,
+    progress: bool,
+    features: Any | None,
+    features_metric: str,
+) -> dict[str, Any]:
+    """Write the index files and, last, the manifest into the (new, empty) directory ``out``."""
     n = loaded.num_samples
     shape = (n, *loaded.sample_shape)
     data = np.lib.format.open_memmap(out / _DATA_FILE, mode="w+", dtype=_NUMPY_STORAGE[dtype], shape=shape)
@@ -214,7 +268,7 @@ def build_index(
     manifest: dict[str, Any] = {
         "format": INDEX_FORMAT,
         "format_version": INDEX_VERSION,
-        "name": name or out.resolve().name,
+        "name": name,
         "num_samples": n,
         "sample_shape": list(loaded.sample_shape),
         "dim": int(np.prod(loaded.sample_shape)),
@@ -238,6 +292,94 @@ def build_index(
     # the manifest is written last: a directory without one is an unfinished build
     write_manifest(out, manifest)
     return manifest
+
+
+def _is_index_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _INDEX_FILES)
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, a target the build may not replace.
+
+    A new path or an empty directory is always fine; with ``overwrite`` (``--force``) so is a
+    directory holding only index files: an index, or what an interrupted build of an older
+    version left there. Anything else is never replaced.
+
+    Raises:
+        ValueError: the target is a file, or a non-empty directory the build may not replace.
+    """
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; choose another output path")
+    if not out.is_dir():
+        return
+    entries = sorted(e.name for e in out.iterdir())
+    if not entries:
+        return
+    foreign = [e for e in entries if not _is_index_file(e)]
+    if overwrite and not foreign:
+        return
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{out} holds files that are not part of an index ({shown}); choose a new directory "
+            "(--force replaces only an index or the leftover of one)"
+        )
+    what = "an index" if is_index_dir(out) else "the leftover of an unfinished build (no manifest.json)"
+    raise ValueError(
+        f"{out} is not empty ({what}); choose a new directory or pass overwrite=True (--force) to replace it"
+    )
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete the temporary directories of builds of ``out`` whose process is gone (SIGKILL, a
+    crash): ``.<name>.partial-<pid>-<random>`` beside it."""
+    prefix = f".{out.name}{_PARTIAL}"
+    for entry in out.parent.glob(f"{prefix}*"):
+        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # still running (or not ours to judge): leave it
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            continue
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is not
+    available (another OS, an old kernel or a file system without it)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Move the finished build ``tmp`` to ``out``: one rename when ``out`` is absent or empty, an
+    atomic exchange when it holds an index (the old one is deleted after), so that a reader or a
+    kill at any moment finds the old index or the new one, never a mix."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.replace(tmp, out)  # POSIX rename replaces an empty directory atomically
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp)  # now the old index
+        return
+    # No atomic exchange: two renames; a kill between them leaves the old index at `old`.
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old)
 
 
 def _write_features(out: Path, features: Any, metric: str, n: int) -> dict[str, Any]:
@@ -298,17 +440,14 @@ def load_index(
         raise ValueError(f"{p}: unknown storage dtype {dtype!r} in the manifest; rebuild the index")
     files = manifest.get("files", {})
     shape = (int(manifest["num_samples"]), *(int(s) for s in manifest["sample_shape"]))
-    try:
-        data = np.load(p / files.get("data", _DATA_FILE), mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{p}: cannot read the data file ({exc}); rebuild the index") from exc
+    data = _read_part(p, files.get("data") or _DATA_FILE, "data", mmap=True)
     if tuple(data.shape) != shape or data.dtype != np.dtype(_NUMPY_STORAGE[dtype]):
         raise ValueError(
             f"{p}: data file holds {data.dtype} {tuple(data.shape)} but the manifest says {dtype} {shape}; "
             "the directory was modified, rebuild the index"
         )
-    labels = np.load(p / files["labels"], allow_pickle=False) if files.get("labels") else None
-    weights = np.load(p / files["weights"], allow_pickle=False) if files.get("weights") else None
+    labels = _read_part(p, files["labels"], "labels") if files.get("labels") else None
+    weights = _read_part(p, files["weights"], "weights") if files.get("weights") else None
     if bool(manifest.get("has_labels")) != (labels is not None):
         raise ValueError(f"{p}: manifest and label file disagree; rebuild the index")
     # cheap checks that hold even with verify=False: a wrong label file must not allocate 2^60 classes
@@ -395,11 +534,20 @@ def load_index(
     return ds
 
 
-def _read_features(p: Path, section: dict[str, Any], n: int) -> np.ndarray:
+def _read_part(p: Path, name: str, what: str, *, mmap: bool = False) -> np.ndarray:
+    """One .npy file of the index directory ``p``.
+
+    Raises:
+        ValueError: "<dir>: cannot read the <what> file <name>: <why>; rebuild the index".
+    """
     try:
-        feats = np.load(p / str(section.get("file", _FEATURES_FILE)), mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{p}: cannot read the features file ({exc}); rebuild the index") from exc
+        return read_npy(p / name, mmap=mmap)
+    except ValueError as exc:
+        raise ValueError(f"{p}: cannot read the {what} file {name}: {exc}; rebuild the index") from None
+
+
+def _read_features(p: Path, section: dict[str, Any], n: int) -> np.ndarray:
+    feats = _read_part(p, str(section.get("file", _FEATURES_FILE)), "features", mmap=True)
     if feats.dtype != np.float32 or feats.shape != (n, int(section["dim"])):
         raise ValueError(
             f"{p}: features file holds {feats.dtype} {feats.shape}, the manifest says float32 ({n}, {section['dim']}); "

@@ -9,6 +9,7 @@ complete index directory with its own fingerprint, named ``NAME-train`` and ``NA
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,9 @@ def build_split_index(
             x, _take(loaded.labels, rows), _take(loaded.weights, rows), loaded.sample_shape, loaded.source
         )
         manifests[part] = build_index(
-            sub, out / part, features=_take(feats, rows), name=f"{base}-{part}", **build_options
-        )
-        np.save(out / part / SOURCE_ROWS_FILE, rows)
+            sub, out / part, features=_take(feats, rows), name=f"{base}-{part}",
+            before_commit=functools.partial(_save_source_rows, rows=rows), **build_options,
+        )  # fmt: skip
     for part, other in zip(SPLIT_PARTS, reversed(SPLIT_PARTS), strict=True):
         m = manifests[part]
         m["split"] = {
@@ -146,6 +147,11 @@ def build_split_index(
         }
         write_manifest(out / part, m)
     return manifests
+
+
+def _save_source_rows(index_dir: Path, rows: np.ndarray) -> None:
+    """Write a part's row map into its (not yet committed) index directory."""
+    np.save(index_dir / SOURCE_ROWS_FILE, rows)
 
 
 def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from floworacle.protocol import SPACES
-from floworacle_server.data._dataset import STORAGE_DTYPES
+from floworacle_server.data._formats import STORAGE_DTYPES
 from floworacle_server.data._nearest_index import describe_entry
 
 __all__ = ["register"]
@@ -79,9 +79,12 @@ def register(sub: Any) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     """Validate SRC (and FEATURES), convert it to the storage dtype, write OUT, train the faiss
-    indexes asked for and print the fingerprint."""
+    indexes asked for and print the fingerprint. The index is written beside OUT and moved into
+    place when complete (with the faiss indexes): an interrupted build leaves OUT as it was, and
+    --force replaces an index (or an unfinished build's leftover) but no other files."""
     from floworacle_server.data._index import build_index
 
+    entries: list[dict[str, Any]] = []
     try:
         if args.features_index and not args.features:
             raise ValueError("--features-index needs --features")
@@ -101,12 +104,15 @@ def _build(args: argparse.Namespace) -> int:
             overwrite=args.force,
             features=args.features,
             features_metric=args.features_metric,
+            # the faiss indexes go into the same commit: OUT gets the whole index or stays as it was
+            before_commit=lambda tmp: entries.extend(_train_all(args, str(tmp))),
         )
-        entries = []
-        entries = _train_all(args, args.out)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} is as it was before the build", file=sys.stderr)
+        return 130
     _report(args.out, manifest, entries, args)
     print(manifest["fingerprint"])
     return 0

@@ -8,7 +8,7 @@ It takes the protocol's queries as they are (:class:`floworacle.protocol.OracleQ
 float64 and fast passes), ``_partials`` (mergeable sums), ``_passes`` (routing), ``_assemble``
 (the outputs), ``_merge`` (merging partials through collectives: the hook a gang plugs into),
 ``_space`` / ``_knn`` / ``_ann`` / ``_nearest`` / ``_backend`` (nearest samples), ``_index_build``
-(faiss indexes), ``_flush`` (flush-to-zero).
+(faiss indexes), ``_flush`` (flush-to-zero), ``_diagnostics`` (the entropy's and ESS's bounds).
 """
 
 from floworacle.protocol import Guidance, NearestQuery, OracleQuery

@@ -43,6 +43,7 @@ from floworacle_server.data import Dataset
 from floworacle_server.engine._batch import Batch, Coef, Group, Queries, Slots, Want
 from floworacle_server.engine._bounds import REACH_MARGIN, U32, U64, ScreenModel, variance_error, x1_error
 from floworacle_server.engine._config import EngineConfig
+from floworacle_server.engine._diagnostics import diagnostic_bounds
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._passes import (
     EmptyPosterior,
@@ -313,7 +314,8 @@ def oracle(
             _out_of_reach(sp.partials, ds, plan)
     post = sp.partials.finalize(consume=True, unit_normaliser=sp.unit_normaliser)
     xmax = batch.stats.abs_max
-    x1_err = x1_error(sp.logit_error, post.mean_err, xmax, sp.tail)
+    x1_err = x1_error(sp.logit_error, post.mean_err, xmax, sp.tail, sp.partials.s, ds.total_samples)
+    ent_err, ess_err = diagnostic_bounds(post.entropy, post.ess, sp.logit_error, sp.tail, ds.total_samples)
     var = var_err = None
     if post.variance is not None and post.variance_rounding is not None:
         var_err = variance_error(post.variance, sp.logit_error, post.variance_rounding, sp.tail, batch.slot_max_sq)
@@ -328,6 +330,8 @@ def oracle(
         x1_err = err_slots.index_select(0, p)
         entropy = None if entropy is None else entropy.index_select(0, p)
         ess = None if ess is None else ess.index_select(0, p)
+        ent_err = None if ent_err is None else ent_err.index_select(0, p)
+        ess_err = None if ess_err is None else ess_err.index_select(0, p)
         var = None if var is None else var.index_select(0, p)
         var_err = None if var_err is None else var_err.index_select(0, p)
         tk_i, tk_w = tk_i.index_select(0, p), tk_w.index_select(0, p)
@@ -368,6 +372,8 @@ def oracle(
         x1_hat_error_bound=x1_err,
         velocity_error_bound=v_err,
         refined=sp.refined,
+        entropy_error_bound=ent_err,
+        ess_error_bound=ess_err,
     )
 
 

@@ -25,7 +25,10 @@ sigma^2)``) differ from the exact
 the subtraction and the sum, at most six roundings of each of the three terms (slack 1.02).
 
 Exact logits from differences (:func:`pair_logit_error`): ``d2 = sum_j (x_tj - alpha x_ij)^2`` in
-float64 carries ``(D + 4) u d2`` from the squares and their sum, plus, where ``alpha x_ij`` is
+float64 carries ``(k + 5) u d2`` from the squares and their sum, where k is the number of additions
+any one square passes through: ``D - 1`` for a sum in an unknown order, about ``2 sqrt(D)`` for
+the two-level sum :func:`blocked_sum` (blocks of about sqrt(D) squares, then the block sums; 110
+instead of 3,071 at D = 3,072); plus, where ``alpha x_ij`` is
 rounded before the subtraction, ``sum_j 2 u |alpha x_ij| |x_tj - alpha x_ij| <= 2 u |alpha|
 ||x_i|| sqrt(d2)`` and its square (Cauchy-Schwarz); times ``1 / (2 sigma^2)`` (its own rounding is
 inside the slack), plus ``u |log p_i|`` for adding the log weight.
@@ -37,8 +40,12 @@ stored ``||x_i||^2`` (a float64 sum of D squares) and two roundings, and the per
 ``(D + 8) u (||x_t|| + alpha max||x_i||)^2 / (2 sigma^2)``.
 
 Posterior mean (:func:`x1_error`): logits off by at most ``e`` change every weight by a factor in
-``[e^-2e, e^2e]`` (numerator and normaliser), so with ``w = e^2e - 1``, ``|x1' - x1|_j <= sum_i
-|g'_i - g_i| |x_ij - x1_j| <= w 2 max|x|``. The samples left out weigh ``tau`` relative to the
+``[e^-2e, e^2e]`` (numerator and normaliser), so with ``w = e^2e - 1``, ``|g'_i - g_i| <= w g_i``.
+As ``sum_i (g'_i - g_i) = 0``, for the sample a of the largest computed logit ``x1' - x1 = sum_(i !=
+a) (g'_i - g_i) (x_i - x_a)``, so ``|x1' - x1|_j <= w (1 - g_a) 2 max|x|``: a posterior that sits
+on one sample has an error far below ``w 2 max|x|``. Its computed weight is ``1 / s`` (``s`` the
+normaliser about the maximum), within ``e^2e`` and the sum's rounding of the exact ``g_a``, so
+``1 - g_a <= 1 - (1 - (n + 4) u) e^-2e / s``. The samples left out weigh ``tau`` relative to the
 kept mass: at most ``e^-37`` (each lies more than ``ln n + 37`` nats below the maximum), and in
 the refinement stage at most ``(n - k) e^(lt_(k+1) + err - lower)`` from the best screened logit
 left out; a dense pass leaves nothing out. They move the mean by at most ``tau 2 max|x|``.
@@ -62,6 +69,23 @@ Posterior variance (:func:`variance_error`): with perturbed weights ``g'`` and t
 omitted tail moves it by at most ``tau (4 max ||x_i||^2 + var)`` (a mixture's variance is the
 kept part's, the tail's and the squared gap of their means, weighted); rounding is carried by the
 partials (``m2_err``).
+
+Entropy (:func:`entropy_error`): with ``g'_i = g_i r_i``, ``r_i`` in ``[e^-2e, e^2e]``, ``H' - H =
+-sum g_i (r_i - 1) log g_i - sum g'_i log r_i``, so ``|H' - H| <= w H + 2e`` (``-log g_i >= 0``
+sums to H), and ``H <= min(log n, (H' + 2e) / (1 - w))``. The tail, a share ``eps <= tau`` of the
+mass with an entropy of its own at most ``log n``: ``|H_full - H_kept| <= eps 2 log n +
+eps (1 + log(1 / eps))`` (the mixing term is the binary entropy of eps). Rounding of ``log s - h
+/ s``: at most ``1.01 (n + 8) u (1 + log n)`` (``|h| / s = log s - H <= log n``).
+
+Effective sample size (:func:`ess_error`): ``sum g'^2 = sum g^2 r^2`` lies within ``e^(+-4e)`` of
+``sum g^2``, so the ESS within a factor ``e^4e``; the tail changes ``sum g^2`` by a factor in
+``[(1 - eps)^2, 1 + n eps^2]``; rounding of ``s^2 / q`` a relative ``3.03 (n + 4) u``. With F the
+product of the three factors, ``|ESS' - ESS| <= ESS' (F - 1)``. Both bounds are capped by the range
+a value can take, ``[0, log n]`` and ``[1, n]``: where the logits' bound is many nats (the fast
+mode near t = 1) that range is all that is known.
+
+Fast mode: every row is kept (tau = 0) and ``e`` is the screening bound, so the same three
+functions bound its mean, entropy and ESS.
 """
 
 from __future__ import annotations
@@ -91,6 +115,10 @@ __all__ = [
     "mean_rounding",
     "x1_error",
     "variance_error",
+    "entropy_error",
+    "ess_error",
+    "blocked_sum",
+    "blocked_sum_terms",
 ]
 
 U64 = 2.0**-53
@@ -221,15 +249,57 @@ def screen_logit_error(
     return err + TINY32 * (dim + 8) * (c * (qnorm + max_sq.sqrt() + 1.0) + 1.0)
 
 
+def _block(dim: int) -> int:
+    """Block length of :func:`blocked_sum` over ``dim`` values: a divisor of dim within a factor 2
+    of sqrt(dim) when there is one (the blocks are then a free view), else ceil(sqrt(dim))."""
+    root = math.isqrt(dim)
+    for b in sorted(range(max(1, root // 2), 2 * root + 2), key=lambda c: abs(c - math.sqrt(dim))):
+        if dim % b == 0:
+            return b
+    return max(1, root + (root * root < dim))
+
+
+def blocked_sum_terms(dim: int) -> int:
+    """Additions any one value passes through in :func:`blocked_sum` over ``dim`` values (a sum
+    in an unknown order: ``dim - 1``): its rounding is at most ``1.01 terms u sum |x|``."""
+    if dim <= 2:
+        return max(dim - 1, 0)
+    b = _block(dim)
+    return (b - 1) + (dim // b - 1) + (1 if dim % b else 0)
+
+
+def blocked_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension in two levels: blocks of about sqrt(D) values, then the block
+    sums (and a short remainder), so that each value passes through :func:`blocked_sum_terms`
+    additions, about ``2 sqrt(D)`` instead of up to ``D - 1`` in a single sum of unknown order."""
+    d = x.shape[-1]
+    if d <= 2:
+        return x.sum(dim=-1)
+    b = _block(d)
+    full = d - d % b
+    head = x[..., :full] if full < d else x
+    total = head.reshape(*x.shape[:-1], full // b, b).sum(dim=-1).sum(dim=-1)
+    if full < d:
+        total = total + x[..., full:].sum(dim=-1)
+    return total
+
+
 def pair_logit_error(
-    d2: torch.Tensor, inv2s2: torch.Tensor, alpha_xnorm: torch.Tensor, logw: torch.Tensor | None, dim: int
+    d2: torch.Tensor,
+    inv2s2: torch.Tensor,
+    alpha_xnorm: torch.Tensor,
+    logw: torch.Tensor | None,
+    dim: int,
+    sum_terms: int | None = None,
 ) -> torch.Tensor:
     """Bound on the error of ``log p_i - d2 / (2 sigma^2)`` from float64 differences (elementwise).
 
     ``d2`` computed squared distances, ``inv2s2 = 1 / (2 sigma^2)``, ``alpha_xnorm = |alpha|
-    ||x_i||`` (broadcast against d2), ``logw`` the log weights of the rows or None.
+    ||x_i||`` (broadcast against d2), ``logw`` the log weights of the rows or None; ``sum_terms``
+    the additions of the sum of squares (:func:`blocked_sum_terms`; None: ``dim - 1``, any order).
     """
-    err = ((dim + 4) * U64 * d2 + 2.02 * U64 * alpha_xnorm * d2.sqrt() + 2.0 * U64 * U64 * alpha_xnorm**2) * inv2s2
+    k = dim - 1 if sum_terms is None else sum_terms
+    err = ((k + 5) * U64 * d2 + 2.02 * U64 * alpha_xnorm * d2.sqrt() + 2.0 * U64 * U64 * alpha_xnorm**2) * inv2s2
     err = err + TINY64 * (dim + 4) * (1.0 + 2.0 * d2.sqrt()) * inv2s2
     if logw is not None:
         err = err + U64 * torch.where(torch.isfinite(logw), logw.abs(), torch.zeros_like(logw))
@@ -268,12 +338,60 @@ def mean_rounding(terms: int, xmax: float, acc_u: float = U64) -> float:
     return (1.01 * terms * acc_u + (terms + 4) * U64) * xmax + TINY64 * (terms + 4)
 
 
-def x1_error(logit_err: torch.Tensor, mean_err: torch.Tensor | float, xmax: float, tail: torch.Tensor) -> torch.Tensor:
+def x1_error(
+    logit_err: torch.Tensor,
+    mean_err: torch.Tensor | float,
+    xmax: float,
+    tail: torch.Tensor,
+    normaliser: torch.Tensor | None = None,
+    rows: int = 1,
+) -> torch.Tensor:
     """(B,) bound on ``max_j |x1_hat_j - exact_j|`` from the logits' error bound (B,), the
     partials' rounding bound ``mean_err``, the data's max |x_ij| and ``tail`` (B,), a bound on
-    the weight of the samples left out relative to the kept mass."""
+    the weight of the samples left out relative to the kept mass.
+
+    ``normaliser`` (B,): the partials' ``s`` (the sum of ``e^(l_i - m)``, so the top weight is
+    ``1 / s``) over at most ``rows`` terms; with it the weights' term shrinks by ``1 - g_top``
+    (see the module docstring), without it the bound assumes nothing about the weights."""
     spread = 2.0 * xmax
-    return torch.expm1(2.0 * (logit_err + 2 * U64)) * spread + tail * spread + mean_err
+    e2 = 2.0 * (logit_err + 2 * U64)
+    weights = torch.expm1(e2) * spread
+    if normaliser is not None:
+        top_low = (1.0 - 1.01 * (rows + 4) * U64) * torch.exp(-e2) / normaliser
+        weights = weights * (1.0 - top_low).clamp(min=0.0, max=1.0)
+    return weights + tail * spread + mean_err
+
+
+def entropy_error(entropy: torch.Tensor, logit_err: torch.Tensor, tail: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B,) bound on ``|entropy - exact|`` (nats) of a posterior over at most ``rows`` samples,
+    from the logits' error bound (B,) and the left-out weight ``tail`` (B,) relative to the kept
+    mass (see the module docstring)."""
+    log_n = math.log(max(rows, 1))
+    e = logit_err + 2 * U64
+    w = torch.expm1(2.0 * e)
+    rounding = 1.01 * (rows + 8) * U64 * (1.0 + log_n)
+    lifted = (entropy.clamp(min=0.0) + rounding + 2.0 * e) / (1.0 - w).clamp(min=1e-300)
+    kept = torch.where(w < 1.0, lifted.clamp(max=log_n), torch.full_like(entropy, log_n))
+    eps = tail / (1.0 + tail)
+    safe = torch.where(eps > 0, eps, torch.ones_like(eps))
+    tail_part = torch.where(eps > 0, eps * (2.0 * log_n + 1.0 - torch.log(safe)), torch.zeros_like(eps))
+    bound = w * kept + 2.0 * e + tail_part + rounding
+    # an entropy lies in [0, log n] whatever the logits: never claim more than that range allows
+    within = torch.maximum(entropy.clamp(min=0.0), log_n - entropy.clamp(max=log_n)) + rounding
+    return torch.minimum(bound, within)
+
+
+def ess_error(ess: torch.Tensor, logit_err: torch.Tensor, tail: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B,) bound on ``|ESS - exact|`` of a posterior over at most ``rows`` samples (see the
+    module docstring): ``ESS (F - 1)`` with F the weights', the tail's and the rounding's factors."""
+    e = logit_err + 2 * U64
+    eps = tail / (1.0 + tail)
+    tail_rel = torch.maximum(rows * eps * eps, 1.0 / (1.0 - eps).clamp(min=1e-300) ** 2 - 1.0)
+    rounding = 3.03 * (rows + 4) * U64
+    factor = torch.exp(4.0 * e) * (1.0 + rounding) * (1.0 + tail_rel)
+    # an ESS lies in [1, n] whatever the logits
+    within = torch.maximum(ess - 1.0, rows - ess).clamp(min=0.0) + rounding * ess
+    return torch.minimum(ess * (factor - 1.0), within)
 
 
 def variance_error(

@@ -2,7 +2,7 @@
 at a time, on every rank.
 
 Each rank holds the partials of its shard for the same slots (same queries, same plan). In an
-exact batch the ranks first share their screening lower bounds (:meth:`GangMerge.share_lower`,
+exact batch the ranks first share their screening lower bounds (:meth:`CollectiveMerge.share_lower`,
 all-reduce, max): every shard then keeps the candidates within reach of the whole set's largest
 weight, as one process does, and its bound on what it leaves out is relative to that weight, so
 the ranks' tails add up. With ``M = max_r m_r`` (all-reduce, max, together with the logit error

@@ -4,8 +4,10 @@ For a slot (query x_t, path coefficients) and candidate rows x_i the logits
 
     l_i = log p_i - ||x_t - alpha x_i||^2 / (2 sigma^2)
 
-are computed from the differences in float64 (:func:`._bounds.pair_logit_error` bounds each),
-never from a GEMM's ``||x_t||^2 - 2 alpha x_t . x_i + ...`` whose cancellation near t = 1 loses the
+are computed from the differences in float64 (:func:`._bounds.pair_logit_error` bounds each; the
+squares are summed in two levels, :func:`._bounds.blocked_sum`, so that the proven rounding of a
+logit grows like 2 sqrt(D) rather than D: near t = 1 a logit is millions of nats, and its bound is
+what the velocity's bound is made of), never from a GEMM's ``||x_t||^2 - 2 alpha x_t . x_i + ...`` whose cancellation near t = 1 loses the
 gaps between competing samples. Candidates come in a fixed-width layout: (b, w) data rows per
 block of b slots, -1 where a slot has fewer than w, so a block is a handful of kernels whatever
 its contents. The posterior variance's second moment is formed about the block's own mean from
@@ -22,7 +24,7 @@ import math
 import torch
 
 from floworacle_server.engine._batch import Batch
-from floworacle_server.engine._bounds import U64, mean_rounding, pair_logit_error
+from floworacle_server.engine._bounds import U64, blocked_sum, blocked_sum_terms, mean_rounding, pair_logit_error
 from floworacle_server.engine._partials import Partials, per_query
 
 __all__ = ["exact_single", "exact_rows", "refine", "stack"]
@@ -54,13 +56,14 @@ def exact_single(batch: Batch, slots: torch.Tensor | slice, rows: torch.Tensor) 
     if want.logits:
         co = batch.coef.take(slots)
         diff = torch.addcmul(batch.queries(slots), co.alpha[:, None], v, value=-1)
-        d2 = torch.linalg.vecdot(diff, diff)
+        d2 = blocked_sum(diff.square_())
         del diff
         logw = None if ds.log_weights is None else ds.log_weights.index_select(0, rows)
         m = -d2 * co.inv2s2
         if logw is not None:
             m = m + logw
-        err = pair_logit_error(d2, co.inv2s2, co.alpha.abs() * ds.sq_norms.index_select(0, rows).sqrt(), logw, ds.dim)
+        ax = co.alpha.abs() * ds.sq_norms.index_select(0, rows).sqrt()
+        err = pair_logit_error(d2, co.inv2s2, ax, logw, ds.dim, blocked_sum_terms(ds.dim))
     else:
         m, err = zeros, zeros
     ones = torch.ones(b, dtype=f64, device=dev)
@@ -99,7 +102,7 @@ def exact_rows(batch: Batch, slots: torch.Tensor, rows: torch.Tensor) -> tuple[P
     xr = ds.x.index_select(0, flat).to(f64).view(b, w, d)
     co = batch.coef.take(slots)
     diff = torch.addcmul(batch.queries(slots)[:, None, :], co.alpha[:, None, None], xr, value=-1)
-    d2 = diff.square_().sum(dim=2)
+    d2 = blocked_sum(diff.square_())
     inv = co.inv2s2[:, None]
     logits = -d2 * inv
     logw = None
@@ -109,7 +112,7 @@ def exact_rows(batch: Batch, slots: torch.Tensor, rows: torch.Tensor) -> tuple[P
     neg_inf = torch.full_like(logits, -math.inf)
     logits = torch.where(valid, logits, neg_inf)
     ax = co.alpha.abs()[:, None] * ds.sq_norms.index_select(0, flat).view(b, w).sqrt()
-    pe = pair_logit_error(d2, inv, ax, logw, d)
+    pe = pair_logit_error(d2, inv, ax, logw, d, blocked_sum_terms(d))
     err = torch.where(valid, pe, torch.zeros_like(pe)).amax(dim=1)
     m = logits.max(dim=1).values
     z = logits - m[:, None]

@@ -46,6 +46,8 @@ class OracleResult:
     error of each query's x1_hat / velocity against the exact value over the stored data.
     ``variance`` (B,) is the posterior variance ``sum_i gamma_i ||x_i - x1_hat||^2`` (the trace
     of the posterior covariance) and ``variance_error_bound`` an upper bound on its absolute error.
+    ``entropy_error_bound`` / ``ess_error_bound`` (B,) bound the absolute error of the entropy
+    (nats) and of the ESS (:mod:`._diagnostics`; with those outputs only).
     ``refined`` counts the (query, sample) pairs recomputed in float64.
     For guided queries, x1_hat / eps_hat / score are the guided combination of the
     unconditional and conditional ones (linear in the same way as the velocity), and the
@@ -64,6 +66,8 @@ class OracleResult:
     variance_error_bound: torch.Tensor | None = None
     x1_hat_error_bound: torch.Tensor | None = None
     velocity_error_bound: torch.Tensor | None = None
+    entropy_error_bound: torch.Tensor | None = None
+    ess_error_bound: torch.Tensor | None = None
     refined: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,6 +82,31 @@ def _read_pem(path: str, what: str) -> bytes:
     return data
 
 
+def _check_pair(cert: str, key: str) -> None:
+    """Load the pair with OpenSSL as a server would, so that a key of another certificate (or an
+    unusable file) is named now: gRPC only fails later, when it binds the port, without the reason.
+
+    Raises:
+        ValueError: the key does not belong to the certificate, or either cannot be parsed.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # a password callback that gives none: a key encrypted in a way not caught above fails here
+        # instead of prompting on the terminal
+        ctx.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        text = f"{exc.reason or ''} {exc}"
+        if "KEY_VALUES_MISMATCH" in text:
+            raise ValueError(
+                f"the TLS key {key!r} does not belong to the certificate {cert!r} (their public keys differ); "
+                "give tls_key the private key the certificate was issued for"
+            ) from None
+        raise ValueError(
+            f"the TLS certificate {cert!r} and key {key!r} cannot be used together ({exc.reason or exc}); "
+            "check that both are PEM and belong together"
+        ) from None
+
+
 def server_credentials_from_files(
     cert: str | None, key: str | None, client_ca: str | None = None
 ) -> grpc.ServerCredentials | None:
@@ -93,7 +119,8 @@ def server_credentials_from_files(
             it (mutual TLS) or the handshake fails.
 
     Raises:
-        ValueError: only one of cert / key, client_ca without cert, or an unreadable / non-PEM file.
+        ValueError: only one of cert / key, client_ca without cert, an unreadable / non-PEM file, or a
+            key that does not belong to the certificate.
     """
     if cert is None and key is None:
         if client_ca is not None:
@@ -102,6 +129,9 @@ def server_credentials_from_files(
     if cert is None or key is None:
         raise ValueError("TLS needs both tls_cert and tls_key")
     pair = (_read_pem(key, "TLS key"), _read_pem(cert, "TLS certificate"))
+    if b"ENCRYPTED" in pair[0]:
+        raise ValueError(f"the TLS key {key!r} is encrypted; give tls_key an unencrypted PEM key")
+    _check_pair(cert, key)
     ca = _read_pem(client_ca, "TLS client CA") if client_ca is not None else None
     return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 

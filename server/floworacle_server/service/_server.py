@@ -12,13 +12,12 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from floworacle.protocol import SERVICE_NAME, server_options
+from floworacle.protocol import SERVICE_NAME, STREAM_WINDOW_BYTES, server_options
 from floworacle_server.data import DIGITS_NAME, DatasetStore, ShardSpec, load_dataset
 from floworacle_server.engine import calibrate_nearest_backends, flush_denormals
 from floworacle_server.metrics import ServiceMetrics
@@ -37,12 +36,43 @@ __all__ = [
     "record_nearest_backends",
     "SERVICE_NAME",
     "dataset_health_name",
+    "concurrent_rpc_cap",
+    "HEALTH_MAX_MESSAGE_BYTES",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Seconds after the bytes in flight came back to 0 at which the heap is trimmed a second time.
 _RELEASE_AGAIN_S = 1.0
+
+#: Largest message the open health server reads: a health request is a service name of a few dozen
+#: bytes. gRPC refuses a longer one from its 5-byte length prefix, before the body is buffered.
+HEALTH_MAX_MESSAGE_BYTES = 4096
+#: Calls the open health server runs at once (probes and balancers' watches); each holds at most a
+#: stream window of unread bytes, so 1,024 of them hold at most 64 MiB.
+HEALTH_MAX_RPCS = 1024
+#: The fewest concurrent calls a server accepts, whatever its byte budget.
+MIN_CONCURRENT_RPCS = 64
+#: Longest name echoed back in a health message.
+_SHOWN_NAME = 80
+
+
+def concurrent_rpc_cap(max_inflight_bytes: int) -> int:
+    """Calls a server runs at once: ``max_inflight_bytes // STREAM_WINDOW_BYTES`` (at least
+    MIN_CONCURRENT_RPCS), so that the request bytes gRPC may buffer for calls the server is not
+    reading, one stream window each, add up to at most the byte budget itself (2,048 calls for the
+    default 128 MiB). Calls beyond it are refused by gRPC with RESOURCE_EXHAUSTED before their
+    message is read."""
+    return max(MIN_CONCURRENT_RPCS, max_inflight_bytes // STREAM_WINDOW_BYTES)
+
+
+def _shown(name: str) -> str:
+    """A caller's name as quoted in a message: at most _SHOWN_NAME characters (a status message
+    travels in metadata, whose size gRPC limits; echoing a 100 kB name would turn the answer into
+    RESOURCE_EXHAUSTED)."""
+    if len(name) <= _SHOWN_NAME:
+        return repr(name)
+    return f"{name[:_SHOWN_NAME]!r}... ({len(name)} characters)"
 
 
 def dataset_health_name(dataset: str) -> str:
@@ -76,12 +106,7 @@ def build_store(settings: Settings, shard: ShardSpec | None = None) -> DatasetSt
         store.add(load_dataset(DIGITS_NAME, name=settings.name, device=device, dtype=settings.dtype, shard=shard))
         return store
     device = settings.resolved_device()
-    for spec in settings.data:
-        if "=" in spec:
-            name, _, path = spec.partition("=")
-        else:
-            path = spec
-            name = settings.name or (DIGITS_NAME if path == DIGITS_NAME else Path(path).stem)
+    for name, path in settings.data_sets():
         labels = settings.labels_for(name)
         store.add(
             load_dataset(
@@ -92,23 +117,46 @@ def build_store(settings: Settings, shard: ShardSpec | None = None) -> DatasetSt
 
 
 class _Health(health.aio.HealthServicer):
-    """The standard health service, whose NOT_FOUND for an unknown name says which names exist
-    (the stock one answers it without details)."""
+    """The standard health service. Its NOT_FOUND for an unknown name says which names exist (the
+    stock one answers it without details) when ``list_names``: on the gRPC port, whose callers
+    carry a token when tokens are on."""
 
-    def __init__(self, names: Callable[[], list[str]]) -> None:
+    def __init__(self, names: Callable[[], list[str]], list_names: bool = True) -> None:
         super().__init__()
         self._names = names
+        self._list_names = list_names
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self.check(request, context, self._list_names)
+
+    async def check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext, list_names: bool
+    ) -> Any:
+        """Check, answering an unknown name with NOT_FOUND that lists the known ones if ``list_names``."""
         known = self._names()
         if request.service not in known:
-            listed = ", ".join(repr(n) for n in known)
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"unknown health name {request.service!r}; this server answers {listed} "
-                f"(one per data set: '{SERVICE_NAME}/<data set>')",
-            )
+            if list_names:
+                listed = ", ".join(repr(n) for n in known)
+                hint = f"this server answers {listed} (one per data set: '{SERVICE_NAME}/<data set>')"
+            else:
+                hint = f"ask for '' (the server), '{SERVICE_NAME}' or '{SERVICE_NAME}/<data set>'"
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown health name {_shown(request.service)}; {hint}")
         return await super().Check(request, context)
+
+
+class _OpenHealth(health_pb2_grpc.HealthServicer):
+    """The health service of the open health port: the same statuses as ``main`` (one state, set
+    once), answered without listing data set names unless ``list_names``."""
+
+    def __init__(self, main: _Health, list_names: bool) -> None:
+        self._main = main
+        self._list_names = list_names
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._main.check(request, context, self._list_names)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> Any:
+        return await self._main.Watch(request, context)
 
 
 def engine_thread_setup() -> None:
@@ -131,6 +179,7 @@ class OracleServer:
         auth: the token interceptor when ``auth_tokens_file`` is set (``auth.reload()`` re-reads
             the file), else None.
         port: the bound gRPC port (after :meth:`start`).
+        health_port: the bound port of the open health server (``settings.health_port``), or None.
         metrics_port: the bound metrics port, or None when metrics HTTP is off.
         gang: rank 0's membership of a gang (its data sets are shards), or None.
         failed: set when the gang broke (health is NOT_SERVING then); ``floworacle serve``
@@ -165,7 +214,10 @@ class OracleServer:
         self.health = _Health(self.health_names)
         self.auth: TokenAuthInterceptor | None = None
         if settings.auth_tokens_file is not None:
-            self.auth = TokenAuthInterceptor(settings.auth_tokens_file, metrics=self.metrics)
+            # Health on the gRPC port needs a token too: an open method there reads messages of up
+            # to max_message_bytes (gRPC has no per-method limit on a server), so the open health
+            # checks that probes need are served on health_port, which reads at most 4 KiB.
+            self.auth = TokenAuthInterceptor(settings.auth_tokens_file, metrics=self.metrics, open_prefixes=())
         # Authentication runs first, so no other interceptor sees an unauthenticated call.
         self._interceptors = (*((self.auth,) if self.auth is not None else ()), *interceptors)
         if server_credentials is None:
@@ -174,9 +226,11 @@ class OracleServer:
             )
         self._credentials = server_credentials
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._servicer: FlowOracleServicer | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.port: int | None = None
+        self.health_port: int | None = None
         self.metrics_port: int | None = None
 
     @property
@@ -198,7 +252,11 @@ class OracleServer:
         s = self.settings
         record_nearest_backends(self.store)
         self.batcher.start()
-        server = grpc.aio.server(interceptors=self._interceptors, options=server_options(s.max_message_bytes))
+        server = grpc.aio.server(
+            interceptors=self._interceptors,
+            options=server_options(s.max_message_bytes),
+            maximum_concurrent_rpcs=concurrent_rpc_cap(s.max_inflight_bytes),
+        )
         servicer = FlowOracleServicer(
             self.store,
             self.batcher,
@@ -223,24 +281,18 @@ class OracleServer:
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 server,
             )
-        host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host  # IPv6 literal
-        bind = f"{host}:{s.port}"
         try:
-            if self._credentials is not None:
-                port = server.add_secure_port(bind, self._credentials)
-            else:
-                port = server.add_insecure_port(bind)
-        except RuntimeError as exc:
+            self.port = self._bind(server, s.port, "--port")
+            if s.health_port is not None:
+                self._health_server = self._open_health_server()
+                self.health_port = self._bind(self._health_server, s.health_port, "--health-port")
+        except RuntimeError:
             await self.batcher.close()
-            raise RuntimeError(
-                f"cannot bind {bind}: {exc}; is the port in use? (use --port 0 for any free port)"
-            ) from exc
-        if not port:
-            await self.batcher.close()
-            raise RuntimeError(f"cannot bind {bind}; is the port in use? (use --port 0 for any free port)")
+            raise
         await server.start()
         self._server = server
-        self.port = int(port)
+        if self._health_server is not None:
+            await self._health_server.start()
         for name in self.health_names():
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.set_datasets(self.store)
@@ -252,11 +304,44 @@ class OracleServer:
                 )
             except OSError as exc:
                 await server.stop(None)
+                if self._health_server is not None:
+                    await self._health_server.stop(None)
                 await self.batcher.close()
                 raise RuntimeError(
                     f"cannot serve metrics on {host}:{s.metrics_port}: {exc} "
                     "(use --metrics-port 0 for any free port, -1 for none)"
                 ) from exc
+
+    def _bind(self, server: grpc.aio.Server, port: int, flag: str) -> int:
+        """Bind ``port`` on the settings' host (with the TLS credentials, if any); the bound port.
+
+        Raises:
+            RuntimeError: the address cannot be bound (the message says why, if known).
+        """
+        s = self.settings
+        host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host  # IPv6 literal
+        bind = f"{host}:{port}"
+        hint = f"is the port in use? (use {flag} 0 for any free port)"
+        try:
+            if self._credentials is not None:
+                bound = server.add_secure_port(bind, self._credentials)
+            else:
+                bound = server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot bind {bind}: {exc}; {hint}") from exc
+        if not bound:
+            raise RuntimeError(f"cannot bind {bind}; {hint}")
+        return int(bound)
+
+    def _open_health_server(self) -> grpc.aio.Server:
+        """The open health server of ``health_port``: grpc.health.v1 only, no interceptors, messages
+        of at most HEALTH_MAX_MESSAGE_BYTES (gRPC refuses a longer one before reading its body)."""
+        server = grpc.aio.server(
+            options=server_options(HEALTH_MAX_MESSAGE_BYTES), maximum_concurrent_rpcs=HEALTH_MAX_RPCS
+        )
+        open_health = _OpenHealth(self.health, list_names=self.auth is None)
+        health_pb2_grpc.add_HealthServicer_to_server(open_health, server)
+        return server
 
     def _gang_broken(self, reason: str) -> None:
         """A rank of the gang failed: every health name NOT_SERVING, and ``failed`` set (once)."""
@@ -324,6 +409,8 @@ class OracleServer:
                 await self._server.stop(None)
             idle.cancel()
             await stopping
+        if self._health_server is not None:  # last: probes see NOT_SERVING until the port closes
+            await self._health_server.stop(None)
         await self.batcher.close()
         self.metrics.stop_http_server()
 
@@ -331,6 +418,8 @@ class OracleServer:
         """Return when the server has stopped."""
         if self._server is not None:
             await self._server.wait_for_termination()
+        if self._health_server is not None:
+            await self._health_server.wait_for_termination()
         if self._stopping is not None:
             await asyncio.shield(self._stopping)
 

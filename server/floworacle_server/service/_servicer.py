@@ -106,7 +106,8 @@ def _as_failure(exc: BaseException) -> RpcFailure:
     if isinstance(exc, GangBroken):
         return RpcFailure(
             grpc.StatusCode.UNAVAILABLE,
-            f"a rank of this server's gang failed ({exc}); no answer was computed over fewer shards. The gang is "
+            # the reason (gloo / NCCL internals, peer addresses) stays in the server's log
+            "a rank of this server's gang failed; no answer was computed over fewer shards. The gang is "
             "restarting: retry (the SDK retries until the call's deadline) or use another replica",
             reason="unavailable",
         )

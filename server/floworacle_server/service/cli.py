@@ -162,6 +162,12 @@ async def serve(settings: Settings, store: DatasetStore | None = None, gang: Gan
             ds.device,
             ds.fingerprint,
         )
+    if server.health_port is not None:
+        log.info(
+            "open health checks on %s:%d (grpc.health.v1 only, messages up to 4 KiB)", settings.host, server.health_port
+        )
+    elif server.auth is not None:
+        log.warning("tokens are on and no --health-port is set: health checks need a token too (probes: --health-port)")
     metrics = f", metrics on :{server.metrics_port}/metrics" if server.metrics_port is not None else ""
     log.info("Flow Oracle serving on %s%s", server.address, metrics)
 

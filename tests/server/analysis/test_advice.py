@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from floworacle_server.analysis import TransitionCurve, advise, share_before, shift_for_share, shifted_time
+from floworacle_server.analysis import (
+    TransitionCurve,
+    advise,
+    format_advice_table,
+    share_before,
+    shift_for_share,
+    shifted_time,
+)
 
 
 @pytest.mark.parametrize("t_s", [0.01, 0.1, 0.35, 0.5, 0.8, 0.97])
@@ -74,3 +81,21 @@ def test_advice_falls_back_and_says_why() -> None:
         advise(_curve(0.1, 0.2), share=1.5)
     with pytest.raises(ValueError):
         advise(_curve(0.1, 0.2), switch="90")
+
+
+def test_advice_carries_the_switch_interval_to_the_shift_and_guidance() -> None:
+    from floworacle_server.analysis import SwitchUncertainty
+
+    c = _curve(0.1, 0.2)
+    c.uncertainty["t_switch_99"] = SwitchUncertainty(se=0.01, lo=0.18, hi=0.23, never=0.0, resamples=400)
+    a = advise(c, share=0.5)
+    assert a.t_switch_se == 0.01 and a.t_switch_interval == (0.18, 0.23)
+    s_lo, s_hi = (tl * 0.5 / (0.5 * (1 - tl)) for tl in (0.18, 0.23))  # s = t (1 - p) / (p (1 - t))
+    assert a.shift_interval == pytest.approx((s_lo, s_hi)) and s_lo < a.shift < s_hi
+    assert a.shift_reversed_interval == pytest.approx((1 / s_hi, 1 / s_lo))
+    assert a.guidance_start_interval == (0.18, 0.23)
+    assert a.to_json()["shift_interval"] == pytest.approx([s_lo, s_hi])
+    c.uncertainty["t_switch_99"] = SwitchUncertainty(se=0.05, lo=0.15, hi=None, never=0.1, resamples=400)
+    open_ended = advise(c)
+    assert open_ended.shift_interval is not None and open_ended.shift_interval[1] is None
+    assert "?" in format_advice_table([open_ended])

@@ -64,7 +64,13 @@ def _queries(ds: Dataset, kind: str) -> OracleQuery:
 
 CASES = ["plain", "labels", "guided", "exclude", "fast"]
 BOUNDS: dict = {}
-BOUNDED = {"x1_hat_error_bound": "x1_hat", "velocity_error_bound": "velocity", "variance_error_bound": "variance"}
+BOUNDED = {
+    "x1_hat_error_bound": "x1_hat",
+    "velocity_error_bound": "velocity",
+    "variance_error_bound": "variance",
+    "entropy_error_bound": "entropy",
+    "ess_error_bound": "ess",
+}
 
 
 def _rank(rank: int, world: int, port: int, weighted: bool, out: str) -> None:
@@ -108,16 +114,16 @@ def _rank(rank: int, world: int, port: int, weighted: bool, out: str) -> None:
 
 
 def _reference(ds: Dataset, q: OracleQuery) -> dict[str, np.ndarray]:
-    """x1_hat, velocity and variance by the float64 formulas, query by query (numpy only)."""
+    """x1_hat, velocity, variance, entropy and ESS by the float64 formulas, query by query (numpy only)."""
     X = ds.x.double().numpy()
     orig = ds.original_index.numpy()
     lab = ds.labels.numpy() if ds.labels is not None else None
     logw = ds.log_weights.numpy() if ds.log_weights is not None else np.zeros(len(X))
     xt = q.x_t.double().numpy()
     c = q.coeffs
-    out: dict[str, list] = {"x1_hat": [], "velocity": [], "variance": []}
+    out: dict[str, list] = {"x1_hat": [], "velocity": [], "variance": [], "entropy": [], "ess": []}
 
-    def post(b: int, y: int) -> tuple[np.ndarray, float]:
+    def post(b: int, y: int) -> tuple[np.ndarray, float, float, float]:
         rows = np.ones(len(X), bool) if y < 0 else lab == y
         if q.exclude is not None and int(q.exclude[b]) >= 0:
             rows &= orig != int(q.exclude[b])
@@ -125,17 +131,20 @@ def _reference(ds: Dataset, q: OracleQuery) -> dict[str, np.ndarray]:
         g = np.exp(logits - logits.max())
         g /= g.sum()
         x1 = g @ X[rows]
-        return x1, float(g @ ((X[rows] - x1) ** 2).sum(1))
+        nz = g[g > 0]
+        return x1, float(g @ ((X[rows] - x1) ** 2).sum(1)), float(-(nz * np.log(nz)).sum()), float(1 / (g @ g))
 
     for b in range(len(xt)):
         y = int(q.labels[b]) if q.labels is not None else -1
-        x1, var = post(b, y)
+        x1, var, ent, ess = post(b, y)
         if q.guidance is not None and y >= 0 and q.guidance.t_lo <= float(q.t[b]) <= q.guidance.t_hi:
-            xu, _ = post(b, -1)
+            xu = post(b, -1)[0]
             x1 = xu + q.guidance.scale * (x1 - xu)
         out["x1_hat"].append(x1)
         out["velocity"].append(c.velocity_x1[b] * x1 + c.velocity_xt[b] * xt[b])
         out["variance"].append(var)
+        out["entropy"].append(ent)  # a guided query's diagnostics are its conditional posterior's
+        out["ess"].append(ess)
     return {k: np.asarray(v) for k, v in out.items()}
 
 

@@ -245,7 +245,12 @@ def test_a_lost_rank_makes_the_gang_unavailable_never_wrong(index: Path, fault: 
     for a in ok:  # never a wrong or partial answer
         assert np.abs(a - ref).max() / np.abs(ref).max() < 1e-12
     assert errors and all(e.code == grpc.StatusCode.UNAVAILABLE for e in errors), errors  # type: ignore[attr-defined]
-    assert "gang" in errors[-1].details  # type: ignore[attr-defined]
+    details = errors[-1].details  # type: ignore[attr-defined]
+    assert "gang" in details
+    # gloo's internals and the peers' addresses stay in the server's log (the SDK's own text may
+    # name the address it dialled; the server's message is what follows "gRPC says:")
+    said = details.split("gRPC says:")[-1]
+    assert not any(leak in said for leak in ("gloo", "127.0.0.1", "Connection", ".cc:", "[")), said
     assert rc != 0
     assert "the gang broke" in g.log
 
@@ -269,3 +274,13 @@ def test_sigterm_to_rank_0_drains_and_stops_every_rank(index: Path) -> None:
     assert result and not isinstance(result[0], Exception)
     log = g.log
     assert "draining" in log and "rank 0 stopped the gang" in log
+
+
+def test_a_broken_gang_says_unavailable_without_its_internals() -> None:
+    from floworacle_server.service._gang import GangBroken
+    from floworacle_server.service._servicer import _as_failure
+
+    reason = "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.4.7.21]:29500"
+    failure = _as_failure(GangBroken(reason))
+    assert failure.code == grpc.StatusCode.UNAVAILABLE and "retry" in failure.message
+    assert not any(leak in failure.message for leak in ("gloo", "10.4.7.21", "29500", "pair.cc")), failure.message

@@ -23,8 +23,11 @@ import grpc
 import numpy as np
 import pytest
 
-from floworacle.protocol import encode, pb, pb_grpc
+from floworacle.protocol import STREAM_WINDOW_BYTES, encode, pb, pb_grpc
 from floworacle_server.service._budget import ByteBudget
+from floworacle_server.service._server import concurrent_rpc_cap
+from floworacle_server.service.testing import serve_in_thread
+from floworacle_server.settings import Settings
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
 
@@ -106,8 +109,6 @@ async def test_the_budget_admits_waits_and_wakes():
 
 def test_a_unary_call_over_the_byte_budget_is_refused_with_a_hint_and_the_sdk_rides_it_out():
     from floworacle import OracleClient
-    from floworacle_server.service.testing import serve_in_thread
-    from floworacle_server.settings import Settings
 
     x = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
     t = np.full(64, 0.5)
@@ -134,3 +135,75 @@ def test_a_unary_call_over_the_byte_budget_is_refused_with_a_hint_and_the_sdk_ri
             "floworacle_rejected_requests_total", {"reason": "memory"}
         )
         assert reason == 1.0
+
+
+def test_never_reading_streams_push_only_a_window_past_the_budget():
+    """Forty streams over four connections send 132 KB messages and never read an answer, against
+    a 1 MiB byte budget. What their clients manage to push is what the server (gRPC included)
+    holds: the budget, one message a stream waiting for it, and one fixed 64 KiB window a stream.
+    With BDP probing, gRPC grew each stream's window to MBs: 200-1,160 MB went out in 3 s."""
+    x = np.random.default_rng(0).standard_normal((512, 64)).astype(np.float32)
+    req = pb.OracleRequest(x_t=encode(x), t=encode(np.full(512, 0.5)))
+    settings = Settings(device="cpu", metrics_port=-1, max_inflight_bytes=1 << 20, max_stream_inflight=2)
+    streams, connections = 10, 4
+    with serve_in_thread(settings) as srv:
+        channels = [grpc.insecure_channel(srv.address, options=[("test.connection", i)]) for i in range(connections)]
+        stop = threading.Event()
+        sent = [0] * (streams * connections)
+
+        def send(i: int):
+            while not stop.is_set():
+                sent[i] += 1
+                yield req
+
+        calls = [
+            pb_grpc.FlowOracleStub(ch).OracleStream(send(c * streams + s))
+            for c, ch in enumerate(channels)
+            for s in range(streams)
+        ]
+        time.sleep(3)
+        stop.set()
+        for c in calls:
+            c.cancel()
+        for ch in channels:
+            ch.close()
+    # about 24-32 MB: the budget, and per stream a window, the message waiting for the budget and
+    # a few more whose answers went into the client's own receive buffers (it never reads them)
+    pushed = sum(sent) * req.ByteSize()
+    assert pushed < 64e6, (pushed, sorted(sent))
+
+
+def test_concurrent_calls_are_capped_so_that_their_windows_fit_the_budget():
+    assert concurrent_rpc_cap(128 << 20) == (128 << 20) // STREAM_WINDOW_BYTES == 2048
+    assert concurrent_rpc_cap(1) == 64  # the floor
+    settings = Settings(device="cpu", metrics_port=-1, max_inflight_bytes=64 * STREAM_WINDOW_BYTES)
+    hold = threading.Event()
+
+    def nothing():
+        hold.wait(30)
+        yield from ()
+
+    with serve_in_thread(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = pb_grpc.FlowOracleStub(ch)
+        open_calls = [stub.OracleStream(nothing()) for _ in range(64)]
+        try:
+            deadline = time.monotonic() + 10
+            while srv.server._servicer is not None and srv.server._servicer._active < 64:
+                assert time.monotonic() < deadline, "the 64 streams did not start"
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ListDatasets(pb.ListDatasetsRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            hold.set()
+            for c in open_calls:
+                c.cancel()
+        # the cap counts calls, not callers: once they are gone, calls are served again
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert [d.name for d in stub.ListDatasets(pb.ListDatasetsRequest(), timeout=10).datasets] == ["digits"]
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.1)

@@ -1,6 +1,7 @@
 """Transport security and authentication over real channels: TLS with the SDK, mutual TLS that
 refuses clients without a certificate from the configured CA, bearer tokens checked by the server
-interceptor (health open, reflection closed), token reload, and the same through `floworacle serve`.
+interceptor (health only on the open health port, reflection closed), token reload, and the same
+through `floworacle serve`.
 
 Certificates are made in the test with the ``openssl`` command (EC P-256 keys: fast)."""
 
@@ -29,6 +30,7 @@ from service_helpers import linear_coeffs, max_rel, noisy_queries, oracle_reques
 from floworacle import AsyncOracleClient, OracleClient, OracleError, RetryPolicy
 from floworacle.v1 import oracle_pb2 as pb
 from floworacle.v1 import oracle_pb2_grpc as pb_grpc
+from floworacle_server.service import create_server
 from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
 from floworacle_server.service.testing import serve_in_thread
 from floworacle_server.settings import Settings, load_settings
@@ -244,7 +246,7 @@ def test_missing_wrong_or_malformed_token_is_unauthenticated(auth_server, digits
     assert e2.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_right_token_is_served_exactly_and_health_is_open(auth_server, digits):
+def test_right_token_is_served_exactly_and_health_needs_it_on_the_grpc_port(auth_server, digits):
     x, _ = digits
     xt, t, ref = _query(x)
     for token in TOKENS:
@@ -257,8 +259,36 @@ def test_right_token_is_served_exactly_and_health_is_open(auth_server, digits):
         assert len(answers) == 1 and answers[0].HasField("response")
         health = health_pb2_grpc.HealthStub(ch)
         for name in ("", "floworacle.v1.FlowOracle", "floworacle.v1.FlowOracle/digits"):
-            status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+            request = health_pb2.HealthCheckRequest(service=name)
+            status = health.Check(request, metadata=_md(TOKENS[0]), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING
+            # open health checks live on health_port: here a stranger's is refused before it is read
+            with pytest.raises(grpc.RpcError) as e:
+                health.Check(request, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # an authenticated caller is told which names exist
+        with pytest.raises(grpc.RpcError) as e:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), metadata=_md(TOKENS[0]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "floworacle.v1.FlowOracle/digits" in e.value.details()
+
+
+def test_a_tls_key_of_another_certificate_is_named(pki: Pki, tmp_path: Path):
+    with pytest.raises(ValueError, match=r"does not belong to the certificate .*server\.crt"):
+        server_credentials_from_files(str(pki.server_cert), str(pki.client_key))
+    settings = Settings(device="cpu", metrics_port=-1, tls_cert=str(pki.server_cert), tls_key=str(pki.rogue_key))
+    with pytest.raises(ValueError, match="does not belong"):
+        create_server(settings)  # before any data loads, instead of "cannot bind ... in use?" at start
+    encrypted = tmp_path / "encrypted.key"
+    _openssl("ec", "-in", str(pki.server_key), "-aes256", "-passout", "pass:x", "-out", str(encrypted), cwd=tmp_path)
+    with pytest.raises(ValueError, match="is encrypted"):
+        server_credentials_from_files(str(pki.server_cert), str(encrypted))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWORACLE_")}
+    cmd = [sys.executable, "-m", "floworacle_server.cli", "serve", "--port", "0", "--metrics-port", "-1",
+           "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.client_key)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1 and "does not belong to the certificate" in text and "Traceback" not in text
+    assert "in use" not in text
 
 
 async def test_async_client_with_tls_and_token(pki: Pki, tokens_file: Path, digits):
@@ -478,6 +508,72 @@ def test_an_unauthenticated_200_mib_request_is_refused_before_it_is_read(tmp_pat
         proc.wait()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak RSS from /proc")
+def test_huge_health_checks_cost_the_server_nothing(tmp_path: Path):
+    """Four concurrent 200 MiB health checks without a token: on the gRPC port they are refused
+    before they are read (health needs a token there when tokens are on), on the open health port
+    gRPC refuses them from their length prefix (4 KiB limit). Before, the open health service read
+    them (up to max_message_bytes): the server's RSS rose by 4.4 GiB."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("health-token\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWORACLE_")}
+    cmd = [sys.executable, "-m", "floworacle_server.cli", "serve", "--port", "0", "--metrics-port", "-1",
+           "--host", "127.0.0.1", "--auth-tokens-file", str(tokens), "--health-port", "0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        port, lines = _wait_port(proc)
+        assert port, "".join(lines)
+        found = re.search(r"open health checks on 127\.0\.0\.1:(\d+)", "".join(lines))
+        assert found, "".join(lines)
+        health_port = int(found.group(1))
+        huge = health_pb2.HealthCheckRequest(service="x" * (200 << 20)).SerializeToString()
+        padded = (
+            health_pb2.HealthCheckRequest(service="").SerializeToString()
+            + b"\x9a\x06"
+            + bytes([0x80, 0x80, 0x80, 0x64])
+            + bytes(200 << 20)
+        )
+        opts = [("grpc.max_send_message_length", -1)]
+        before = _vm_kib(proc.pid, "VmHWM")
+        codes: dict[int, set[grpc.StatusCode]] = {port: set(), health_port: set()}
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) as main,
+            grpc.insecure_channel(f"127.0.0.1:{health_port}", options=opts) as open_,
+        ):
+
+            def check(ch: grpc.Channel, p: int, payload: bytes) -> None:
+                try:
+                    ch.unary_unary("/grpc.health.v1.Health/Check")(payload, timeout=60)
+                except grpc.RpcError as exc:
+                    codes[p].add(exc.code())
+
+            threads = [
+                threading.Thread(target=check, args=(ch, p, payload))
+                for ch, p in ((main, port), (open_, health_port))
+                for payload in (huge, padded, huge, padded)
+            ]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            rise_mib = (_vm_kib(proc.pid, "VmHWM") - before) / 1024
+            assert codes == {port: {grpc.StatusCode.UNAUTHENTICATED}, health_port: {grpc.StatusCode.RESOURCE_EXHAUSTED}}
+            assert rise_mib < 64, f"the server's peak RSS rose {rise_mib:.0f} MiB for eight refused 200 MiB checks"
+            stub = health_pb2_grpc.HealthStub(open_)
+            for name in ("", "floworacle.v1.FlowOracle", "floworacle.v1.FlowOracle/digits"):
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # an unknown name: NOT_FOUND that lists no data set to a stranger and echoes a bounded name
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Check(health_pb2.HealthCheckRequest(service="y" * 3000), timeout=10)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "digits" not in e.value.details() and len(e.value.details()) < 400, e.value.details()
+            assert "3000 characters" in e.value.details()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_revoking_a_token_ends_the_streams_opened_with_it(tmp_path: Path, digits):
     x, _ = digits
     xt, t, ref = _query(x)
@@ -555,7 +651,7 @@ def test_sighup_without_tokens_is_logged_and_ignored(digits):
             proc.wait()
 
 
-def test_metrics_follow_the_grpc_host_and_can_require_tls_and_a_token(pki: Pki, tokens_file: Path):
+def test_metrics_follow_the_grpc_host_and_can_require_tls_and_a_token(pki: Pki, tokens_file: Path, capfd):
     import http.client
     import ssl
     import urllib.request
@@ -583,10 +679,16 @@ def test_metrics_follow_the_grpc_host_and_can_require_tls_and_a_token(pki: Pki, 
         assert status == 200 and "floworacle_requests_total" in body
         assert get(None) == (401, get(None)[1]) and "requires authentication" in get(None)[1]
         assert get("wrong-token")[0] == 401
-        plain = http.client.HTTPConnection("127.0.0.1", srv.server.metrics_port, timeout=5)
-        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
-            plain.request("GET", "/metrics")
-            plain.getresponse().read()
+        capfd.readouterr()
+        for _ in range(3):
+            plain = http.client.HTTPConnection("127.0.0.1", srv.server.metrics_port, timeout=5)
+            with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+                plain.request("GET", "/metrics")
+                plain.getresponse().read()
+        assert get(TOKENS[1])[0] == 200  # and the endpoint goes on
+        # a plaintext request to the HTTPS port is the client's mistake: no traceback in the log
+        logged = capfd.readouterr()
+        assert "Traceback" not in logged.err + logged.out, logged.err
     with pytest.raises(ValidationError, match="metrics_tls"):
         Settings(metrics_tls=True)
     with pytest.raises(ValidationError, match="metrics_auth"):

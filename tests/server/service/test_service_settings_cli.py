@@ -103,6 +103,12 @@ def test_tune_allocator_flag_and_environment():
         ({"dtype": "int8"}, "dtype"),
         ({"data": ["a=x.npy", "a=y.npy"]}, "given twice"),
         ({"data": ["a.npy", "b.npy"], "labels": ["l.npy"]}, "exactly one data set"),
+        # a --labels name that names no data set (a typo) would serve that set without classes
+        ({"data": ["imagenet=/d"], "labels": ["imagnet=/l.npy"]}, "'imagnet', which no data argument gives"),
+        ({"data": ["/data/cifar.npy"], "labels": ["cifar10=/l.npy"]}, "the data sets are 'cifar'"),
+        ({"labels": ["mnist=/l.npy"]}, "the data sets are 'digits'"),
+        ({"data": ["a=x", "b=y"], "labels": ["a=l.npy", "a=m.npy"]}, "labels are given twice"),
+        ({"health_port": 50051}, "is the gRPC port"),
         ({"max_batch_rows": 0}, "max_batch_rows"),
     ],
 )

@@ -1,13 +1,15 @@
 """Kubernetes exec probe for a Flow Oracle server whose gRPC port speaks TLS (the kubelet's native gRPC
 probe speaks plaintext only): asks grpc.health.v1 for a service name (default "", the server as a whole)
-on 127.0.0.1:$FLOWORACLE_PORT and exits 0 only when the answer is SERVING, else 1 with the reason on
-stdout (the kubelet records it in the pod's events).
+on 127.0.0.1:$FLOWORACLE_HEALTH_PORT (the open health server; $FLOWORACLE_PORT when that is unset) and
+exits 0 only when the answer is SERVING, else 1 with the reason on stdout (the kubelet records it in the
+pod's events).
 
     python grpc_health_tls.py CA_FILE SERVER_NAME [--service NAME] [--cert PEM --key PEM] [--timeout S]
 
 SERVER_NAME is checked against the server certificate (the probe dials an IP address, so the name is
 given explicitly); --cert/--key present a client certificate to a server that requires one
-(--tls-client-ca). Health checks need no bearer token.
+(--tls-client-ca). Health checks on the health port need no bearer token (on the gRPC port they do
+when the server has tokens).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cert", help="PEM client certificate (mutual TLS)")
     p.add_argument("--key", help="PEM key of --cert")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds for the whole check")
-    p.add_argument("--port", type=int, default=int(os.environ.get("FLOWORACLE_PORT", "50051")))
+    default_port = os.environ.get("FLOWORACLE_HEALTH_PORT") or os.environ.get("FLOWORACLE_PORT") or "50051"
+    p.add_argument("--port", type=int, default=int(default_port))
     args = p.parse_args(argv)
     if (args.cert is None) != (args.key is None):
         p.error("--cert and --key go together")
