@@ -366,15 +366,21 @@ def knn_target(
     step = max(1, block_bytes // max(1, width * d * 8))
     for q0 in range(0, b, step):
         q1 = min(b, q0 + step)
-        xs = ds.x[rows_all[q0:q1]].to(torch.float64)  # (c, k + m, D)
-        diff = xt[q0:q1, None, :] - a[q0:q1, None, None] * xs
-        logit = -(diff * diff).sum(dim=2) / (2.0 * s[q0:q1, None] ** 2)
-        del diff
+        rr = rows_all[q0:q1]
+        c = rr.shape[0]
+        xs = torch.index_select(ds.x, 0, rr.reshape(-1)).to(torch.float64).reshape(c, width, d)  # (c, k + m, D)
+        a_c = a[q0:q1]
+        pos = a_c > 0
+        # ||x_t - alpha x_i||^2 = alpha^2 ||x_t / alpha - x_i||^2 from differences (cdist without the GEMM
+        # expansion, whose cancellation grows as 1 / sigma^2); at alpha = 0 every sample is ||x_t||^2 away
+        y = xt[q0:q1] / torch.where(pos, a_c, 1.0)[:, None]
+        dist = torch.cdist(y[:, None, :], xs, compute_mode="donot_use_mm_for_euclid_dist").squeeze(1)
+        d2 = torch.where(pos[:, None], (a_c[:, None] * dist) ** 2, (xt[q0:q1] ** 2).sum(dim=1)[:, None])
+        logit = -d2 / (2.0 * s[q0:q1, None] ** 2)
         if ds.log_weights is not None:
-            logit = logit + ds.log_weights[rows_all[q0:q1]]
+            logit = logit + ds.log_weights[rr]
         if kk:
-            last = logit[:, kk - 1]
-            kth[q0:q1] = torch.where(nb_found[q0:q1, kk - 1], last, kth[q0:q1])
+            kth[q0:q1] = torch.where(nb_found[q0:q1, kk - 1], logit[:, kk - 1], kth[q0:q1])
         ok = torch.cat([nb_ok[q0:q1], t_ok[q0:q1]], dim=1)
         logit = logit.masked_fill(~ok, -math.inf)
         top = logit.max(dim=1).values
@@ -394,13 +400,17 @@ def knn_target(
         share[q0:q1] = z_k / z
         z_k_all[q0:q1] = z_k
         top_all[q0:q1] = top
-        # delta method: the ratio's fluctuation is that of (R/m) sum_T e_j / Z, e_j = w_j (x_j - est)
+        # delta method: the ratio's fluctuation is that of (R/m) sum_T e_j / Z, e_j = w_j (x_j - est);
+        # sum_j ||e_j - e_mean||^2 = sum_j w_j^2 ||x_j - est||^2 - m ||e_mean||^2 from weighted sums of the rows
         m_c = m_b[q0:q1].to(torch.float64)
-        e = w_t[:, :, None] * (xs[:, kk:] - est[:, None, :])
-        e = e * t_ok[q0:q1, :, None]
-        e_mean = e.sum(dim=1) / m_c.clamp_min(1.0)[:, None]
-        dev_e = (e - e_mean[:, None, :]) * t_ok[q0:q1, :, None]
-        ss = (dev_e * dev_e).sum(dim=(1, 2))
+        xs_t = xs[:, kk:]
+        w2 = w_t * w_t
+        s1 = torch.bmm(w_t[:, None, :], xs_t).squeeze(1)  # sum_j w_j x_j
+        s2 = torch.bmm(w2[:, None, :], xs_t).squeeze(1)  # sum_j w_j^2 x_j
+        sq = ds.sq_norms[rr[:, kk:]]
+        sum_e2 = (w2 * sq).sum(dim=1) - 2.0 * (est * s2).sum(dim=1) + (est * est).sum(dim=1) * w2.sum(dim=1)
+        e_mean = (s1 - est * w_t.sum(dim=1)[:, None]) / m_c.clamp_min(1.0)[:, None]
+        ss = (sum_e2 - m_c * (e_mean * e_mean).sum(dim=1)).clamp_min(0.0)
         r_c = rest[q0:q1].to(torch.float64)
         fpc = 1.0 - m_c / r_c.clamp_min(1.0)
         v = (f * f * m_c * fpc * ss / (m_c - 1.0).clamp_min(1.0)) / (z * z)
