@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_nearest import clustered  # noqa: E402  (a sibling script: the same clustered set as the index benchmark)
+from bench_nearest import clustered
 
-from floworacle.paths import get_path  # noqa: E402
-from floworacle_server.data import build_index, load_index, read_manifest  # noqa: E402
-from floworacle_server.engine import OracleQuery, build_nearest_index, knn_oracle, oracle, posterior_nearest  # noqa: E402
+from floworacle.paths import get_path
+from floworacle_server.data import build_index, load_index, read_manifest
+from floworacle_server.engine import OracleQuery, build_nearest_index, knn_oracle, oracle, posterior_nearest
 
 _CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -76,7 +76,9 @@ def main() -> None:
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--b", type=int, default=256)
     ap.add_argument("--configs", default="128:128,512:512", help="k:m pairs, comma-separated")
-    ap.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: the index's, set for recall@10 0.99)")
+    ap.add_argument(
+        "--nprobe", type=int, default=None, help="IVF lists probed (default: the index's, set for recall@10 0.99)"
+    )
     ap.add_argument("--index", default="ivf", help="index spec for the first build (default ivf)")
     ap.add_argument("--repeat", type=int, default=3, help="alternating timed runs of each (default 3)")
     ap.add_argument("--buckets", type=int, default=8, help="t buckets of the error table")

@@ -493,9 +493,7 @@ def _blocks(width: int, dim: int) -> int:
     return max(1, _BLOCK_BYTES // max(1, width * dim * 8))
 
 
-def _minibatch(
-    ds: Dataset, xt: torch.Tensor, a: torch.Tensor, s: torch.Tensor, rows: torch.Tensor
-) -> torch.Tensor:
+def _minibatch(ds: Dataset, xt: torch.Tensor, a: torch.Tensor, s: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(Q, D) self-normalised means over the reference rows (Q, n), in blocks of queries."""
     out = torch.empty(xt.shape[0], ds.dim, dtype=torch.float64)
     step = _blocks(rows.shape[1], ds.dim)

@@ -48,7 +48,9 @@ def register_estimators(asub: Any) -> None:
     es.add_argument("--replicates", type=int, default=16, help="draws R of each estimator per query (default 16)")
     es.add_argument("--batch-sizes", default="64,256,1024", help="reference batch sizes n of STF and minibatch")
     es.add_argument("--knn", default="16,128", help="neighbour counts k of the kNN estimator (default 16,128)")
-    es.add_argument("--knn-tail", type=int, default=128, help="uniform tail samples m of the kNN estimator (default 128)")
+    es.add_argument(
+        "--knn-tail", type=int, default=128, help="uniform tail samples m of the kNN estimator (default 128)"
+    )
     es.add_argument("--knn-search", choices=("exact", "index"), default="exact",
                     help="the neighbours: exact search, or the data set's faiss index (`index build --nearest-index`)")  # fmt: skip
     es.add_argument("--nprobe", type=int, help="inverted lists an index search probes (default: the index's)")
@@ -86,9 +88,7 @@ def _estimators_cmd(args: argparse.Namespace) -> int:
         t_grid = parse_t_grid(args.t_grid, path.t_max)
         if t_grid[0] <= 0.0:
             raise ValueError("the t grid must start above 0: at t = 0 every estimator is the data mean")
-        specs = default_specs(
-            _ints(args.batch_sizes, "--batch-sizes"), _ints(args.knn, "--knn"), args.knn_tail
-        )
+        specs = default_specs(_ints(args.batch_sizes, "--batch-sizes"), _ints(args.knn, "--knn"), args.knn_tail)
         if args.data is not None and not Path(args.data).exists():
             raise ValueError(f"--data {args.data} does not exist")
         ds = load_dataset(args.data if args.data is not None else args.dataset, device=args.device)

@@ -234,7 +234,9 @@ def _tail_rows(
     big = torch.iinfo(torch.int64).max // 4
     s, _ = torch.where(removed_ok, removed, big).sort(dim=1)
     r = s.shape[1]
-    adj = torch.where(torch.arange(r, device=dev)[None, :] < count[:, None], s - lo[:, None] - torch.arange(r, device=dev), big)
+    adj = torch.where(
+        torch.arange(r, device=dev)[None, :] < count[:, None], s - lo[:, None] - torch.arange(r, device=dev), big
+    )
     pos = torch.arange(tail, device=dev).expand(b, tail).clone()
     used = pos < rest[:, None]
     sample = rest > tail
@@ -467,7 +469,6 @@ def knn_oracle(
         )
     ds = dataset
     xt = _queries(ds, query.x_t)
-    b = xt.shape[0]
     c = query.coeffs
     coef = torch.from_numpy(np.stack([c.alpha, c.sigma, c.velocity_x1, c.velocity_xt]).astype(np.float64)).to(ds.device)
     alpha, sigma, a_t, b_t = coef[0], coef[1], coef[2], coef[3]

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from oracle_reference import oracle_reference, posterior_weights
 
 from floworacle.paths import get_path
 from floworacle_server.data import Dataset, build_index, load_index
 from floworacle_server.engine import Guidance, OracleQuery, build_nearest_index, knn_oracle, knn_target
 from floworacle_server.engine._knn_target import _draw_distinct, _tail_rows
+from oracle_reference import oracle_reference, posterior_weights
 
 
 def _clustered(n: int, d: int, seed: int, clusters: int = 6) -> np.ndarray:
@@ -97,7 +97,9 @@ def test_bias_and_variance_fall_as_the_tail_grows() -> None:
     reps = 3000
     mse = []
     for m in (8, 64, 256):
-        r = knn_target(ds, torch.from_numpy(np.tile(xt, (reps, 1))), t, 1 - t, k=8, tail=m, exact=True, generator=_gen(m))
+        r = knn_target(
+            ds, torch.from_numpy(np.tile(xt, (reps, 1))), t, 1 - t, k=8, tail=m, exact=True, generator=_gen(m)
+        )
         e = r.x1_hat.numpy()
         mse.append(float(((e - ref) ** 2).sum(1).mean()))
         emp = float(((e - e.mean(0)) ** 2).sum(1).mean())
