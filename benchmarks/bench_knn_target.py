@@ -154,10 +154,11 @@ def main() -> None:
         err_c = np.linalg.norm(u_cond - u, axis=1) / norm_u
         pred = np.sqrt(est.variance.numpy()) / np.linalg.norm(xk, axis=1)
         share = est.neighbour_share.numpy()
+        bound = est.tail_bound.numpy()
         print()
         print(f"kNN k={k}, m={m}: error against the exact answer per t bucket ({b // args.buckets} queries each; "
               "relative L2 per query)")  # fmt: skip
-        head = ("t", "u med", "u max", "x1 med", "x1 max", "cond med", "share min", "share med", "sd med", "sd max")
+        head = ("t", "u med", "u max", "x1 med", "x1 max", "cond med", "share min", "sd med", "sd max", "bound med")
         rows_out = [head]
         for j in range(args.buckets):
             s = which == j
@@ -166,8 +167,8 @@ def main() -> None:
                 f"{np.median(err_u[s]):.1e}", f"{err_u[s].max():.1e}",
                 f"{np.median(err_x[s]):.1e}", f"{err_x[s].max():.1e}",
                 f"{np.median(err_c[s]):.1e}",
-                f"{share[s].min():.4f}", f"{np.median(share[s]):.4f}",
-                f"{np.median(pred[s]):.1e}", f"{pred[s].max():.1e}",
+                f"{share[s].min():.4f}", f"{np.median(pred[s]):.1e}", f"{pred[s].max():.1e}",
+                f"{np.median(bound[s]):.1e}",
             ))  # fmt: skip
         widths = [max(len(r[i]) for r in rows_out) for i in range(len(head))]
         for i, r in enumerate(rows_out):
@@ -177,13 +178,15 @@ def main() -> None:
         # do the indicators flag the queries the estimate gets wrong?
         for level in (1e-3, 1e-6):
             bad = err_x > level
-            flagged = (share < 1.0 - level) | (pred > level)
+            flagged = (share < 1.0 - level) | (pred > level) | (bound > level)
             print(f"  x1 error > {level:g}: {int(bad.sum())} of {b} queries, {int((bad & flagged).sum())} of them flagged "
-                  f"(share < 1 - {level:g} or sd > {level:g}); flagged without such an error: {int((~bad & flagged).sum())}")  # fmt: skip
+                  f"(share < 1 - {level:g}, sd or bound > {level:g}); flagged without such an error: "
+                  f"{int((~bad & flagged).sum())}")  # fmt: skip
     print()
     print("u: ||u_knn - u|| / ||u||; x1: the same for x1_hat; cond: ||(x1 - x0) - u|| / ||u||, the conditional target; "
           "share: estimated weight on the neighbours; sd: sqrt(variance) / ||x1_hat||, the relative error the target "
-          "predicts for its x1_hat")  # fmt: skip
+          "predicts for its x1_hat; bound: tail_bound, the most weight outside the neighbours if the index found the "
+          "k nearest")  # fmt: skip
 
 
 if __name__ == "__main__":

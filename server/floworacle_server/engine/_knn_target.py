@@ -30,9 +30,12 @@ Per query the estimate reports what it cannot claim (it never claims exactness):
   sample cannot estimate it (m = 1 < R). First order: it follows the
   estimator's variance within ~10 % from m = 64 on, and runs low for small tails (about half of
   it at m = 8 on clustered data, where a few tail samples carry most of the weight);
-- ``tail_bound`` (exact search only): every sample outside K has a logit at most that of the
-  k-th neighbour l_k, so the exact posterior's weight outside K is at most
-  ``R e^{l_k} / (Z_K + R e^{l_k})``: a certificate of near-exactness in the refinement stage.
+- ``tail_bound``: if K holds the k samples of largest weight, every sample outside it has a logit
+  at most that of the k-th neighbour l_k, so the exact posterior's weight outside K is at most
+  ``R e^{l_k} / (Z_K + R e^{l_k})``. With the exact search this is a certificate (of
+  near-exactness in the refinement stage); through an index it holds where the index found the
+  true k nearest (its recall), and it still flags a neighbour set too small for a spread
+  posterior, which the tail's share and variance miss when no tail sample lands in the bulk.
 
 Logits are computed from differences in float64, ``l_i = log p_i - ||x_t - alpha x_i||^2 / (2 sigma^2)``.
 """
@@ -69,7 +72,8 @@ class KnnTarget:
         variance: (B,) float64 estimated ``E ||x1_est - E x1_est||^2`` over the tail draw (trace;
             delta method; 0 when the tail is the whole rest or m = 0, +inf when m = 1 < R).
         tail_bound: (B,) float64 upper bound on the exact posterior weight outside the neighbour
-            set (exact search only; None when the neighbours came from an index, which may miss one).
+            set: certified with the exact search; with an index (``approximate``) conditional on
+            its having found the k nearest.
         neighbours: (B,) int64 neighbours used (fewer than k for a class-conditional query whose
             global neighbours include other classes).
         tail: (B,) int64 tail samples drawn, m (or R when the rest is smaller).
@@ -80,7 +84,7 @@ class KnnTarget:
     x1_hat: torch.Tensor
     neighbour_share: torch.Tensor
     variance: torch.Tensor
-    tail_bound: torch.Tensor | None
+    tail_bound: torch.Tensor
     neighbours: torch.Tensor
     tail: torch.Tensor
     population: torch.Tensor
@@ -273,7 +277,7 @@ def knn_target(
         k: neighbours per query (0..N; searched in posterior order, see the module docstring).
         tail: m, uniform samples from the rest per query (>= 0; k + m >= 1). m = 0 drops the rest:
             the estimate is then the neighbours' posterior, its share 1 by construction, and only
-            ``tail_bound`` (exact search) says what was left out.
+            ``tail_bound`` says what was left out.
         labels: (B,) int64 classes (-1: unconditional): the posterior over that class's samples.
             The neighbours are the class's members among the k global ones.
         exclude: (B,) int64 caller's indices (-1: none): that sample is out of the query's
@@ -421,14 +425,11 @@ def knn_target(
         v = torch.where(fixed, 0.0, torch.where(m_c <= 1.0, math.inf, v))
         var[q0:q1] = v
 
-    tail_bound: torch.Tensor | None = None
-    if not approximate:
-        # rest's logits <= the k-th neighbour's: weight outside K <= R e^{l_k} / (Z_K + R e^{l_k})
-        r64 = rest.to(torch.float64)
-        mass = r64 * torch.exp(kth - top_all)
-        bound = mass / (z_k_all + mass)
-        bound = torch.where(rest == 0, 0.0, torch.where(torch.isfinite(kth), bound, 1.0))
-        tail_bound = torch.nan_to_num(bound, nan=1.0)
+    # the rest's logits <= the k-th neighbour's: weight outside K <= R e^{l_k} / (Z_K + R e^{l_k})
+    mass = rest.to(torch.float64) * torch.exp(kth - top_all)
+    bound = mass / (z_k_all + mass)
+    bound = torch.where(rest == 0, 0.0, torch.where(torch.isfinite(kth), bound, 1.0))
+    tail_bound = torch.nan_to_num(bound, nan=1.0)
     return KnnTarget(
         x1_hat=x1,
         neighbour_share=share,

@@ -150,7 +150,6 @@ def test_study_figures_on_small_data(tmp_path: Path) -> None:
     # costs: rows read per query / N
     assert c["conditional"].cost == 0 and c["minibatch n=40"].cost == pytest.approx(0.25)
     assert c["knn k=8 m=32"].cost == pytest.approx(1 + 40 / 160)
-    assert all(cv.time_fraction is not None and cv.time_fraction >= 0 for cv in rep.curves)
     out = rep.to_json()
     json.dumps(out, allow_nan=False)
     assert [e["name"] for e in out["estimators"]] == [s.name for s in specs]

@@ -48,7 +48,7 @@ def test_exact_when_neighbours_and_tail_cover_the_support(t: float) -> None:
         assert (r.population == 50 - r.neighbours).all()
         assert (r.neighbours == k).all()  # at alpha = 0 (t = 0) any k samples are the k nearest
         if k == 50:
-            assert (r.neighbour_share == 1).all() and r.tail_bound is not None and (r.tail_bound == 0).all()
+            assert (r.neighbour_share == 1).all() and (r.tail_bound == 0).all()
 
 
 def _enumerate(x: np.ndarray, xt: np.ndarray, t: float, k: int, m: int) -> tuple[np.ndarray, float]:
@@ -117,7 +117,6 @@ def test_tail_bound_holds_and_refinement_is_near_exact(t: float) -> None:
     w = posterior_weights(x, xt, np.full(b, t), np.full(b, 1 - t))
     ref = w @ x.astype(np.float64)
     r = knn_target(ds, torch.from_numpy(xt), t, 1 - t, k=16, tail=16, exact=True, generator=_gen(2))
-    assert r.tail_bound is not None
     outside = 1.0 - np.sort(w, axis=1)[:, ::-1][:, :16].sum(1)
     assert np.all(outside <= r.tail_bound.numpy() * (1 + 1e-9) + 1e-15)
     if t == 0.9:  # refinement: the neighbours carry the posterior
@@ -192,7 +191,7 @@ def test_sample_weights_enter_the_logits() -> None:
     # the bound uses the posterior order (weights included): still a bound
     r = knn_target(ds, torch.from_numpy(xt), t, 1 - t, k=10, tail=0, exact=True)
     top = np.sort(ref.weights, axis=1)[:, ::-1][:, :10].sum(1)
-    assert r.tail_bound is not None and np.all(1 - top <= r.tail_bound.numpy() * (1 + 1e-9) + 1e-15)
+    assert np.all(1 - top <= r.tail_bound.numpy() * (1 + 1e-9) + 1e-15)
 
 
 def test_oracle_outputs_and_guidance() -> None:
@@ -249,6 +248,12 @@ def test_rejects_bad_arguments() -> None:
         knn_target(ds, xt, 0.5, 0.5, k=2, tail=2, labels=torch.tensor([0, -1]))
 
 
+def _rows(ds: Dataset, xt: np.ndarray, t: float, exact: bool) -> list[list[int]]:
+    from floworacle_server.engine import posterior_nearest
+
+    return posterior_nearest(ds, torch.from_numpy(xt), t, 1 - t, k=32, exact=exact).indices.tolist()
+
+
 def test_through_an_ivf_index(tmp_path: Path) -> None:
     x = _clustered(3000, 16, 18, clusters=30)
     build_index(x, tmp_path / "idx", progress=False)
@@ -258,9 +263,19 @@ def test_through_an_ivf_index(tmp_path: Path) -> None:
     for t, tol in ((0.9, 1e-9), (0.5, None)):
         xt = _queries(x, t, b, 19)
         r = knn_target(ds, torch.from_numpy(xt), t, 1 - t, k=32, tail=64, exact=False, generator=_gen(9))
-        assert r.approximate and r.tail_bound is None
+        assert r.approximate
         ref = posterior_weights(x, xt, np.full(b, t), np.full(b, 1 - t)) @ x.astype(np.float64)
         err = np.abs(r.x1_hat.numpy() - ref).max() / np.abs(ref).max()
+        # where the index found the true k nearest, its tail bound is the certified one
+        w = posterior_weights(x, xt, np.full(b, t), np.full(b, 1 - t))
+        exact = knn_target(ds, torch.from_numpy(xt), t, 1 - t, k=32, tail=64, exact=True, generator=_gen(9))
+        same = np.array(
+            [set(a) == set(c) for a, c in zip(_rows(ds, xt, t, False), _rows(ds, xt, t, True), strict=True)]
+        )
+        assert same.sum() >= b // 2
+        np.testing.assert_allclose(r.tail_bound.numpy()[same], exact.tail_bound.numpy()[same], rtol=1e-12)
+        outside = 1 - np.sort(w, axis=1)[:, ::-1][:, :32].sum(1)
+        assert np.all(outside[same] <= r.tail_bound.numpy()[same] * (1 + 1e-9) + 1e-15)
         if tol is not None:
             assert err < tol and float(r.neighbour_share.min()) > 1 - 1e-9
         else:  # the estimate is an estimate: its error is of the order its variance says
