@@ -29,6 +29,13 @@ samples whose nearest and second-nearest training samples (d1 <= d2) flag a copy
 mean distance of the model's samples to their nearest held-out sample, beside the same for
 training samples.
 
+Mixed sampling (:meth:`ModelStudy.mixed`, Liu et al. Fig. 5): the same noise integrated with the
+training-set oracle up to a switch time and with the model after it
+(``floworacle.sampling.integrate_mixed``); per switch time the share of copies and the distance
+to the nearest training sample. Switching before the data set's navigation -> refinement point
+leaves the model room to make new samples; after it the oracle has already picked the training
+sample the path ends on.
+
 A data set is anything with the :class:`StudyData` methods: :class:`ClientData` asks a server
 (one per set, or two names on one server); ``floworacle analyze model`` runs the same study
 in-process through an engine adapter. numpy only; torch is imported when the model is a torch
@@ -47,7 +54,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from floworacle import paths
-from floworacle.sampling import METHODS, integrate
+from floworacle.sampling import METHODS, integrate, integrate_mixed
 
 __all__ = [
     "DEFAULT_T_GRID",
@@ -59,6 +66,7 @@ __all__ = [
     "StudyConfig",
     "ModelStudy",
     "ModelStudyReport",
+    "MixedSamplingReport",
     "as_velocity",
     "first_below",
     "model_study",
@@ -530,6 +538,71 @@ DEFINITIONS = {
 }
 
 
+@dataclass
+class MixedSamplingReport:
+    """Copies of training samples when the oracle samples up to a switch time and the model after it.
+
+    Attributes:
+        switches: (S,) the switch times (0: the model alone; >= the grid's end: the oracle alone).
+        copy_share: (S,) share of samples with d1 / d2 < threshold (d1 <= d2: their two nearest
+            training samples).
+        copies: (S,) counts of those.
+        nearest_train_mean, nearest_train_median: (S,) d1 over the samples (their distance to the
+            nearest training sample).
+        nearest_heldout_mean: (S,) mean distance to the nearest held-out sample.
+        info: count, threshold, sampler, baseline (held-out samples' copy share and d1 mean).
+        samples: ``samples[j]`` (count, D) the samples of switch j (not in JSON).
+    """
+
+    switches: np.ndarray
+    copy_share: np.ndarray
+    copies: np.ndarray
+    nearest_train_mean: np.ndarray
+    nearest_train_median: np.ndarray
+    nearest_heldout_mean: np.ndarray
+    info: dict[str, Any]
+    samples: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.info,
+            "switches": [float(v) for v in self.switches],
+            "copy_share": [float(v) for v in self.copy_share],
+            "copies": [int(v) for v in self.copies],
+            "nearest_train_mean": [float(v) for v in self.nearest_train_mean],
+            "nearest_train_median": [float(v) for v in self.nearest_train_median],
+            "nearest_heldout_mean": [float(v) for v in self.nearest_heldout_mean],
+            "definitions": {
+                "mixed": "the training-set oracle integrates from noise (t = 0) to the switch time, the model from "
+                "there to the end; the same noise for every switch",
+                "copy_share": "share of samples with d1 / d2 < threshold, d1 <= d2 the distances to the two nearest "
+                "training samples",
+                "nearest_train": "d1, the distance to the nearest training sample (mean and median over the samples)",
+            },
+        }
+
+    def summary(self) -> str:
+        """A table: per switch time, copies, their share, d1 mean and median, nearest held-out mean."""
+        head = ("switch t", "copies", "copy share", "d1 mean", "d1 median", "held-out d mean")
+        rows: list[tuple[str, ...]] = [head]
+        for j, sw in enumerate(self.switches):
+            rows.append((
+                f"{sw:.3f}", f"{int(self.copies[j])}/{self.info['count']}", f"{self.copy_share[j]:.4f}",
+                f"{self.nearest_train_mean[j]:.4g}", f"{self.nearest_train_median[j]:.4g}",
+                f"{self.nearest_heldout_mean[j]:.4g}",
+            ))  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        b = self.info["baseline"]
+        lines.insert(0, "mixed sampling: the training-set oracle up to the switch time, the model after it "
+                     f"({self.info['sampler']['method']}, {self.info['sampler']['steps']} steps)")  # fmt: skip
+        lines.append(f"(d1: distance to the nearest training sample; copies: d1/d2 < {self.info['threshold']:.4g}; "
+                     f"held-out samples: copy share {b['heldout_copy_share']:.4f}, d1 mean "
+                     f"{b['heldout_nearest_train_mean']:.4g})")  # fmt: skip
+        return "\n".join(lines)
+
+
 # -- the study ------------------------------------------------------------------------------
 
 
@@ -754,6 +827,72 @@ class ModelStudy:
             sample_noise=self._noise.copy(),
             baseline_rows=dict(base["_rows"]),
             copy_ratios={"model": ratio, "heldout": base["_heldout_ratios"]},
+        )
+
+    def mixed(
+        self,
+        model: Any,
+        switches: Sequence[float],
+        *,
+        inputs: str = "auto",
+        convention: str = "standard",
+    ) -> MixedSamplingReport:
+        """Sample with the training-set oracle up to each switch time and ``model`` after it.
+
+        The noise is the study's own (``num_samples`` draws), so switch = 0 gives :meth:`run`'s
+        model samples; the sampler is the configured one (steps, method, shift), split at the
+        switch (:func:`floworacle.sampling.integrate_mixed`).
+
+        Raises:
+            ValueError: no switch times, or one outside [0, 1].
+        """
+        cfg = self.config
+        sw = np.asarray(list(switches), dtype=np.float64)
+        if sw.ndim != 1 or sw.size == 0 or not np.all((sw >= 0) & (sw <= 1)):
+            raise ValueError(f"switch times must be a non-empty list of values in [0, 1], got {list(switches)}")
+        velocity = as_velocity(
+            model, self.train.sample_shape, inputs=inputs, convention=convention, batch_rows=cfg.batch_rows
+        )
+
+        def oracle(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+            return self._call(self.train, x, t, None)
+
+        base = self._baselines()
+        shares, copies, d1_mean, d1_median, ho_mean, samples = [], [], [], [], [], []
+        for s in sw:
+            x = integrate_mixed(oracle, velocity, self._noise.copy(), float(s), steps=cfg.steps, method=cfg.method,
+                                shift=cfg.shift)  # fmt: skip
+            x = _as_float64(x).reshape(self._noise.shape[0], self.dim)
+            if not np.isfinite(x).all():
+                raise ValueError(f"the samples of switch t = {s:g} contain NaN or Inf; check the model")
+            near = self._nearest(self.train, x, 2)
+            near_ho = self._nearest(self.heldout, x, 1)
+            is_copy = _ratio(near.distances) < cfg.threshold
+            shares.append(float(is_copy.mean()))
+            copies.append(int(is_copy.sum()))
+            d1_mean.append(float(near.distances[:, 0].mean()))
+            d1_median.append(float(np.median(near.distances[:, 0])))
+            ho_mean.append(float(near_ho.distances[:, 0].mean()))
+            samples.append(x)
+            self._tick()
+        info = {
+            "count": int(self._noise.shape[0]),
+            "threshold": float(cfg.threshold),
+            "sampler": {"method": cfg.method, "steps": cfg.steps, "shift": cfg.shift},
+            "baseline": {
+                "heldout_copy_share": base["heldout_copy_share"],
+                "heldout_nearest_train_mean": base["heldout_nearest_train_mean"],
+            },
+        }
+        return MixedSamplingReport(
+            switches=sw,
+            copy_share=np.array(shares),
+            copies=np.array(copies, dtype=np.int64),
+            nearest_train_mean=np.array(d1_mean),
+            nearest_train_median=np.array(d1_median),
+            nearest_heldout_mean=np.array(ho_mean),
+            info=info,
+            samples=samples,
         )
 
 

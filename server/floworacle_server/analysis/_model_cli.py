@@ -78,6 +78,13 @@ def register_model(asub: Any) -> None:
         action="store_true",
         help="also measure the training set's t_switch_50 / t_switch_99 (as `analyze transition` does) to compare",
     )
+    mo.add_argument(
+        "--mixed",
+        metavar="T1,T2,...",
+        help="also sample with the training-set oracle up to each switch time and the model after it (the seed "
+        "paper's Fig. 5): per switch the share of copies and the distance to the nearest training sample "
+        "(0 = the model alone, 1 = the oracle alone)",
+    )
     mo.add_argument("--json", help="write the report here")
     mo.add_argument("--plot", help="write the figure (PNG) here")
     mo.add_argument("--device", default="cpu", help="where to load the data (cpu, cuda, ...)")
@@ -125,19 +132,39 @@ def _model_cmd(args: argparse.Namespace) -> int:
             **grid,
         )
         config.validated()
+        switches = None
+        if args.mixed is not None:
+            try:
+                switches = [float(v) for v in args.mixed.split(",") if v.strip()]
+            except ValueError:
+                raise ValueError(
+                    f"--mixed {args.mixed!r}: write comma-separated switch times, e.g. 0,0.2,0.5,1"
+                ) from None
+            if not switches or not all(0.0 <= v <= 1.0 for v in switches):
+                raise ValueError(
+                    f"--mixed {args.mixed!r}: switch times lie in [0, 1] (0 = the model alone, 1 = the oracle)"
+                )
         model = load_model(args.model)
         train, held = _load_pair(args)
         with tqdm(desc="model study", unit="step", disable=args.no_progress) as bar:
             study = ModelStudy(EngineData(train), EngineData(held), config, progress=bar.update)
-            bar.total = study.work_units
+            bar.total = study.work_units + (len(switches) if switches else 0)
             report = study.run(model, inputs=args.inputs, convention=args.convention, name=args.model)
+            mixed = None
+            if switches:
+                mixed = study.mixed(model, switches, inputs=args.inputs, convention=args.convention)
         out = report.to_json()
+        if mixed is not None:
+            out["mixed"] = mixed.to_json()
         data_switch = None
         if args.transition:
             curve = transition_curve(train, parse_t_grid(DEFAULT_T_GRID, path.t_max), path=path, seed=args.seed)
             data_switch = {"t_switch_50": curve.t_switch_50, "t_switch_99": curve.t_switch_99}
             out["data_switch"] = {**data_switch, "t_grid": DEFAULT_T_GRID, "queries_per_t": 256}
         print(report.summary())
+        if mixed is not None:
+            print()
+            print(mixed.summary())
         if data_switch is not None:
             print(
                 "data set's switch (analyze transition): "

@@ -1,4 +1,4 @@
-"""``floworacle analyze transition | advice | memorization | model``: the analysis tools on the command line.
+"""``floworacle analyze transition | advice | memorization | model | estimators``: the analysis tools on the command line.
 
 Each command works in-process on a data set it loads (``--data`` / ``--dataset`` / ``--synthetic``);
 ``transition`` and ``advice`` can instead query a running server (``--server``). Results go to
@@ -106,6 +106,10 @@ def register(sub: Any) -> None:
     from floworacle_server.analysis._model_cli import register_model
 
     register_model(asub)
+
+    from floworacle_server.analysis._estimators_cli import register_estimators
+
+    register_estimators(asub)
 
 
 def _data_options(p: argparse.ArgumentParser, *, with_from: bool) -> None:

@@ -8,7 +8,8 @@ It takes the protocol's queries as they are (:class:`floworacle.protocol.OracleQ
 float64 and fast passes), ``_partials`` (mergeable sums), ``_passes`` (routing), ``_assemble``
 (the outputs), ``_merge`` (merging partials through collectives: the hook a gang plugs into),
 ``_space`` / ``_knn`` / ``_ann`` / ``_nearest`` / ``_backend`` (nearest samples), ``_index_build``
-(faiss indexes), ``_flush`` (flush-to-zero), ``_diagnostics`` (the entropy's and ESS's bounds).
+(faiss indexes), ``_flush`` (flush-to-zero), ``_diagnostics`` (the entropy's and ESS's bounds), ``_knn_target`` (the sublinear
+nearest-neighbour estimate).
 """
 
 from floworacle.protocol import Guidance, NearestQuery, OracleQuery
@@ -24,6 +25,7 @@ from floworacle_server.engine._bounds import DENSE_LOGIT_TOL, REACH_MARGIN, SCRE
 from floworacle_server.engine._config import CPU, CUDA, EngineConfig
 from floworacle_server.engine._flush import FlushState, flush_denormals
 from floworacle_server.engine._index_build import IndexSpec, build_nearest_index, parse_index_spec
+from floworacle_server.engine._knn_target import KNN_OUTPUTS, KnnOracleResult, KnnTarget, knn_oracle, knn_target
 from floworacle_server.engine._merge import Collective, CollectiveMerge
 from floworacle_server.engine._nearest import merge_nearest, nearest, posterior_nearest, ranking_keys, search
 from floworacle_server.engine._partials import Partials, Posterior
@@ -33,6 +35,7 @@ __all__ = [
     "CPU",
     "CUDA",
     "DENSE_LOGIT_TOL",
+    "KNN_OUTPUTS",
     "NEAREST_BACKENDS",
     "REACH_MARGIN",
     "SCREEN_DTYPES",
@@ -42,6 +45,8 @@ __all__ = [
     "FlushState",
     "Guidance",
     "IndexSpec",
+    "KnnOracleResult",
+    "KnnTarget",
     "NearestInfo",
     "NearestQuery",
     "NearestResult",
@@ -55,6 +60,8 @@ __all__ = [
     "choose_backend",
     "compute_partials",
     "flush_denormals",
+    "knn_oracle",
+    "knn_target",
     "merge_nearest",
     "nearest",
     "nearest_info",

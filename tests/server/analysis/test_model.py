@@ -316,3 +316,54 @@ def test_readme_walkthrough_example(tmp_path: Path, monkeypatch, capsys) -> None
                "--queries-per-t", "8", "--samples", "20", "--steps", "4", "--t-grid", "0.3,0.9", "--no-progress"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     assert "model switch" in capsys.readouterr().out
+
+
+def test_mixed_sampling_matches_a_float64_reference(setup: Setup, tmp_path: Path, capsys) -> None:
+    """Oracle up to the switch, model after it: the study's samples equal a midpoint ODE written here
+    (brute-force oracle, the model called directly), copies and distances a brute-force search."""
+    held = Dataset.from_arrays("held", setup.held.astype(np.float32).reshape(-1, *SHAPE))
+    train = Dataset.from_arrays("train", setup.train.astype(np.float32).reshape(-1, *SHAPE))
+    study = ModelStudy(EngineData(train), EngineData(held), CONFIG)
+    rep = study.run(setup.model)
+    switches = [0.0, 0.35, 0.7, 1.0]
+    mixed = study.mixed(setup.model, switches)
+    assert rep.generated is not None and rep.sample_noise is not None
+    np.testing.assert_array_equal(mixed.samples[0], rep.generated)  # switch 0: the model's own samples
+    grid = np.linspace(0.0, 1.0 - 1e-4, STEPS + 1)
+    for j, sw in enumerate(switches):
+        g = grid if sw in (0.0, 1.0) else np.sort(np.append(grid, sw))
+        x = rep.sample_noise.copy()
+        for t0, t1 in zip(g[:-1], g[1:], strict=True):
+            h = t1 - t0
+
+            def f(z: np.ndarray, t: float, before: bool = t0 < sw) -> np.ndarray:
+                return linear_velocity(setup.train, z, t) if before else _model_u(setup.model, z, t)
+
+            x = x + h * f(x + 0.5 * h * f(x, t0), t0 + 0.5 * h)
+        np.testing.assert_allclose(mixed.samples[j], x, rtol=1e-5, atol=1e-5)
+        _, d = brute_knn2(setup.train, x)
+        ratio = d[:, 0] / d[:, 1]
+        assert mixed.copies[j] == int((ratio < 1 / 3).sum())
+        assert mixed.copy_share[j] == pytest.approx(float((ratio < 1 / 3).mean()))
+        assert mixed.nearest_train_mean[j] == pytest.approx(float(d[:, 0].mean()), rel=1e-5)
+        assert mixed.nearest_train_median[j] == pytest.approx(float(np.median(d[:, 0])), rel=1e-5)
+        assert mixed.nearest_heldout_mean[j] == pytest.approx(brute_nearest(setup.held, x).mean(), rel=1e-5)
+    # the oracle's samples are copies of training samples; the switch moves the share between the two ends
+    assert mixed.copy_share[-1] > 0.9 and mixed.copy_share[-1] > mixed.copy_share[0]
+    assert mixed.nearest_train_mean[-1] < 0.1 * mixed.nearest_train_mean[0]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        study.mixed(setup.model, [0.5, 1.2])
+
+    out = tmp_path / "mixed.json"
+    rc = main(
+        _cli(setup, "--heldout-data", str(setup.dir / "heldout.npy"), "--mixed", "0,0.35,0.7,1", "--json", str(out))
+    )
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "mixed sampling: the training-set oracle up to the switch time" in printed
+    js = json.loads(out.read_text())["mixed"]
+    assert js["switches"] == switches and js["count"] == SAMPLES
+    np.testing.assert_allclose(js["copy_share"], mixed.copy_share)
+    np.testing.assert_allclose(js["nearest_train_mean"], mixed.nearest_train_mean, rtol=1e-9)
+    assert main(_cli(setup, "--heldout-data", str(setup.dir / "heldout.npy"), "--mixed", "0,2")) == 2
+    assert "switch times lie in [0, 1]" in capsys.readouterr().err
