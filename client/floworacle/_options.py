@@ -29,7 +29,10 @@ class OracleOptions(TypedDict, total=False):
         exclude: (B,) int data set index per query left out of its posterior (-1: none).
         guidance: CFG scale w: ``u + w (u(x | y) - u)`` (needs labels).
         guidance_interval: (t_lo, t_hi) where guidance applies (default the whole path).
-        precision: "exact" (float64-accurate, default) or "fast" (with an error bound).
+        precision: "exact" (float64-accurate, default), "fast" (with an error bound) or "knn" (a
+            sublinear estimate through the data set's faiss index, with indicators, never exact).
+        knn_k, knn_tail: precision "knn": the neighbours and the uniformly drawn tail samples per
+            query (1..1024 each; default 128).
         convention: "standard" (t = 0 noise) or "reversed" (SD3 / Flux: s = 1 noise; t holds s and
             the velocity comes back as the reversed target noise - data).
         wire_dtype: float dtype of x_t and of the answers on the wire (None: the client's default).
@@ -46,6 +49,8 @@ class OracleOptions(TypedDict, total=False):
     guidance: float | None
     guidance_interval: tuple[float, float] | None
     precision: str
+    knn_k: int | None
+    knn_tail: int | None
     convention: str
     wire_dtype: str | None
     timeout: float | None

@@ -22,6 +22,7 @@ from floworacle._results import DatasetInfo, NearestIndexInfo, Neighbors, Predic
 from floworacle.protocol import (
     BOUND_FIELDS,
     FLOAT_DTYPES,
+    KNN_FIELDS,
     MESSAGE_OVERHEAD,
     OUTPUTS,
     CodecError,
@@ -217,7 +218,7 @@ def build_oracle(
     request_row = dim * x.dtype.itemsize + 8 * 7 + 32
     response_row = n_sample * dim * x.dtype.itemsize + q.top_k * 16 + 8 * 6 + 32
     requests = _chunked(q, request_row, response_row, max_message_bytes, max_request_rows)
-    fields = [f for o in OUTPUTS for f in o.fields if o.kind != "sample"] + list(BOUND_FIELDS)
+    fields = [f for o in OUTPUTS for f in o.fields if o.kind != "sample"] + [*BOUND_FIELDS, *KNN_FIELDS]
     like = _like(x_t)
 
     def finish(responses: list[Any]) -> Prediction:

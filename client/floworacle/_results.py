@@ -26,9 +26,17 @@ class Prediction:
         variance_error_bound: (B,) float64 bound on the absolute error of ``variance``.
         dataset: name of the data set that answered.
         fingerprint: its fingerprint (pin it with ``fingerprint=`` to detect a changed data set).
-        precision: "exact" or "fast".
+        precision: "exact", "fast" or "knn".
         x1_hat_error_bound: (B,) float64 bound on ``max_j |x1_hat_j - exact_j|`` (before wire rounding).
         velocity_error_bound: (B,) float64 bound on ``max_j |velocity_j - exact_j|``.
+        entropy_error_bound, ess_error_bound: (B,) float64 bounds on the absolute error of entropy
+            (nats) and ess, with those outputs.
+        knn_weight_share: (B,) float64, precision "knn": the estimated share of the posterior
+            weight on the neighbours (near 1: the estimate is near-exact).
+        knn_tail_bound: (B,) float64, precision "knn": an upper bound on the posterior weight
+            outside the neighbours (certified when the index found the true k nearest).
+        knn_variance: (B,) float64, precision "knn": the estimate's variance over its random tail,
+            ``E ||x1_hat - E x1_hat||^2`` (times A_t^2 for the velocity).
     """
 
     velocity: Any = None
@@ -46,6 +54,11 @@ class Prediction:
     precision: str = "exact"
     x1_hat_error_bound: Any = None
     velocity_error_bound: Any = None
+    entropy_error_bound: Any = None
+    ess_error_bound: Any = None
+    knn_weight_share: Any = None
+    knn_tail_bound: Any = None
+    knn_variance: Any = None
 
 
 @dataclass(frozen=True)

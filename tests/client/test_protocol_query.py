@@ -104,7 +104,7 @@ def test_concat_fills_missing_rows_and_merges_by_role() -> None:
     assert m.outputs == ("velocity", "x1_hat", "topk") and m.top_k == 4
     assert m.dataset == "" and m.request_id == ""  # a request's own fields are not the engine's
     shared = [f.name for f in fields(OracleQuery) if f.metadata["role"] == SHARED]
-    assert set(shared) == {"guidance", "precision"}
+    assert set(shared) == {"guidance", "precision", "knn_k", "knn_tail"}
     assert OracleQuery.build(_x(2), 0.5, precision="fast").key != a.key
     assert OracleQuery.build(_x(2), 0.5, labels=[0, 1], guidance=2.0).key != a.key
     posterior = NearestQuery.build(_x(2), 1, t=0.5)
@@ -156,6 +156,7 @@ def test_the_answer_size_is_known_before_computing(outputs: tuple[str, ...]) -> 
         "velocity": np.ones((b, 12)), "x1_hat": np.ones((b, 12)), "eps_hat": np.ones((b, 12)),
         "score": np.ones((b, 12)), "topk_indices": np.ones((b, k), np.int64), "topk_weights": np.ones((b, k)),
         "entropy": np.ones(b), "ess": np.ones(b), "variance": np.ones(b), "variance_error_bound": np.ones(b),
+        "entropy_error_bound": np.ones(b), "ess_error_bound": np.ones(b),
         "x1_hat_error_bound": np.ones(b), "velocity_error_bound": np.ones(b),
     }  # fmt: skip
     size = replace(q, dataset="d" * 40, fingerprint="sha256:" + "0" * 64).response(type("R", (), values)()).ByteSize()

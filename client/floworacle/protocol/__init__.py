@@ -57,6 +57,8 @@ from floworacle.protocol._query import (
 from floworacle.protocol._tables import (
     BOUND_FIELDS,
     CONVENTIONS,
+    KNN_FIELDS,
+    KNN_OUTPUT_NAMES,
     OUTPUT_NAMES,
     OUTPUTS,
     PRECISIONS,
@@ -110,6 +112,8 @@ __all__ = [
     "output_by_name",
     "output_by_enum",
     "BOUND_FIELDS",
+    "KNN_FIELDS",
+    "KNN_OUTPUT_NAMES",
     "PRECISIONS",
     "SPACES",
     "CONVENTIONS",

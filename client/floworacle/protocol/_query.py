@@ -44,7 +44,7 @@ from floworacle.protocol._codec import (
 )
 from floworacle.protocol._errors import RequestError
 from floworacle.protocol._limits import MAX_TOP_K, MESSAGE_OVERHEAD
-from floworacle.protocol._tables import BOUND_FIELDS, OUTPUTS, PRECISIONS, SPACES, output_by_name
+from floworacle.protocol._tables import BOUND_FIELDS, KNN_FIELDS, OUTPUTS, PRECISIONS, SPACES, output_by_name
 from floworacle.v1 import oracle_pb2 as pb
 
 __all__ = [
@@ -390,9 +390,11 @@ class OracleQuery(_Query):
         labels: (B,) int64 class labels (class-conditional; -1: that query is unconditional), or None.
         exclude: (B,) int64 data set indices left out of each query's posterior (-1: none), or None.
         guidance: CFG setting (needs labels and t), or None.
-        precision: "exact" (float64-accurate) or "fast".
+        precision: "exact" (float64-accurate), "fast" (screening logits, with a bound) or "knn" (a
+            sublinear estimate from the nearest samples and a uniform tail, with indicators).
         outputs: names from the protocol's output table, in table order.
         top_k: number of top posterior weights for "topk".
+        knn_k, knn_tail: precision "knn": neighbours and tail samples per query (0 otherwise).
         path, sigma_min: the named path the coefficients came from, or :data:`CUSTOM_PATH`.
         output_dtype: wire dtype of the float outputs (None: the queries' own).
         sample_shape: the per-sample shape of the answers (set by :meth:`check`; None: as x_t's rows).
@@ -411,6 +413,8 @@ class OracleQuery(_Query):
     precision: str = _f(SHARED, "exact")
     outputs: tuple[str, ...] = _f(MERGED, ("velocity",), merge=_union_outputs)
     top_k: int = _f(MERGED, 0, merge=max)
+    knn_k: int = _f(SHARED, 0)
+    knn_tail: int = _f(SHARED, 0)
     path: str = _f(OWN, "linear")
     sigma_min: float = _f(OWN, 0.0)
     output_dtype: str | None = _f(OWN)
@@ -436,6 +440,8 @@ class OracleQuery(_Query):
         precision: str = "exact",
         outputs: Sequence[str] = ("velocity",),
         top_k: Any = 0,
+        knn_k: Any = None,
+        knn_tail: Any = None,
         convention: str = "standard",
         wire_dtype: str | None = None,
         dataset: str = "",
@@ -453,6 +459,12 @@ class OracleQuery(_Query):
         k = rules.integer(top_k, "top_k")
         rules.check_top_k(k, any(o.name == "topk" for o in outs))
         rules.precision_from_name(precision)
+        nk, nt = rules.check_knn(
+            precision,
+            0 if knn_k is None else rules.integer(knn_k, "knn_k"),
+            0 if knn_tail is None else rules.integer(knn_tail, "knn_tail"),
+            tuple(o.name for o in outs),
+        )
         tv = _called_times(t, b, convention, path, coefficients)
         path_name, smin, coeffs = _called_path(b, tv, path, sigma_min, coefficients, required=True)
         lab = exc = None
@@ -484,7 +496,7 @@ class OracleQuery(_Query):
         assert coeffs is not None
         return cls(
             x_t=x, coeffs=coeffs, t=tv, labels=lab, exclude=exc, guidance=guide, precision=precision,
-            outputs=tuple(o.name for o in outs), top_k=k, path=path_name, sigma_min=smin,
+            outputs=tuple(o.name for o in outs), top_k=k, knn_k=nk, knn_tail=nt, path=path_name, sigma_min=smin,
             output_dtype=x.dtype.name, dataset=dataset, fingerprint=fingerprint,
         )  # fmt: skip
 
@@ -497,6 +509,8 @@ class OracleQuery(_Query):
             outputs=[output_by_name(o).enum for o in self.outputs],  # type: ignore[union-attr,misc]
             top_k=self.top_k,
             precision=PRECISIONS[self.precision],  # type: ignore[arg-type]
+            knn_k=self.knn_k,
+            knn_tail=self.knn_tail,
             request_id=self.request_id,
         )
         if self.output_dtype is not None:
@@ -539,6 +553,8 @@ class OracleQuery(_Query):
         top_k = int(req.top_k)
         outputs = rules.outputs_from_enums(req.outputs, top_k)
         rules.check_top_k(top_k, any(o.name == "topk" for o in outputs))
+        precision = rules.precision_from_enum(req.precision)
+        knn_k, knn_tail = rules.check_knn(precision, int(req.knn_k), int(req.knn_tail), tuple(o.name for o in outputs))
         output_dtype = None
         if req.output_dtype != pb.DTYPE_UNSPECIFIED:
             wd = FLOAT_BY_ENUM.get(int(req.output_dtype))
@@ -551,8 +567,8 @@ class OracleQuery(_Query):
         assert coeffs is not None
         return cls(
             x_t=x, coeffs=coeffs, t=t, labels=labels, exclude=exclude, guidance=guidance,
-            precision=rules.precision_from_enum(req.precision), outputs=tuple(o.name for o in outputs),
-            top_k=top_k, path=path, sigma_min=sigma_min, output_dtype=output_dtype,
+            precision=precision, outputs=tuple(o.name for o in outputs),
+            top_k=top_k, knn_k=knn_k, knn_tail=knn_tail, path=path, sigma_min=sigma_min, output_dtype=output_dtype,
             request_id=req.request_id, dataset=req.dataset, fingerprint=req.fingerprint,
         )  # fmt: skip
 
@@ -567,6 +583,8 @@ class OracleQuery(_Query):
         if self.exclude is not None:
             rules.check_exclude(_as_numpy(self.exclude), b, facts.num_samples)
         rules.check_top_k(self.top_k, "topk" in self.outputs, facts.num_samples)
+        if self.precision == "knn":
+            rules.check_knn_index(facts.name, facts.spaces)
         return replace(self, x_t=x, sample_shape=shape)
 
     def answer_bytes(self) -> int:
@@ -576,7 +594,7 @@ class OracleQuery(_Query):
         b = self.rows
         dim = int(math.prod(self.x_t.shape[1:]))
         itemsize = dtype_by_name(self.output_dtype or wire_dtype_name(self.x_t)).itemsize
-        total = len(BOUND_FIELDS) * 8 * b
+        total = max(len(BOUND_FIELDS), len(KNN_FIELDS)) * 8 * b
         for spec in OUTPUTS:
             if spec.name in self.outputs:
                 per = {"sample": dim * itemsize, "topk": 16 * self.top_k, "per_query": 8}[spec.kind]
@@ -611,8 +629,8 @@ class OracleQuery(_Query):
                     _finite_into(getattr(resp, name), WireArray.encode(part[:, : self.top_k]), name, part)
                 else:
                     _finite_into(getattr(resp, name), WireArray.encode(part, "float64"), name, part)
-        for name in BOUND_FIELDS:
-            value = getattr(result, name)
+        for name in (*BOUND_FIELDS, *KNN_FIELDS):
+            value = getattr(result, name, None)
             if value is not None:
                 _finite_into(getattr(resp, name), WireArray.encode(value[sl], "float64"), name, value[sl])
         return resp

@@ -22,6 +22,7 @@ from floworacle.protocol._errors import RequestError
 from floworacle.protocol._limits import MAX_TOP_K
 from floworacle.protocol._tables import (
     CONVENTIONS,
+    KNN_OUTPUT_NAMES,
     OUTPUT_NAMES,
     OUTPUTS,
     PRECISIONS,
@@ -59,6 +60,9 @@ __all__ = [
     "space_from_enum",
     "check_convention",
     "check_nearest_mode",
+    "check_knn",
+    "check_knn_index",
+    "KNN_DEFAULT",
     "check_posterior_search",
     "check_k_with_exclusion",
     "check_space",
@@ -347,6 +351,43 @@ def outputs_from_enums(values: Iterable[int], top_k: int) -> tuple[OutputSpec, .
     return tuple(o for o in OUTPUTS if o.name in specs)
 
 
+#: Neighbours and tail samples of a kNN answer when the request says 0.
+KNN_DEFAULT = 128
+
+
+def check_knn(precision: str, knn_k: int, knn_tail: int, outputs: tuple[str, ...]) -> tuple[int, int]:
+    """``knn_k`` / ``knn_tail`` belong to precision "knn" (each 1..1024, 0: 128), whose answer gives
+    only velocity, x1_hat, eps_hat and score. Returns the two with the defaults filled in."""
+    if precision != "knn":
+        if knn_k or knn_tail:
+            raise RequestError(
+                f"knn_k = {plain(knn_k)} and knn_tail = {plain(knn_tail)} belong to precision='knn'; "
+                f"drop them or ask for precision='knn'"
+            )
+        return 0, 0
+    for name, value in (("knn_k", knn_k), ("knn_tail", knn_tail)):
+        if not 0 <= value <= MAX_TOP_K:
+            raise RequestError(f"{name} must lie in 1..{MAX_TOP_K} (0: {KNN_DEFAULT}), got {plain(value)}")
+    other = [o for o in outputs if o not in KNN_OUTPUT_NAMES]
+    if other:
+        raise RequestError(
+            f"precision='knn' answers {list(KNN_OUTPUT_NAMES)}; {other} need the whole posterior: ask "
+            "precision='exact' for them"
+        )
+    return knn_k or KNN_DEFAULT, knn_tail or KNN_DEFAULT
+
+
+def check_knn_index(dataset: str, spaces: Any) -> None:
+    """The kNN target finds its neighbours through the data set's faiss index (an exact search
+    would read every row: more than the exact oracle costs)."""
+    if not spaces["data"].index_nlist:
+        raise RequestError(
+            f"precision='knn' searches data set {dataset!r}'s faiss index, and it has none (or it is a gang's "
+            "shard); build one with `floworacle index build ... --nearest-index ivf`, or ask precision='exact'",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+
 def precision_from_name(name: str) -> int:
     if name not in PRECISIONS:
         raise RequestError(f"precision must be one of {list(PRECISIONS)}, got {name!r}")
@@ -359,7 +400,8 @@ def precision_from_enum(value: int) -> str:
     for name, enum in PRECISIONS.items():
         if enum == value:
             return name
-    raise RequestError(f"unknown precision {plain(value)}; use PRECISION_EXACT or PRECISION_FAST")
+    names = " or ".join(pb.Precision.Name(v) for v in PRECISIONS.values())
+    raise RequestError(f"unknown precision {plain(value)}; use {names}")
 
 
 def space_from_name(name: str) -> int:

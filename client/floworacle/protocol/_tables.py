@@ -19,6 +19,8 @@ __all__ = [
     "output_by_name",
     "output_by_enum",
     "BOUND_FIELDS",
+    "KNN_FIELDS",
+    "KNN_OUTPUT_NAMES",
     "PRECISIONS",
     "SPACES",
     "CONVENTIONS",
@@ -49,8 +51,8 @@ OUTPUTS: tuple[OutputSpec, ...] = (
     OutputSpec("eps_hat", pb.OUTPUT_EPS_HAT, ("eps_hat",), "sample"),
     OutputSpec("score", pb.OUTPUT_SCORE, ("score",), "sample"),
     OutputSpec("topk", pb.OUTPUT_TOPK, ("topk_indices", "topk_weights"), "topk"),
-    OutputSpec("entropy", pb.OUTPUT_ENTROPY, ("entropy",), "per_query"),
-    OutputSpec("ess", pb.OUTPUT_ESS, ("ess",), "per_query"),
+    OutputSpec("entropy", pb.OUTPUT_ENTROPY, ("entropy", "entropy_error_bound"), "per_query"),
+    OutputSpec("ess", pb.OUTPUT_ESS, ("ess", "ess_error_bound"), "per_query"),
     OutputSpec("variance", pb.OUTPUT_VARIANCE, ("variance", "variance_error_bound"), "per_query"),
 )
 #: Every output name, in the order responses are filled.
@@ -58,11 +60,15 @@ OUTPUT_NAMES: tuple[str, ...] = tuple(o.name for o in OUTPUTS)
 _BY_NAME = {o.name: o for o in OUTPUTS}
 _BY_ENUM = {o.enum: o for o in OUTPUTS}
 
-#: (B,) float64 error bounds every oracle answer carries, whatever it asked for.
+#: (B,) float64 error bounds every exact or fast oracle answer carries, whatever it asked for.
 BOUND_FIELDS: tuple[str, ...] = ("x1_hat_error_bound", "velocity_error_bound")
+#: (B,) float64 indicators a kNN answer carries instead (it claims no bound).
+KNN_FIELDS: tuple[str, ...] = ("knn_weight_share", "knn_tail_bound", "knn_variance")
+#: The outputs a kNN answer can give (the diagnostics need the whole posterior).
+KNN_OUTPUT_NAMES: tuple[str, ...] = ("velocity", "x1_hat", "eps_hat", "score")
 
 #: Precision names and their ``floworacle.v1.Precision`` values (unspecified means exact).
-PRECISIONS: dict[str, int] = {"exact": pb.PRECISION_EXACT, "fast": pb.PRECISION_FAST}
+PRECISIONS: dict[str, int] = {"exact": pb.PRECISION_EXACT, "fast": pb.PRECISION_FAST, "knn": pb.PRECISION_KNN}
 #: Nearest-search spaces and their ``floworacle.v1.Space`` values (unspecified means data).
 SPACES: dict[str, int] = {"data": pb.SPACE_DATA, "features": pb.SPACE_FEATURES}
 #: Time conventions the SDK maps: ours (t = 0 noise) and the reversed one (s = 1 noise).

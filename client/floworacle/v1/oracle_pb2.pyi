@@ -33,6 +33,7 @@ class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRECISION_UNSPECIFIED: _ClassVar[Precision]
     PRECISION_EXACT: _ClassVar[Precision]
     PRECISION_FAST: _ClassVar[Precision]
+    PRECISION_KNN: _ClassVar[Precision]
 
 class Space(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +58,7 @@ OUTPUT_VARIANCE: Output
 PRECISION_UNSPECIFIED: Precision
 PRECISION_EXACT: Precision
 PRECISION_FAST: Precision
+PRECISION_KNN: Precision
 SPACE_UNSPECIFIED: Space
 SPACE_DATA: Space
 SPACE_FEATURES: Space
@@ -110,7 +112,7 @@ class Guidance(_message.Message):
     def __init__(self, scale: _Optional[float] = ..., t_lo: _Optional[float] = ..., t_hi: _Optional[float] = ...) -> None: ...
 
 class OracleRequest(_message.Message):
-    __slots__ = ("dataset", "fingerprint", "x_t", "t", "path", "outputs", "labels", "guidance", "top_k", "precision", "output_dtype", "request_id", "exclude")
+    __slots__ = ("dataset", "fingerprint", "x_t", "t", "path", "outputs", "labels", "guidance", "top_k", "precision", "output_dtype", "request_id", "exclude", "knn_k", "knn_tail")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     X_T_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +126,8 @@ class OracleRequest(_message.Message):
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    KNN_K_FIELD_NUMBER: _ClassVar[int]
+    KNN_TAIL_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     fingerprint: str
     x_t: Tensor
@@ -137,10 +141,12 @@ class OracleRequest(_message.Message):
     output_dtype: DType
     request_id: str
     exclude: Tensor
-    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., x_t: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., path: _Optional[_Union[PathSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., top_k: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., request_id: _Optional[str] = ..., exclude: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    knn_k: int
+    knn_tail: int
+    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., x_t: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., path: _Optional[_Union[PathSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., top_k: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., request_id: _Optional[str] = ..., exclude: _Optional[_Union[Tensor, _Mapping]] = ..., knn_k: _Optional[int] = ..., knn_tail: _Optional[int] = ...) -> None: ...
 
 class OracleResponse(_message.Message):
-    __slots__ = ("dataset", "fingerprint", "velocity", "x1_hat", "eps_hat", "score", "topk_indices", "topk_weights", "entropy", "ess", "precision", "x1_hat_error_bound", "velocity_error_bound", "request_id", "variance", "variance_error_bound")
+    __slots__ = ("dataset", "fingerprint", "velocity", "x1_hat", "eps_hat", "score", "topk_indices", "topk_weights", "entropy", "ess", "precision", "x1_hat_error_bound", "velocity_error_bound", "request_id", "variance", "variance_error_bound", "entropy_error_bound", "ess_error_bound", "knn_weight_share", "knn_tail_bound", "knn_variance")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VELOCITY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +163,11 @@ class OracleResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VARIANCE_FIELD_NUMBER: _ClassVar[int]
     VARIANCE_ERROR_BOUND_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_ERROR_BOUND_FIELD_NUMBER: _ClassVar[int]
+    ESS_ERROR_BOUND_FIELD_NUMBER: _ClassVar[int]
+    KNN_WEIGHT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    KNN_TAIL_BOUND_FIELD_NUMBER: _ClassVar[int]
+    KNN_VARIANCE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     fingerprint: str
     velocity: Tensor
@@ -173,7 +184,12 @@ class OracleResponse(_message.Message):
     request_id: str
     variance: Tensor
     variance_error_bound: Tensor
-    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., velocity: _Optional[_Union[Tensor, _Mapping]] = ..., x1_hat: _Optional[_Union[Tensor, _Mapping]] = ..., eps_hat: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[_Union[Tensor, _Mapping]] = ..., topk_indices: _Optional[_Union[Tensor, _Mapping]] = ..., topk_weights: _Optional[_Union[Tensor, _Mapping]] = ..., entropy: _Optional[_Union[Tensor, _Mapping]] = ..., ess: _Optional[_Union[Tensor, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., x1_hat_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., velocity_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., variance_error_bound: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    entropy_error_bound: Tensor
+    ess_error_bound: Tensor
+    knn_weight_share: Tensor
+    knn_tail_bound: Tensor
+    knn_variance: Tensor
+    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., velocity: _Optional[_Union[Tensor, _Mapping]] = ..., x1_hat: _Optional[_Union[Tensor, _Mapping]] = ..., eps_hat: _Optional[_Union[Tensor, _Mapping]] = ..., score: _Optional[_Union[Tensor, _Mapping]] = ..., topk_indices: _Optional[_Union[Tensor, _Mapping]] = ..., topk_weights: _Optional[_Union[Tensor, _Mapping]] = ..., entropy: _Optional[_Union[Tensor, _Mapping]] = ..., ess: _Optional[_Union[Tensor, _Mapping]] = ..., precision: _Optional[_Union[Precision, str]] = ..., x1_hat_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., velocity_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., request_id: _Optional[str] = ..., variance: _Optional[_Union[Tensor, _Mapping]] = ..., variance_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., entropy_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., ess_error_bound: _Optional[_Union[Tensor, _Mapping]] = ..., knn_weight_share: _Optional[_Union[Tensor, _Mapping]] = ..., knn_tail_bound: _Optional[_Union[Tensor, _Mapping]] = ..., knn_variance: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OracleStreamResponse(_message.Message):
     __slots__ = ("request_id", "response", "error_code", "error_message")

@@ -44,6 +44,7 @@ from floworacle_server.engine._batch import Batch, Coef, Group, Queries, Slots, 
 from floworacle_server.engine._bounds import REACH_MARGIN, U32, U64, ScreenModel, variance_error, x1_error
 from floworacle_server.engine._config import EngineConfig
 from floworacle_server.engine._diagnostics import diagnostic_bounds
+from floworacle_server.engine._knn_target import knn_answer
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._passes import (
     EmptyPosterior,
@@ -265,6 +266,10 @@ def oracle(
         ValueError: a posterior left empty (all of a class's samples weigh 0, or the only ones
             are excluded), or queries too large for the float32 screening to stay finite.
     """
+    if query.precision == "knn":  # the sublinear estimate: one process's faiss index
+        if merge is not None:
+            raise ValueError("precision 'knn' searches one process's faiss index; a gang's shards hold none")
+        return knn_answer(ds, query)
     dev = ds.device
     x_t = as_tensor(query.x_t, dev)
     assert x_t.ndim >= 2 and x_t.shape[0] > 0, f"x_t must have shape (B, D) with B >= 1, got {tuple(x_t.shape)}"

@@ -49,15 +49,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from floworacle.protocol import OracleQuery
+from floworacle.protocol import KNN_OUTPUT_NAMES, OracleQuery
 from floworacle_server.data import Dataset
 from floworacle_server.engine._nearest import posterior_nearest
 from floworacle_server.engine._types import NearestResult, OracleResult, as_tensor
 
-__all__ = ["KNN_OUTPUTS", "KnnOracleResult", "KnnTarget", "knn_oracle", "knn_target"]
+__all__ = ["KNN_OUTPUTS", "KnnOracleResult", "KnnTarget", "knn_answer", "knn_oracle", "knn_target"]
 
-#: Outputs :func:`knn_oracle` can give (the diagnostics need the whole posterior).
-KNN_OUTPUTS = ("velocity", "x1_hat", "eps_hat", "score")
+#: Outputs :func:`knn_oracle` can give (the diagnostics need the whole posterior): the protocol's table.
+KNN_OUTPUTS = KNN_OUTPUT_NAMES
 
 _BLOCK_BYTES = 64 << 20  # float64 rows gathered per step (queries x (k + m) x D x 8 bytes)
 _KEYS_MAX = 1 << 24  # below this many (query, rest) pairs a tail is drawn by random keys, above by rejection
@@ -507,3 +507,21 @@ def knn_oracle(
     if "score" in want:
         res.score = (alpha[:, None] * x1 - xt) / sigma[:, None] ** 2
     return KnnOracleResult(result=res, estimate=est, velocity_variance=a_t**2 * est.variance)
+
+
+def knn_answer(dataset: Dataset, query: OracleQuery) -> OracleResult:
+    """The served kNN target (precision "knn"): :func:`knn_oracle` over the data set's faiss index
+    with the query's ``knn_k`` and ``knn_tail``, its outputs and its indicators in one result (no
+    error bounds: the estimate claims none)."""
+    if "data" not in dataset.nearest_indexes:
+        raise ValueError(
+            f"precision 'knn' searches data set {dataset.name!r}'s faiss index, and it has none; build one with "
+            "`floworacle index build ... --nearest-index ivf`"
+        )
+    answer = knn_oracle(dataset, query, k=query.knn_k, tail=query.knn_tail, exact=False)
+    res = answer.result
+    est = answer.estimate
+    res.knn_weight_share = est.neighbour_share
+    res.knn_tail_bound = est.tail_bound
+    res.knn_variance = est.variance
+    return res

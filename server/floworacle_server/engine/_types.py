@@ -48,6 +48,8 @@ class OracleResult:
     of the posterior covariance) and ``variance_error_bound`` an upper bound on its absolute error.
     ``entropy_error_bound`` / ``ess_error_bound`` (B,) bound the absolute error of the entropy
     (nats) and of the ESS (:mod:`._diagnostics`; with those outputs only).
+    ``knn_weight_share`` / ``knn_tail_bound`` / ``knn_variance`` (B,) are the indicators of a kNN
+    answer (precision "knn", :mod:`._knn_target`), which carries no error bounds.
     ``refined`` counts the (query, sample) pairs recomputed in float64.
     For guided queries, x1_hat / eps_hat / score are the guided combination of the
     unconditional and conditional ones (linear in the same way as the velocity), and the
@@ -68,6 +70,9 @@ class OracleResult:
     velocity_error_bound: torch.Tensor | None = None
     entropy_error_bound: torch.Tensor | None = None
     ess_error_bound: torch.Tensor | None = None
+    knn_weight_share: torch.Tensor | None = None
+    knn_tail_bound: torch.Tensor | None = None
+    knn_variance: torch.Tensor | None = None
     refined: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 

@@ -81,3 +81,40 @@ def test_searches_the_data_set_cannot_run_are_failed_precondition(server: Runnin
             assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION, kwargs
             assert "floworacle index build" in e.value.details
         assert c.nearest(np.zeros((2, 64)), k=1).indices.shape == (2, 1)  # and the server goes on
+
+
+def test_the_served_knn_target_over_the_index(server: RunningServer, data) -> None:
+    """precision='knn' answers from the index's neighbours and a uniform tail, with its indicators
+    and no error bounds: in the refinement stage it equals the exact oracle (the neighbours hold
+    all the weight); early in the path the indicators say it is an estimate."""
+    x, _, _ = data
+    rng = np.random.default_rng(5)
+    t = np.array([0.9] * 6 + [0.95] * 6)
+    x1 = x[rng.integers(0, N, t.size)]
+    x_t = t[:, None] * x1 + (1 - t[:, None]) * rng.standard_normal(x1.shape)
+    with OracleClient(server.address, timeout=60) as c:
+        exact = c.predict(x_t, t, outputs=("velocity", "x1_hat"))
+        knn = c.predict(x_t, t, outputs=("velocity", "x1_hat"), precision="knn", knn_k=32, knn_tail=16)
+        assert knn.precision == "knn"
+        assert knn.x1_hat_error_bound is None and knn.velocity_error_bound is None  # it claims no bound
+        for name in ("knn_weight_share", "knn_tail_bound", "knn_variance"):
+            assert getattr(knn, name).shape == (t.size,)
+        assert (knn.knn_weight_share > 0.999).all() and (knn.knn_tail_bound < 1e-6).all()
+        np.testing.assert_allclose(knn.x1_hat, exact.x1_hat, atol=1e-5)
+        np.testing.assert_allclose(knn.velocity, exact.velocity, rtol=1e-5, atol=1e-4)
+        early = c.predict(x_t[:4] * 0 + rng.standard_normal((4, D)), 0.05, outputs=("x1_hat",), precision="knn")
+        assert (early.knn_weight_share < 0.999).all() and (early.knn_variance > 0).all()
+        with pytest.raises(OracleError) as err:  # the diagnostics need the whole posterior
+            c.predict(x_t, t, outputs=("velocity", "entropy"), precision="knn")
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "precision='exact'" in err.value.details
+        with pytest.raises(OracleError) as err:
+            c.velocity(x_t, t, knn_k=8)  # a kNN option without the kNN precision
+        assert "belong to precision='knn'" in err.value.details
+
+
+def test_the_knn_target_needs_an_index() -> None:
+    with serve_in_thread(Settings(device="cpu", metrics_port=-1)) as srv, OracleClient(srv.address) as c:
+        with pytest.raises(OracleError) as err:
+            c.velocity(np.zeros((2, 64)), 0.5, precision="knn")
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "--nearest-index ivf" in err.value.details
