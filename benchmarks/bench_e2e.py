@@ -1,15 +1,20 @@
 """End-to-end benchmark of the SDK and the service on loopback, with its baselines in the same run.
 
     python benchmarks/bench_e2e.py            # N = 2,000 random samples, D = 3,072, B = 256
+    python benchmarks/bench_e2e.py --in-process   # part 1 with the servers on threads of this process
 
-1. One client, B = 256 queries of D = 3,072, float32 and bfloat16 on the wire. Per call, the time
-   splits into compute (the server's engine call alone, timed inside the server for that very
-   call) and transport (everything else: SDK encode/decode, gRPC, servicer, request validation,
-   batcher, merging the rows and encoding the response). The engine called in-process on the
-   same batch, on a worker thread like the server's, is shown as a cross-check. Beside it, a bare
-   grpcio echo server (generic handler, raw bytes, the same message sizes both ways, the same
-   server and client channel options) measured interleaved in the same run: the ratio says what
-   our encoding, decoding and servicer add over bare gRPC (target <= 25 %).
+1. One client, B = 256 queries of D = 3,072, float32 and bfloat16 on the wire, against a
+   `floworacle serve` process and, interleaved call by call, a bare grpcio echo server process
+   (generic handler, raw bytes, the same message sizes both ways, the same server and client
+   channel options): the topology of a deployment, where client and server are processes of
+   their own. Transport = the call's time minus the engine's time for the same batch (measured in
+   this process on a worker thread, as the server runs it, before and after the calls): SDK
+   encode/decode, gRPC, protobuf, the servicer's validation, the batcher, merging the rows and
+   encoding the answer. Overhead = transport / echo - 1 (targets: float32 <= 40 %, bfloat16
+   <= 80 %). The same against a one-sample data set (compute ~ 0) as a check. With
+   ``--in-process`` the servers run on threads of the client's process instead, the engine's time
+   then read inside the server for each call (the earlier sessions' setup; its echo is faster
+   than a separate process's, its transport not).
 2. 16 concurrent clients of B = 4 each, with the dynamic batcher (default settings) and without
    it (max_batch_rows = 4: one request per engine call). Target: batching >= 3x the throughput.
 3. What a hand-made zero-copy framing could save at most: both messages of the call from part 1
@@ -23,7 +28,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -95,6 +104,123 @@ def timed(fn: Callable[[], Any], reps: int, warmup: int = 3) -> list[float]:
 
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def _process(argv: list[str], port: int, timeout: float = 120.0) -> Iterator[None]:
+    """A server process listening on 127.0.0.1:port (waited for), stopped at the end."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.2)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def echo_main(port: int, size: int) -> None:
+    """``--echo-server PORT SIZE``: a bare grpc.aio server answering ECHO_METHOD with SIZE bytes."""
+
+    async def main() -> None:
+        server = grpc.aio.server(options=server_options())
+        response = b"\1" * size
+
+        async def handle(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return response
+
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(handle)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def _engine_ms(ds: Dataset, x_t: np.ndarray, t: np.ndarray, reps: int) -> float:
+    """Median ms of the engine on the batch, on a worker thread set up as the server's."""
+    from floworacle_server.service._server import engine_thread_setup
+
+    query = OracleQuery(
+        x_t=torch.from_numpy(x_t), coeffs=get_path("linear").coefficients(t), t=t, outputs=("velocity",)
+    )
+    with ThreadPoolExecutor(1, initializer=engine_thread_setup) as pool:
+        return 1e3 * med(pool.submit(timed, lambda: oracle(ds, query), reps).result())
+
+
+def single_client_processes(args: argparse.Namespace, data: np.ndarray, ds: Dataset) -> list[dict[str, float]]:
+    """Part 1 against server processes (see the module docstring)."""
+    rng = np.random.default_rng(1)
+    b, d = args.batch, args.dim
+    t = np.full(b, 0.5)
+    x_t = (0.5 * ds_rows(ds, rng, b) + 0.5 * rng.standard_normal((b, d))).astype(np.float32)
+    tiny = Dataset.from_arrays("tiny", data[:1])
+    engine_before = (_engine_ms(ds, x_t, t, args.reps), _engine_ms(tiny, x_t, t, args.reps))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/bench.npy", data)
+        np.save(f"{tmp}/tiny.npy", data[:1])
+        port = _free_port()
+        serve = [sys.executable, "-m", "floworacle_server.cli", "serve", "--data", f"bench={tmp}/bench.npy",
+                 "--data", f"tiny={tmp}/tiny.npy", "--device", "cpu", "--port", str(port), "--metrics-port", "-1",
+                 "--host", "127.0.0.1"]  # fmt: skip
+        with _process(serve, port):
+            for wire in ("float32", "bfloat16"):
+                with OracleClient(f"127.0.0.1:{port}", wire_dtype=wire, timeout=120) as client:
+                    plan = client._plan_oracle(x_t, t, {"dataset": "bench"}, outputs=("velocity",))
+                    req_raw = plan.requests[0].SerializeToString()
+                    resp_raw = client._unary("Oracle", plan.requests[0], None, None).SerializeToString()
+                    echo_port = _free_port()
+                    echo = [sys.executable, __file__, "--echo-server", str(echo_port), str(len(resp_raw))]
+                    with (
+                        _process(echo, echo_port),
+                        grpc.insecure_channel(f"127.0.0.1:{echo_port}", options=list(client._config.options)) as ch,
+                    ):
+                        call = ch.unary_unary(ECHO_METHOD)
+                        steps: list[tuple[str, Callable[[], Any]]] = [
+                            ("e2e", partial(client.velocity, x_t, t, dataset="bench")),
+                            ("echo", partial(call, req_raw, timeout=60)),
+                            ("tiny", partial(client.velocity, x_t, t, dataset="tiny")),
+                        ]
+                        runs: dict[str, list[float]] = {name: [] for name, _ in steps}
+                        for rep in range(args.reps + 3):  # interleaved: outside load hits all alike
+                            for name, fn in steps:
+                                start = time.perf_counter()
+                                fn()
+                                if rep >= 3:
+                                    runs[name].append(time.perf_counter() - start)
+                rows.append({"wire": wire, "req_raw": req_raw, "resp_raw": resp_raw,
+                             **{k: 1e3 * med(v) for k, v in runs.items()}})  # fmt: skip
+    engine_after = (_engine_ms(ds, x_t, t, args.reps), _engine_ms(tiny, x_t, t, args.reps))
+    engine, engine_tiny = ((a + b_) / 2 for a, b_ in zip(engine_before, engine_after, strict=True))
+    for r in rows:
+        r["engine_ms"], r["tiny_engine_ms"] = engine, engine_tiny
+        r["transport_ms"] = r["e2e"] - engine
+        r["tiny_transport_ms"] = r["tiny"] - engine_tiny
+        r["overhead"] = r["transport_ms"] / r["echo"] - 1.0
+        r["tiny_overhead"] = r["tiny_transport_ms"] / r["echo"] - 1.0
+        r["engine_spread"] = (engine_before[0], engine_after[0])
+    return rows
 
 
 def single_client(args: argparse.Namespace, store: DatasetStore, ds: Dataset) -> list[dict[str, float]]:
@@ -278,12 +404,17 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--client-batch", type=int, default=4)
     p.add_argument("--calls", type=int, default=15, help="calls per client in part 2")
+    p.add_argument("--in-process", action="store_true", help="part 1 with the servers on threads of this process")
+    p.add_argument("--echo-server", nargs=2, type=int, metavar=("PORT", "SIZE"), help=argparse.SUPPRESS)
     p.add_argument(
         "--no-tune-allocator",
         action="store_true",
         help="keep glibc's default malloc thresholds (floworacle serve pins them; see floworacle.tune_allocator)",
     )
     args = p.parse_args()
+    if args.echo_server:
+        echo_main(*args.echo_server)
+        return
     # Server and client share this process; `floworacle serve` pins the thresholds at start-up
     # and a training job may call floworacle.tune_allocator() too.
     tuned = False if args.no_tune_allocator else tune_allocator()
@@ -297,29 +428,49 @@ def main() -> None:
         f"allocator thresholds pinned (client and server): {'yes' if tuned else 'no'}"
     )
 
-    print(f"\n1) one client, B = {args.batch}, velocity only, exact mode (medians of {args.reps} calls)")
-    print(
-        f"  {'wire':>16} {'e2e ms':>8} {'engine':>8} {'runner':>8} {'transp.':>8} {'echo ms':>8} {'MB/call':>8}"
-        f" {'ours MB/s':>10} {'echo MB/s':>10} {'overhead':>9}"
-    )
-    rows1 = single_client(args, store, ds)
-    for r in rows1:
+    if not args.in_process:
+        print(f"\n1) one client, B = {args.batch}, velocity only, exact mode, servers in processes of their own "
+              f"(medians of {args.reps} interleaved calls)")  # fmt: skip
+        print(f"  {'wire':>9} {'e2e ms':>8} {'engine':>8} {'transp.':>8} {'echo ms':>8} {'MB/call':>8} {'overhead':>9}"
+              f" {'1-sample e2e':>13} {'its transp.':>12} {'overhead':>9}")  # fmt: skip
+        rows1 = single_client_processes(args, x, ds)
+        for r in rows1:
+            mb = (len(r["req_raw"]) + len(r["resp_raw"])) / 1e6
+            print(f"  {r['wire']:>9} {r['e2e']:8.2f} {r['engine_ms']:8.2f} {r['transport_ms']:8.2f} {r['echo']:8.2f} "
+                  f"{mb:8.2f} {100 * r['overhead']:8.0f}% {r['tiny']:13.2f} {r['tiny_transport_ms']:12.2f} "
+                  f"{100 * r['tiny_overhead']:8.0f}%")  # fmt: skip
+            r["e2e_ms"], r["tiny_e2e_ms"] = r["e2e"], r["tiny"]
+        lo, hi = rows1[0]["engine_spread"]
+        print(f"  engine: the same batch in this process, {lo:.1f} ms before and {hi:.1f} ms after the calls (mean "
+              f"used); 1-sample data set: engine {rows1[0]['tiny_engine_ms']:.2f} ms")  # fmt: skip
         print(
-            f"  {r['wire']:>16} {r['e2e_ms']:8.1f} {r['engine_ms']:8.1f} {r['runner_ms']:8.1f} {r['transport_ms']:8.2f} "
-            f"{r['echo_ms']:8.2f} {r['mb']:8.2f} {r['transport_mbps']:10.0f} {r['echo_mbps']:10.0f} {100 * r['overhead']:8.0f}%"
+            "  transport = e2e - engine; overhead = transport / echo - 1 (targets: float32 <= 40 %, bfloat16 <= 80 %)"
         )
-    print("  engine: the server's engine call for this request, timed in the server; runner: the same plus merging")
-    print("  the rows and encoding the response; transport = e2e - engine, per call (SDK encode/decode, gRPC,")
-    print("  servicer, validation, batcher, runner conversions); overhead = transport / echo - 1 (target <= 25%)")
-    for r in rows1:
-        rest = r["transport_ms"] - r["sdk_ms"] - r["echo_ms"]
+    else:
+        print(f"\n1) one client, B = {args.batch}, velocity only, exact mode, servers on threads of this process "
+              f"(medians of {args.reps} calls)")  # fmt: skip
         print(
-            f"  {r['wire']}: transport {r['transport_ms']:.2f} ms = bare gRPC (echo) {r['echo_ms']:.2f} + SDK encode/decode "
-            f"{r['sdk_ms']:.2f} ({100 * r['sdk_ms'] / r['echo_ms']:.0f}% of echo) + server side {rest:.2f} (servicer, "
-            f"validation, batcher; runner conversions {r['runner_ms'] - r['engine_ms']:.2f}); engine in-process on the "
-            f"float32 batch {r['inproc_ms']:.1f} ms; 1-sample data set: e2e {r['tiny_e2e_ms']:.1f} ms, "
-            f"engine {r['tiny_engine_ms']:.1f} ms"
+            f"  {'wire':>16} {'e2e ms':>8} {'engine':>8} {'runner':>8} {'transp.':>8} {'echo ms':>8} {'MB/call':>8}"
+            f" {'ours MB/s':>10} {'echo MB/s':>10} {'overhead':>9}"
         )
+        rows1 = single_client(args, store, ds)
+        for r in rows1:
+            print(
+                f"  {r['wire']:>16} {r['e2e_ms']:8.1f} {r['engine_ms']:8.1f} {r['runner_ms']:8.1f} {r['transport_ms']:8.2f} "
+                f"{r['echo_ms']:8.2f} {r['mb']:8.2f} {r['transport_mbps']:10.0f} {r['echo_mbps']:10.0f} {100 * r['overhead']:8.0f}%"
+            )
+        print("  engine: the server's engine call for this request, timed in the server; runner: the same plus merging")
+        print("  the rows and encoding the response; transport = e2e - engine, per call (SDK encode/decode, gRPC,")
+        print("  servicer, validation, batcher, runner conversions); overhead = transport / echo - 1")
+        for r in rows1:
+            rest = r["transport_ms"] - r["sdk_ms"] - r["echo_ms"]
+            print(
+                f"  {r['wire']}: transport {r['transport_ms']:.2f} ms = bare gRPC (echo) {r['echo_ms']:.2f} + SDK encode/decode "
+                f"{r['sdk_ms']:.2f} ({100 * r['sdk_ms'] / r['echo_ms']:.0f}% of echo) + server side {rest:.2f} (servicer, "
+                f"validation, batcher; runner conversions {r['runner_ms'] - r['engine_ms']:.2f}); engine in-process on the "
+                f"float32 batch {r['inproc_ms']:.1f} ms; 1-sample data set: e2e {r['tiny_e2e_ms']:.1f} ms, "
+                f"engine {r['tiny_engine_ms']:.1f} ms"
+            )
 
     print("\n3) protobuf's own copies vs the least a zero-copy framing must do, per call (both messages)")
     for r in rows1:

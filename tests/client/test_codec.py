@@ -188,11 +188,40 @@ def test_conversions_match_torch_bit_for_bit() -> None:
 
 def test_two_byte_conversions_in_blocks_equal_torch_for_large_tensors() -> None:
     """Tensors larger than torch's grain size are converted block by block on the calling thread
-    (its thread pool is slow on a busy CPU): the bits and the shape equal one torch conversion."""
+    (its thread pool is slow on a busy CPU): the bits and the shape equal one torch conversion
+    (float64 -> float16 stays numpy's, rounded once)."""
     g = torch.Generator().manual_seed(5)
-    y = torch.randn(97, 1031, generator=g, dtype=torch.float64) * torch.logspace(-8, 8, 1031, dtype=torch.float64)
-    for name in ("float16", "bfloat16"):
-        wire = encode(y, name)
-        assert list(wire.shape) == [97, 1031]
-        assert wire.data == encode(y.to(getattr(torch, name)), name).data, name
-        assert wire.data == encode(y.t().contiguous().t(), name).data  # a non-contiguous view: the same values
+    y64 = torch.randn(97, 1031, generator=g, dtype=torch.float64) * torch.logspace(-8, 8, 1031, dtype=torch.float64)
+    for y in (y64, y64.to(torch.float32)):
+        for name in ("float16", "bfloat16"):
+            wire = encode(y, name)
+            assert list(wire.shape) == [97, 1031]
+            if name == "float16" and y.dtype == torch.float64:
+                with np.errstate(over="ignore"):
+                    want = np.ascontiguousarray(y.numpy().astype(np.float16)).tobytes()
+            else:
+                want = encode(y.to(getattr(torch, name)), name).data
+            assert wire.data == want, (y.dtype, name)
+            assert wire.data == encode(y.t().contiguous().t(), name).data  # a non-contiguous view: the same
+
+
+def test_large_numpy_arrays_round_to_two_byte_floats_as_small_ones_do() -> None:
+    """A large numpy array is rounded by torch when torch is loaded, a small one by the codec's own
+    numpy arithmetic: the bits are the same (float16 and bfloat16, float32 and float64 inputs,
+    big-endian ones included)."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(70_000) * np.exp(rng.uniform(-20, 20, 70_000))
+    for src in (np.float64, np.float32, ">f4", ">f8"):
+        a = x.astype(src)
+        for name in ("float16", "bfloat16"):
+            whole = encode(a, name).data
+            pieces = b"".join(encode(a[i : i + 1000], name).data for i in range(0, a.size, 1000))
+            assert whole == pieces, (src, name)
+
+
+def test_float64_to_float16_is_rounded_once() -> None:
+    """1 + 2^-11 + 2^-40 lies just above a float16 tie: rounded once it goes up; rounded through
+    float32 (torch's float64 -> float16) it would land on the tie and go to even, 1.0."""
+    x = np.array([1 + 2**-11 + 2**-40] * 40_000)
+    for a in (x, torch.from_numpy(x)):
+        assert decode(encode(a, "float16"))[0] == 1 + 2**-10
