@@ -239,16 +239,15 @@ class WireArray:
             a = np.asarray(x)
             if a.dtype.kind not in "fiub":
                 raise CodecError(f"cannot encode an array of dtype {a.dtype}; send floats or integers")
-            torch = sys.modules.get("torch")
-            if torch is not None and a.size >= _INLINE_BLOCK and a.dtype.kind == "f" and a.dtype.itemsize <= 8:
-                fits = _torch_rounds(wd.name, getattr(torch, np.dtype(a.dtype).newbyteorder("=").name, None))
-            else:
-                fits = False
+            loaded = sys.modules.get("torch")
+            fits = False
+            if loaded is not None and a.size >= _INLINE_BLOCK and a.dtype.kind == "f" and a.dtype.itemsize <= 8:
+                fits = _torch_rounds(wd.name, getattr(loaded, np.dtype(a.dtype).newbyteorder("=").name, None))
             if fits:
                 # where torch is loaded anyway, it rounds a large array in one pass (numpy needs seven
                 # for bfloat16 and is ~15x slower for float16; the same bits: tested)
                 native = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
-                return cls.encode(torch.from_numpy(native), wd.name)
+                return cls.encode(loaded.from_numpy(native), wd.name)
             with np.errstate(over="ignore"):  # overflow to inf, as in the torch branch, without a warning
                 if wd.name == "bfloat16":
                     arr = np.ascontiguousarray(_bf16_bits(a.astype(np.float32, copy=False)), dtype="<u2")
