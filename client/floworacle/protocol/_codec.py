@@ -243,7 +243,7 @@ class WireArray:
             fits = False
             if loaded is not None and a.size >= _INLINE_BLOCK and a.dtype.kind == "f" and a.dtype.itemsize <= 8:
                 fits = _torch_rounds(wd.name, getattr(loaded, np.dtype(a.dtype).newbyteorder("=").name, None))
-            if fits:
+            if fits and loaded is not None:
                 # where torch is loaded anyway, it rounds a large array in one pass (numpy needs seven
                 # for bfloat16 and is ~15x slower for float16; the same bits: tested)
                 native = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))
