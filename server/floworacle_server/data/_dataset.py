@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from floworacle_server.data._features import FeatureSpace
+from floworacle_server.data._image import ImageShape, resolve_image_shape
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, BackendChoice, NearestIndex
 from floworacle_server.data._shard import ShardOf
 
@@ -87,6 +88,8 @@ class Dataset:
             this many samples, else they use the space's index when it has one.
         shard: for a shard of a gang (:mod:`._shard`), its place and the whole set's facts; None
             for a whole data set.
+        image_shape: (C, H, W) each flat sample is read as by the patch oracles (declared where
+            the data set is made, :mod:`._image`), or None; ``sample_shape`` is unchanged by it.
     """
 
     name: str
@@ -106,6 +109,9 @@ class Dataset:
     exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES
     _row_of: torch.Tensor | None = field(default=None, repr=False, compare=False)
     shard: ShardOf | None = field(default=None, repr=False, compare=False)
+    image_shape: ImageShape | None = None
+    #: Gaussian moments by class (-1: all rows), computed once (:mod:`._gaussian`)
+    _gaussians: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_arrays(
@@ -120,6 +126,7 @@ class Dataset:
         dtype: str = "float32",
         device: str | torch.device = "cpu",
         fingerprint: str | None = None,
+        image_shape: str | tuple[int, ...] | None = None,
     ) -> Dataset:
         """Validate and place a data set on ``device``.
 
@@ -131,6 +138,8 @@ class Dataset:
             dtype: storage dtype, "float32" (default), "float16" or "bfloat16"; exactness is
                 relative to the stored values.
             fingerprint: a known fingerprint (from an index directory); computed when None.
+            image_shape: (C, H, W) or "C,H,W" for the patch oracles (default: the sample shape
+                when it is 3-D, else none).
 
         Raises:
             ValueError: with what is wrong and how to fix it.
@@ -144,6 +153,7 @@ class Dataset:
         if sample_shape is not None and int(np.prod(sample_shape)) != int(np.prod(shape)):
             raise ValueError(f"sample_shape {sample_shape} does not match samples of {shape}")
         sample_shape = tuple(sample_shape) if sample_shape is not None else shape
+        image = resolve_image_shape(image_shape, sample_shape, source=f"data set {name!r}")
         n = int(xt.shape[0])
         flat = xt.reshape(n, -1)
         if not flat.is_floating_point():
@@ -207,6 +217,7 @@ class Dataset:
             sample_shape=sample_shape,
             fingerprint=fingerprint,
             scale_factor=float(scale_factor),
+            image_shape=image,
         )
 
     def abs_max(self) -> float:
