@@ -50,7 +50,10 @@ def local_reference(
         for x in range(w):
             wq = _window(q, r, y, x)
             logits = np.array(
-                [logp[i] - np.sum((wq - alpha * _window(im, r, y, x)) ** 2) / (2 * sigma**2) for i, im in enumerate(imgs)]
+                [
+                    logp[i] - np.sum((wq - alpha * _window(im, r, y, x)) ** 2) / (2 * sigma**2)
+                    for i, im in enumerate(imgs)
+                ]
             )
             values = np.array([im[:, r + y, r + x] for im in imgs])
             out[:, y, x] = _softmax_mean(logits, values)

@@ -30,29 +30,45 @@ import torch
 from floworacle_server.data import Dataset
 from floworacle_server.engine._bounds import DENSE_LOGIT_TOL
 from floworacle_server.engine._local import patch_oracle
-from floworacle_server.engine._patches import PatchConfig, PatchResult
+from floworacle_server.engine._patches import PatchConfig, PatchResult, patch_sq_norms, patch_view
 
 __all__ = ["equivariant_oracle", "EquivariantLayout"]
 
 
 class EquivariantLayout:
-    """Logits (bq L, n L): row ``j L + p`` (query j, pixel p), column ``i L + q`` (image i,
-    location q)."""
+    """Logits (bq L, L n): row ``j L + p`` (query j, pixel p), column ``q n + i`` (location q,
+    image i); columns (K + 2, L n)."""
 
     def chunk_images(self, budget: int, bq: int, L: int) -> int:
         return max(1, budget // max(1, bq * L * L))
 
-    def logits(self, qa: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        bq, L, k2 = qa.shape
-        n = cols.shape[0]
-        return qa.reshape(bq * L, k2) @ cols.permute(1, 0, 2).reshape(k2, n * L)
+    def rows(self, qa: torch.Tensor) -> torch.Tensor:
+        return qa.reshape(-1, qa.shape[2])  # (bq L, K + 2)
+
+    def columns_of(self, xc: torch.Tensor, p: int, logw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, h, w = xc.shape
+        k = c * p * p
+        out = torch.empty(k + 2, h * w, n, dtype=torch.float64, device=xc.device)
+        out[:k].view(c, p, p, h, w, n).copy_(patch_view(xc, p).permute(2, 3, 4, 0, 1, 5))
+        sq = patch_sq_norms(xc, p)  # (L, n)
+        out[k] = sq
+        out[k + 1] = 0.0 if logw is None else logw[None, :]
+        return out.view(k + 2, h * w * n), sq
+
+    def logits(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return rows @ cols
 
     def values(self, xc: torch.Tensor) -> torch.Tensor:
         n, c, L = xc.shape
-        return xc.permute(0, 2, 1).reshape(n * L, c)
+        return xc.permute(2, 0, 1).reshape(L * n, c)
 
-    def exclude(self, g: torch.Tensor, js: torch.Tensor, images: torch.Tensor, bq: int, L: int) -> None:
-        g.view(bq, L, -1, L)[js, :, images, :] = -math.inf
+    def exclude(
+        self, g: torch.Tensor, js: torch.Tensor, images: torch.Tensor, bq: int, L: int, value: float = -math.inf
+    ) -> None:
+        g.view(bq, L, L, -1)[js, :, :, images] = value
+
+    def drop_columns(self, e: torch.Tensor, images: torch.Tensor, bq: int, L: int) -> None:
+        e.view(bq * L, L, -1)[:, :, images] = 0.0
 
     def flat(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, *t.shape[2:])
@@ -67,12 +83,14 @@ class EquivariantLayout:
         return sq.max().reshape(1, 1)
 
     def candidates(
-        self, idx: torch.Tensor, aq: torch.Tensor, bd: torch.Tensor, xc: torch.Tensor, bq: int, L: int
+        self, idx: torch.Tensor, aq: torch.Tensor, cols: torch.Tensor, xc: torch.Tensor, bq: int, L: int
     ) -> tuple[torch.Tensor, ...]:
         rows, col = idx.unbind(1)
+        n = xc.shape[0]
+        k = aq.shape[1]
         j, p = rows // L, rows % L
-        i, q = col // L, col % L
-        return rows, j, aq[j, :, p], bd[i, :, q], xc[i, :, q], i
+        q, i = col // n, col % n
+        return rows, j, aq[j, :, p], cols[:k, col].T, xc[i, :, q], i
 
     def columns(self, rows: int, L: int) -> int:
         return rows * L

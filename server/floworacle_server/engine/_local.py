@@ -21,7 +21,7 @@ the same pass with another layout of rows and columns.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,14 +37,16 @@ from floworacle_server.engine._patches import (
     PatchConfig,
     PatchGroup,
     PatchResult,
-    augmented_columns,
     augmented_queries,
     candidate_partials,
     chunk_partials,
+    clamp_tail,
     dense_logit_error,
     exact_candidates,
     image_shape_of,
     patch_sizes,
+    patch_sq_norms,
+    patch_view,
     plan_patch_groups,
     unfold,
 )
@@ -62,16 +64,32 @@ class Layout(Protocol):
         """Images per data chunk for ``budget`` logits."""
         ...
 
-    def logits(self, qa: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """GEMM logits from augmented query rows (bq, L, K + 2) and data columns (n, K + 2, L)."""
+    def rows(self, qa: torch.Tensor) -> torch.Tensor:
+        """The GEMM's left operand from augmented query rows (bq, L, K + 2)."""
+        ...
+
+    def columns_of(self, xc: torch.Tensor, p: int, logw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(augmented columns ``[b, ||b||^2, log w]`` in this layout, squared norms (L, n)) of a
+        chunk of images (n, C, H, W)."""
+        ...
+
+    def logits(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The GEMM: logits of every (row, column) of the block and chunk."""
         ...
 
     def values(self, xc: torch.Tensor) -> torch.Tensor:
         """Column values for :func:`._patches.chunk_partials` from the chunk (n, C, L)."""
         ...
 
-    def exclude(self, g: torch.Tensor, js: torch.Tensor, images: torch.Tensor, bq: int, L: int) -> None:
-        """In place: query ``js[k]`` leaves out image ``images[k]`` (chunk positions)."""
+    def exclude(
+        self, g: torch.Tensor, js: torch.Tensor, images: torch.Tensor, bq: int, L: int, value: float = -math.inf
+    ) -> None:
+        """In place: query ``js[k]`` leaves out image ``images[k]`` (chunk positions): its
+        entries become ``value`` (-inf in the logits, 0 in the weights)."""
+        ...
+
+    def drop_columns(self, e: torch.Tensor, images: torch.Tensor, bq: int, L: int) -> None:
+        """In place: the weights of images ``images`` (chunk positions) become 0 in every row."""
         ...
 
     def flat(self, t: torch.Tensor) -> torch.Tensor:
@@ -92,11 +110,11 @@ class Layout(Protocol):
         ...
 
     def candidates(
-        self, idx: torch.Tensor, aq: torch.Tensor, bd: torch.Tensor, xc: torch.Tensor, bq: int, L: int
+        self, idx: torch.Tensor, aq: torch.Tensor, cols: torch.Tensor, xc: torch.Tensor, bq: int, L: int
     ) -> tuple[torch.Tensor, ...]:
         """For the (M, 2 or 3) index tuples of ``g.nonzero()``: the M pairs' rows (flat order),
         queries j, query patches a (M, K), data patches b (M, K), values (M, C) and images (chunk
-        positions), given the block's query patches (bq, K, L) and the chunk's (n, K, L) and
+        positions), given the block's query patches (bq, K, L), the chunk's columns and its
         values (n, C, L)."""
         ...
 
@@ -107,19 +125,37 @@ class Layout(Protocol):
 
 class LocalLayout:
     """Local oracle: logits (L, bq, n), row ``p bq + j``; a row's columns are the n images at its
-    own pixel (a batched GEMM over pixels)."""
+    own pixel (a batched GEMM over pixels, columns (L, K + 2, n))."""
 
     def chunk_images(self, budget: int, bq: int, L: int) -> int:
         return max(1, budget // max(1, bq * L))
 
-    def logits(self, qa: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(qa.transpose(0, 1), cols.permute(2, 1, 0))
+    def rows(self, qa: torch.Tensor) -> torch.Tensor:
+        return qa.transpose(0, 1).contiguous()  # (L, bq, K + 2)
+
+    def columns_of(self, xc: torch.Tensor, p: int, logw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, h, w = xc.shape
+        k = c * p * p
+        out = torch.empty(h * w, k + 2, n, dtype=torch.float64, device=xc.device)
+        out[:, :k].view(h, w, c, p, p, n).copy_(patch_view(xc, p))
+        sq = patch_sq_norms(xc, p)  # (L, n)
+        out[:, k] = sq
+        out[:, k + 1] = 0.0 if logw is None else logw[None, :]
+        return out, sq
+
+    def logits(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(rows, cols)
 
     def values(self, xc: torch.Tensor) -> torch.Tensor:
-        return xc.permute(2, 0, 1)  # (L, n, C)
+        return xc.permute(2, 0, 1).contiguous()  # (L, n, C)
 
-    def exclude(self, g: torch.Tensor, js: torch.Tensor, images: torch.Tensor, bq: int, L: int) -> None:
-        g[:, js, images] = -math.inf
+    def exclude(
+        self, g: torch.Tensor, js: torch.Tensor, images: torch.Tensor, bq: int, L: int, value: float = -math.inf
+    ) -> None:
+        g[:, js, images] = value
+
+    def drop_columns(self, e: torch.Tensor, images: torch.Tensor, bq: int, L: int) -> None:
+        e[:, :, images] = 0.0
 
     def flat(self, t: torch.Tensor) -> torch.Tensor:
         return t.transpose(0, 1).reshape(-1, *t.shape[2:])
@@ -131,13 +167,14 @@ class LocalLayout:
         return t.view(g.shape[0], g.shape[1], 1)
 
     def norm_max(self, sq: torch.Tensor) -> torch.Tensor:
-        return sq.amax(dim=0)[None, :]
+        return sq.amax(dim=1)[None, :]
 
     def candidates(
-        self, idx: torch.Tensor, aq: torch.Tensor, bd: torch.Tensor, xc: torch.Tensor, bq: int, L: int
+        self, idx: torch.Tensor, aq: torch.Tensor, cols: torch.Tensor, xc: torch.Tensor, bq: int, L: int
     ) -> tuple[torch.Tensor, ...]:
         p, j, i = idx.unbind(1)
-        return p * bq + j, j, aq[j, :, p], bd[i, :, p], xc[i, :, p], i
+        k = aq.shape[1]
+        return p * bq + j, j, aq[j, :, p], cols[p, :k, i], xc[i, :, p], i
 
     def columns(self, rows: int, L: int) -> int:
         return rows
@@ -152,6 +189,7 @@ class _Block:
     sigma: torch.Tensor
     aq: torch.Tensor  # (bq, K, L)
     qa: torch.Tensor  # (bq, L, K + 2)
+    rows: torch.Tensor  # qa in the layout's form
     excl: torch.Tensor | None  # (bq,) data rows left out, -1 none
     partials: Partials
     b2max: torch.Tensor  # largest squared data patch norm met, broadcastable to (bq, L)
@@ -165,6 +203,27 @@ def _excluded(excl: torch.Tensor | None, s: int, e: int) -> tuple[torch.Tensor, 
     if js.numel() == 0:
         return None
     return js, excl[js] - s
+
+
+def _dead(
+    layout: Layout,
+    hit: tuple[torch.Tensor, torch.Tensor] | None,
+    zero: torch.Tensor | None,
+    bq: int,
+    L: int,
+) -> Callable[[torch.Tensor], None] | None:
+    """What must weigh exactly 0 in a chunk's weights: excluded (query, image) pairs and images
+    of zero sample weight."""
+    if hit is None and (zero is None or zero.numel() == 0):
+        return None
+
+    def apply(e: torch.Tensor) -> None:
+        if hit is not None:
+            layout.exclude(e, hit[0], hit[1], bq, L, 0.0)
+        if zero is not None and zero.numel():
+            layout.drop_columns(e, zero, bq, L)
+
+    return apply
 
 
 def patch_oracle(
@@ -281,22 +340,23 @@ def _block(
     xq = x.index_select(0, qb)
     a_, s_ = alpha.index_select(0, qb), sigma.index_select(0, qb)
     aq = unfold(xq, group.patch)
+    qa = augmented_queries(aq, a_, s_)
     blk = _Block(
-        x=xq, alpha=a_, sigma=s_, aq=aq, qa=augmented_queries(aq, a_, s_),
+        x=xq, alpha=a_, sigma=s_, aq=aq, qa=qa, rows=layout.rows(qa),
         excl=None if ex_rows is None else ex_rows.index_select(0, qb),
         partials=Partials.empty(bq * L, C, 0, dev, entropy=False, ess=False),
         b2max=torch.zeros(1, 1, dtype=torch.float64, device=dev),
     )  # fmt: skip
     n = layout.chunk_images(cfg.logit_elements, bq, L)
     for s, e, xc, lw in _chunks(ds, group, n, image):
-        bd = unfold(xc, group.patch)
-        cols, sq = augmented_columns(bd, lw)
-        g = layout.logits(blk.qa, cols)
+        cols, sq = layout.columns_of(xc, group.patch, lw)
+        g = layout.logits(blk.rows, cols)
         hit = _excluded(blk.excl, s, e)
         if hit is not None:
             layout.exclude(g, hit[0], hit[1], bq, L)
         blk.b2max = torch.maximum(blk.b2max, layout.norm_max(sq))
-        blk.partials.merge_into(None, chunk_partials(g, layout.values(xc.reshape(e - s, C, L)), xmax))
+        dead = _dead(layout, hit, None if lw is None else torch.isneginf(lw).nonzero().flatten(), bq, L)
+        blk.partials.merge_into(None, chunk_partials(g, layout.values(xc.reshape(e - s, C, L)), xmax, dead))
     m = blk.partials.m
     if not bool(torch.isfinite(m).all()):
         bad = int(qb[layout.unflat(~torch.isfinite(m), bq, L).any(dim=1).nonzero()[0, 0]])
@@ -309,7 +369,8 @@ def _block(
     a_norm = torch.linalg.vector_norm(aq, dim=1)  # (bq, L)
     err = layout.flat(dense_logit_error(k, c[:, None], a_[:, None], a_norm, blk.b2max.sqrt(), max_logw))
     post = blk.partials.finalize(consume=True)
-    row_bound = x1_error(err, post.mean_err, xmax, torch.zeros_like(err))
+    tail = clamp_tail(layout.columns(group.stop - group.start, L))
+    row_bound = x1_error(err, post.mean_err, xmax, torch.full_like(err, tail))
     x1 = post.x1_hat
     refined = 0
     redo = layout.unflat(err > logit_tol, bq, L).any(dim=1)
@@ -351,7 +412,8 @@ def _exact_rows(
     columns = layout.columns(group.stop - group.start, L)
     reach = math.log(max(columns, 1)) + REACH_MARGIN
     thr = m - reach - 2.0 * err
-    aq, qa = blk.aq[sel], blk.qa[sel]
+    aq = blk.aq[sel]
+    rows_op = layout.rows(blk.qa[sel])
     alpha, sigma = blk.alpha[sel], blk.sigma[sel]
     inv2s2 = 0.5 / (sigma * sigma)
     excl = None if blk.excl is None else blk.excl[sel]
@@ -360,9 +422,8 @@ def _exact_rows(
     refined = 0
     n = layout.chunk_images(cfg.logit_elements, f, L)
     for s, e, xc, lw in _chunks(ds, group, n, image):
-        bd = unfold(xc, group.patch)
-        cols, _ = augmented_columns(bd, lw)
-        g = layout.logits(qa, cols)
+        cols, _ = layout.columns_of(xc, group.patch, lw)
+        g = layout.logits(rows_op, cols)
         hit = _excluded(excl, s, e)
         if hit is not None:
             layout.exclude(g, hit[0], hit[1], f, L)
@@ -370,7 +431,7 @@ def _exact_rows(
         del g
         parts: list[Candidates] = []
         if idx.shape[0]:
-            rows, j, a, bb, vals, img = layout.candidates(idx, aq, bd, xc.reshape(e - s, C, L), f, L)
+            rows, j, a, bb, vals, img = layout.candidates(idx, aq, cols, xc.reshape(e - s, C, L), f, L)
             logw = None if lw is None else lw[img]
             parts.append(exact_candidates(a, bb, alpha[j], inv2s2[j], logw, vals, rows))
             refined += int(idx.shape[0])

@@ -109,6 +109,7 @@ def test_conditional_weighted_and_excluded(kind: str) -> None:
     X = _data(shape, n=24, seed=4)
     labels = np.arange(24) % 3
     weights = np.random.default_rng(5).uniform(0.2, 3.0, 24)
+    weights[[2, 13]] = 0.0  # weigh exactly nothing, like an excluded sample
     ds = Dataset.from_arrays("img", X, labels, weights)
     rng = np.random.default_rng(6)
     t = np.array([0.2, 0.6, 0.9, 0.99, 0.5, 0.95])
@@ -123,6 +124,7 @@ def test_conditional_weighted_and_excluded(kind: str) -> None:
         keep = np.ones(24, dtype=bool) if lab[b] < 0 else labels == lab[b]
         if exclude[b] >= 0:
             keep[exclude[b]] = False
+        keep &= weights > 0
         fn = ORACLES[kind][1]
         ref.append(fn(X[keep].reshape(keep.sum(), -1), xt[b], c.alpha[b], c.sigma[b], 3, shape, weights=weights[keep]))
     _check(res, np.array(ref))
@@ -182,6 +184,11 @@ def test_refusals_say_how_to_fix() -> None:
         _run("equivariant", ds, xt, t, 13)
     with pytest.raises(ValueError, match="posterior is empty"):
         _run("local", ds, xt, t, 3, labels=torch.tensor([2]), exclude=torch.tensor([5]))
+    # a class whose samples all weigh 0 has an empty posterior (zero weights are exact zeros)
+    zero = Dataset.from_arrays("img", X, np.array([0, 0, 0, 1, 1, 2]), np.array([1, 1, 1, 1, 1, 0.0]))
+    for kind in ("local", "equivariant"):
+        with pytest.raises(ValueError, match="posterior is empty"):
+            _run(kind, zero, xt, t, 3, labels=torch.tensor([2]))
     with pytest.raises(ValueError, match="outside the data set's classes"):
         _run("local", ds, xt, t, 3, labels=torch.tensor([3]))
     with pytest.raises(ValueError, match="one per query"):
