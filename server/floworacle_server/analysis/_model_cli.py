@@ -78,6 +78,24 @@ def register_model(asub: Any) -> None:
         action="store_true",
         help="also measure the training set's t_switch_50 / t_switch_99 (as `analyze transition` does) to compare",
     )
+    mo.add_argument(
+        "--kinds",
+        help="also compare the model with these oracle kinds over the training set, per t: local, equivariant, "
+        "linear, comma-separated, or 'all'; the report says which kind (global included) the model is closest to",
+    )
+    mo.add_argument(
+        "--patch-size",
+        default="3",
+        help="patch size P of the local and equivariant kinds (odd), or a schedule T:P,T:P,... from t = 0, e.g. "
+        "0:7,0.5:5,0.8:3 (default 3)",
+    )
+    mo.add_argument(
+        "--kind-queries",
+        type=int,
+        default=64,
+        help="queries per source and t for the kinds (default 64; the equivariant kind costs N (H W)^2 C P^2 "
+        "multiply-adds per query)",
+    )
     mo.add_argument("--json", help="write the report here")
     mo.add_argument("--plot", help="write the figure (PNG) here")
     mo.add_argument("--device", default="cpu", help="where to load the data (cpu, cuda, ...)")
@@ -102,7 +120,7 @@ def _model_cmd(args: argparse.Namespace) -> int:
     """Load the data and the model, run the study, print its table, write JSON and PNG."""
     from tqdm import tqdm
 
-    from floworacle.study import ModelStudy, StudyConfig, plot_model_study
+    from floworacle.study import REFERENCE_KINDS, ModelStudy, StudyConfig, parse_patch_size, plot_model_study
     from floworacle_server.analysis._model import EngineData, load_model
     from floworacle_server.analysis._transition import DEFAULT_T_GRID, parse_t_grid, transition_curve
 
@@ -111,6 +129,11 @@ def _model_cmd(args: argparse.Namespace) -> int:
 
         path = get_path(args.path, args.sigma_min)
         grid: dict[str, Any] = {} if args.t_grid is None else {"t_grid": tuple(parse_t_grid(args.t_grid, path.t_max))}
+        kinds: tuple[str, ...] = ()
+        if args.kinds:
+            kinds = (
+                REFERENCE_KINDS if args.kinds == "all" else tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+            )
         config = StudyConfig(
             queries_per_t=args.queries_per_t,
             num_samples=args.samples,
@@ -122,6 +145,9 @@ def _model_cmd(args: argparse.Namespace) -> int:
             path=args.path,
             sigma_min=args.sigma_min,
             seed=args.seed,
+            kinds=kinds,
+            patch_size=parse_patch_size(args.patch_size),
+            kind_queries=args.kind_queries,
             **grid,
         )
         config.validated()
