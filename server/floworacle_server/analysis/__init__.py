@@ -1,5 +1,5 @@
 """Analysis tools: the navigation-to-refinement transition, sampling advice, memorisation reports,
-and the in-process side of the model study (:mod:`floworacle.study`)."""
+the in-process side of the model study (:mod:`floworacle.study`), and the oracle kinds side by side."""
 
 from floworacle_server.analysis._advice import (
     Advice,
@@ -9,6 +9,7 @@ from floworacle_server.analysis._advice import (
     shift_for_share,
     shifted_time,
 )
+from floworacle_server.analysis._kinds import KindSamples, kind_velocity, kinds_json, plot_kind_grid, sample_kinds
 from floworacle_server.analysis._memorization import (
     DEFAULT_THRESHOLD,
     MemorizationReport,
@@ -41,6 +42,7 @@ __all__ = [
     "EngineData",
     "Evaluation",
     "Evaluator",
+    "KindSamples",
     "MemorizationReport",
     "QuerySet",
     "TransitionCurve",
@@ -49,11 +51,15 @@ __all__ = [
     "engine_evaluator",
     "format_advice_table",
     "image_shape_for",
+    "kind_velocity",
+    "kinds_json",
     "load_model",
     "load_samples",
     "make_queries",
     "memorization_report",
     "parse_t_grid",
+    "plot_kind_grid",
+    "sample_kinds",
     "share_before",
     "shift_for_share",
     "shifted_time",
