@@ -4,6 +4,11 @@ computation, and ClientData passes the kind to the SDK as keywords."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import runpy
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +18,7 @@ import torch
 from floworacle.paths import get_path
 from floworacle.study import ClientData, ModelStudy, StudyConfig, parse_patch_size, patch_at
 from floworacle_server.analysis import EngineData
+from floworacle_server.cli import main
 from floworacle_server.data import Dataset
 from floworacle_server.engine import OracleQuery, kind_oracle
 
@@ -128,3 +134,27 @@ def test_client_data_passes_the_kind_as_keywords() -> None:
     assert "kind" not in rec.calls[0] and "patch_size" not in rec.calls[0]  # today's SDK call, unchanged
     assert rec.calls[1]["kind"] == "equivariant" and rec.calls[1]["patch_size"] == 5
     assert rec.calls[2]["kind"] == "linear" and "patch_size" not in rec.calls[2]
+
+
+def test_cnn_example_trains_and_is_studied_against_the_kinds(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """examples/digits_cnn.py trains and saves; `analyze model --kinds` studies it (a few steps here)."""
+    example = Path(__file__).resolve().parents[3] / "examples" / "digits_cnn.py"
+    weights = tmp_path / "cnn.pt"
+    monkeypatch.setenv("FLOWORACLE_DIGITS_CNN", str(weights))
+    spec = importlib.util.spec_from_file_location("digits_cnn_import", example)
+    assert spec is not None and spec.loader is not None
+    with pytest.raises(RuntimeError, match="train the model first"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    monkeypatch.setattr(sys, "argv", ["digits_cnn.py", "--steps", "5"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(example), run_name="__main__")
+    assert done.value.code == 0 and weights.is_file()
+    capsys.readouterr()
+    out_json = tmp_path / "cnn.json"
+    rc = main(["analyze", "model", "--model", f"{example}:model", "--dataset", "digits", "--holdout", "0.2",
+               "--queries-per-t", "4", "--samples", "4", "--steps", "2", "--t-grid", "0.3,0.9", "--no-progress",
+               "--kinds", "local,linear", "--patch-size", "0:5,0.5:3", "--kind-queries", "2", "--json", str(out_json)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert "tr:closest" in capsys.readouterr().out
+    rep = json.loads(out_json.read_text())["kinds"]
+    assert set(rep["x1"]["train"]) == {"global", "local", "linear"} and len(rep["closest"]["heldout"]) == 2
