@@ -34,7 +34,7 @@ def register_kinds(asub: Any) -> None:
     ki.add_argument(
         "--patch-size", default="3", help="P of the patch kinds (odd), or a schedule T:P,T:P,... from t = 0 (default 3)"
     )
-    ki.add_argument("--samples", type=int, default=32, help="samples per kind (default 32)")
+    ki.add_argument("--samples", type=int, default=16, help="samples per kind (default 16)")
     ki.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     ki.add_argument("--method", choices=("euler", "midpoint", "heun"), default="euler", help="sampler (default euler)")
     ki.add_argument("--shift", type=float, default=1.0, help="timestep shift of the sampler's grid (default 1)")
