@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/digits_cnn.py                        # trains in about a minute on a CPU, writes digits_cnn.pt
     .venv/bin/floworacle analyze model --model examples/digits_cnn.py:model --dataset digits --holdout 0.2 \\
-        --kinds all --patch-size 5 --json cnn.json --plot cnn.png
+        --kinds all --patch-size 3 --kind-queries 32 --t-grid linspace:0.05:0.95:10 --json cnn.json --plot cnn.png
 
 The network sees each sample as a 1 x 8 x 8 image: three 3 x 3 convolutions with zero padding
 (a receptive field of 7 x 7 pixels, smaller than the image) and 1 x 1 convolutions, the time

@@ -24,7 +24,8 @@ def register_model(asub: Any) -> None:
             "squared distance to the training-set oracle, the held-out oracle and the leave-one-out training oracle; "
             "the model's switch (first t where d_train < 1/2 d_heldout on training-sample queries); and the share of "
             "the model's samples (its ODE from noise) that copy a training sample (d1/d2 < 1/3) beside the same "
-            "share for held-out samples."
+            "share for held-out samples. With --kinds, also per t the model's distance to the local, equivariant "
+            "local and linear oracles over the training set and the kind it is closest to."
         ),
     )
     mo.add_argument(

@@ -105,7 +105,7 @@ class Layout(Protocol):
         ...
 
     def norm_max(self, sq: torch.Tensor) -> torch.Tensor:
-        """Largest squared data patch norm each row meets in this chunk (``sq`` (n, L)),
+        """Largest squared data patch norm each row meets in this chunk (``sq`` (L, n)),
         broadcastable to (bq, L)."""
         ...
 
@@ -241,6 +241,11 @@ def patch_oracle(
 ) -> PatchResult:
     """The patch oracle of ``layout`` for B queries (see :func:`local_oracle` for the arguments)."""
     image = image_shape_of(ds)
+    if ds.shard is not None:
+        raise ValueError(
+            f"data set {ds.name!r} is sharded over a gang: the patch oracles do not merge their per-pixel partials "
+            "across ranks yet; serve it from one process for kind local / equivariant"
+        )
     C, H, W = image
     x = torch.as_tensor(x_t)
     b = int(x.shape[0])

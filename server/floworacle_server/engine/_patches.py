@@ -56,6 +56,7 @@ __all__ = [
     "PatchGroup",
     "image_shape_of",
     "check_patch_size",
+    "max_patch_size",
     "patch_sizes",
     "plan_patch_groups",
     "unfold",
@@ -66,7 +67,9 @@ __all__ = [
     "chunk_partials",
     "clamp_tail",
     "EXP_FLOOR",
+    "Candidates",
     "exact_candidates",
+    "candidate_partials",
 ]
 
 

@@ -8,6 +8,7 @@ import torch
 
 from floworacle.paths import get_path
 from floworacle_server.data import Dataset
+from floworacle_server.data._shard import ShardSpec, make_shard
 from floworacle_server.engine import (
     OracleQuery,
     PatchConfig,
@@ -193,3 +194,5 @@ def test_refusals_say_how_to_fix() -> None:
         _run("local", ds, xt, t, 3, labels=torch.tensor([3]))
     with pytest.raises(ValueError, match="one per query"):
         _run("local", ds, xt, t, np.array([3, 5]))
+    with pytest.raises(ValueError, match="sharded over a gang"):
+        _run("equivariant", make_shard(ds, ShardSpec(0, 2)), xt, t, 3)
