@@ -23,6 +23,12 @@ memorisation apart is the fit ratio ``d_tr(training queries) / d_ho(held-out que
 when the model treats training and unseen samples alike, well below 1 when it fits its training
 samples better than unseen ones.
 
+References that generalise (``StudyConfig.kinds``): the same queries (the first
+``kind_queries`` of each source) answered by the local, equivariant local and linear oracles over
+the training set (Kamb & Ganguli 2025; the Gaussian / Wiener denoiser), and per t the model's
+distance to each of them beside its distance to the exact (global) oracle, and which one it is
+closest to. The patch oracles take one patch size P or a schedule over t (``patch_size``).
+
 Samples: the model's ODE from noise (``floworacle.sampling.integrate``, any sampler) gives
 samples whose nearest and second-nearest training samples (d1 <= d2) flag a copy when
 ``d1 / d2 < 1/3``; the baseline is the same share for held-out samples. Quality beside it: the
@@ -58,6 +64,7 @@ from floworacle.sampling import METHODS, integrate, integrate_mixed
 
 __all__ = [
     "DEFAULT_T_GRID",
+    "REFERENCE_KINDS",
     "COPY_THRESHOLD",
     "SWITCH_RATIO",
     "NearestAnswer",
@@ -81,6 +88,37 @@ COPY_THRESHOLD = 1.0 / 3.0
 SWITCH_RATIO = 0.5
 
 _SOURCES = ("train", "heldout")
+#: Oracle kinds a model can be compared with besides the exact ("global") one.
+REFERENCE_KINDS = ("local", "equivariant", "linear")
+_PATCH_KINDS = ("local", "equivariant")
+
+PatchSize = int | Sequence[tuple[float, int]]
+
+
+def patch_at(t: float, patch_size: PatchSize) -> int:
+    """The patch size at time t: one size, or the last ``(t_start, P)`` pair with ``t_start <= t``."""
+    if isinstance(patch_size, (int, np.integer)):
+        return int(patch_size)
+    size = int(patch_size[0][1])
+    for start, p in patch_size:
+        if t >= float(start):
+            size = int(p)
+    return size
+
+
+def parse_patch_size(text: str) -> PatchSize:
+    """``"5"`` or a schedule ``"0:7,0.5:5,0.8:3"`` (P = 7 from t = 0, 5 from 0.5, 3 from 0.8)."""
+    text = text.strip()
+    try:
+        if ":" not in text:
+            return int(text)
+        pairs = [(float(a), int(b)) for a, b in (part.split(":") for part in text.split(","))]
+    except ValueError:
+        raise ValueError(f"patch size {text!r}: write P (odd) or a schedule T:P,T:P,... starting at 0") from None
+    starts = [a for a, _ in pairs]
+    if starts[0] != 0.0 or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+        raise ValueError(f"patch schedule {text!r}: times must increase from 0, e.g. 0:7,0.5:5,0.8:3")
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -115,9 +153,20 @@ class StudyData(Protocol):
         """(k, D) float64 samples with these indices."""
         ...
 
-    def velocity(self, x_t: np.ndarray, t: np.ndarray, path: paths.Path, exclude: np.ndarray | None) -> np.ndarray:
-        """(B, D) float64 exact oracle velocity at (x_t, t) on ``path``; ``exclude`` (B,) int64
-        leaves that sample out of that query's posterior (-1: none)."""
+    def velocity(
+        self,
+        x_t: np.ndarray,
+        t: np.ndarray,
+        path: paths.Path,
+        exclude: np.ndarray | None,
+        *,
+        kind: str = "global",
+        patch_size: int | None = None,
+    ) -> np.ndarray:
+        """(B, D) float64 oracle velocity at (x_t, t) on ``path``; ``exclude`` (B,) int64
+        leaves that sample out of that query's posterior (-1: none). ``kind``: "global" (the
+        exact oracle), "local", "equivariant" (with ``patch_size``) or "linear"; the study asks
+        for the other kinds only when its config names them."""
         ...
 
     def nearest(self, x: np.ndarray, k: int) -> NearestAnswer:
@@ -205,7 +254,20 @@ class ClientData:
         self._check()
         return self._x[np.asarray(indices, dtype=np.int64)]
 
-    def velocity(self, x_t: np.ndarray, t: np.ndarray, path: paths.Path, exclude: np.ndarray | None) -> np.ndarray:
+    def velocity(
+        self,
+        x_t: np.ndarray,
+        t: np.ndarray,
+        path: paths.Path,
+        exclude: np.ndarray | None,
+        *,
+        kind: str = "global",
+        patch_size: int | None = None,
+    ) -> np.ndarray:
+        # the other kinds travel as keywords of the SDK's velocity (kind=, patch_size=)
+        extra: dict[str, Any] = {} if kind == "global" else {"kind": kind}
+        if patch_size is not None:
+            extra["patch_size"] = int(patch_size)
         u = self._client.velocity(
             x_t,
             t,
@@ -214,6 +276,7 @@ class ClientData:
             path=path.name,
             sigma_min=float(getattr(path, "sigma_min", 0.0)),
             exclude=exclude,
+            **extra,
         )
         return np.asarray(u, dtype=np.float64).reshape(x_t.shape[0], -1)
 
@@ -355,6 +418,11 @@ class StudyConfig:
         path, sigma_min: the probability path of the model and the queries.
         seed: seed of the queries and of the sampler's noise.
         batch_rows: rows per oracle and nearest call.
+        kinds: reference kinds among "local", "equivariant", "linear" (empty: none), compared
+            with the model on the first ``kind_queries`` queries of each source at every t.
+        patch_size: the patch kinds' P: one odd size, or ``(t_start, P)`` pairs (a schedule).
+        kind_queries: queries per source and t for the reference kinds (the equivariant kind
+            costs N (H W)^2 C P^2 multiply-adds per query).
     """
 
     t_grid: Sequence[float] = DEFAULT_T_GRID
@@ -369,6 +437,9 @@ class StudyConfig:
     sigma_min: float = 0.0
     seed: int = 0
     batch_rows: int = 1024
+    kinds: Sequence[str] = ()
+    patch_size: PatchSize = 3
+    kind_queries: int = 64
 
     def validated(self) -> tuple[paths.Path, np.ndarray]:
         """(path, grid) after checking every field; ValueError says which field and why."""
@@ -390,6 +461,16 @@ class StudyConfig:
             raise ValueError(f"the copy threshold must lie in (0, 1], got {self.threshold}")
         if not self.switch_ratio > 0:
             raise ValueError(f"switch_ratio must be > 0, got {self.switch_ratio}")
+        unknown = set(self.kinds) - set(REFERENCE_KINDS)
+        if unknown:
+            raise ValueError(
+                f"kinds {sorted(unknown)} are not reference kinds; use some of {', '.join(REFERENCE_KINDS)}"
+            )
+        if self.kinds and not 1 <= self.kind_queries:
+            raise ValueError(f"kind_queries must be >= 1, got {self.kind_queries}")
+        sizes = [self.patch_size] if isinstance(self.patch_size, (int, np.integer)) else [p for _, p in self.patch_size]
+        if any(int(q) < 1 or int(q) % 2 == 0 for q in sizes):
+            raise ValueError(f"patch sizes must be odd and >= 1, got {self.patch_size}")
         return p, t
 
 
@@ -430,6 +511,10 @@ class ModelStudyReport:
             ("train") (not in JSON).
         copy_ratios: d1 / d2 of the model's samples ("model") and of the held-out baseline
             ("heldout") (not in JSON).
+        kinds: ``kinds[source][kind]`` (T,) mean ``||x1_model - x1_kind||^2 / D`` over the first
+            ``kind_queries`` queries of each source, kind "global" (the exact oracle over the
+            training set) and the configured reference kinds; empty without references.
+        kind_info: patch size, queries per t of the references.
     """
 
     t: np.ndarray
@@ -445,6 +530,17 @@ class ModelStudyReport:
     sample_noise: np.ndarray | None = field(default=None, repr=False)
     baseline_rows: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     copy_ratios: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    kinds: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    kind_info: dict[str, Any] = field(default_factory=dict)
+
+    def closest(self, source: str = "train") -> list[str]:
+        """Per t, the kind the model is closest to on queries from ``source`` (empty without references)."""
+        d = self.kinds.get(source, {})
+        if not d:
+            return []
+        names = list(d)
+        table = np.stack([d[k] for k in names])
+        return [names[int(i)] for i in np.argmin(table, axis=0)]
 
     def ratio(self, source: str) -> np.ndarray:
         """(T,) d_tr / d_ho for queries from ``source``."""
@@ -473,6 +569,17 @@ class ModelStudyReport:
             "fit_ratio": [_finite_or_none(v) for v in self.fit_ratio()],
             "switch": dict(self.switch),
             "samples": dict(self.samples),
+            **(
+                {
+                    "kinds": {
+                        **self.kind_info,
+                        "x1": lists(self.kinds),
+                        "closest": {s: self.closest(s) for s in self.kinds},
+                    }
+                }
+                if self.kinds
+                else {}
+            ),
             "definitions": DEFINITIONS,
         }
 
@@ -514,7 +621,52 @@ class ModelStudyReport:
             f"{s['train_nearest_heldout_mean']:.4g}; nearest training sample: model samples "
             f"{s['nearest_train_mean']:.4g}, held-out samples {s['heldout_nearest_train_mean']:.4g}",
         ]
+        if self.kinds:
+            lines += ["", self.kinds_table()]
         return "\n".join(lines)
+
+    def kinds_table(self) -> str:
+        """Per t: the model's distance to each oracle kind (x1 space) and the closest kind, per source."""
+        names = list(self.kinds["train"])
+        head = ["t"] + [f"{src[:2]}:{k}" for src in _SOURCES for k in names] + ["tr:closest", "ho:closest"]
+        rows = [head]
+        close = {src: self.closest(src) for src in _SOURCES}
+        for j, tj in enumerate(self.t):
+            rows.append(
+                [f"{tj:.3f}"]
+                + [f"{self.kinds[src][k][j]:.4g}" for src in _SOURCES for k in names]
+                + [close["train"][j], close["heldout"][j]]
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        info = self.kind_info
+        lines.append(
+            f"(model against the oracle kinds over the training set: mean ||x1_model - x1_kind||^2 / D on the first "
+            f"{info.get('queries')} queries per source; patch size {info.get('patch_size')})"
+        )
+        return "\n".join(lines)
+
+
+KIND_COLORS = {"global": "C0", "local": "C2", "equivariant": "C3", "linear": "C4"}
+
+
+def _plot_kinds(ax: Any, report: ModelStudyReport) -> None:
+    """Distance of the model to each oracle kind along t; the closest kind marked per t."""
+    t = report.t
+    for source, ls in (("train", "-"), ("heldout", "--")):
+        for kind, v in report.kinds[source].items():
+            ax.plot(t, v, ls, color=KIND_COLORS.get(kind, "k"), label=f"{kind} ({source} queries)")
+    close = report.closest("heldout")
+    for j, kind in enumerate(close):
+        v = report.kinds["heldout"][kind][j]
+        ax.plot([t[j]], [v], "o", color=KIND_COLORS.get(kind, "k"), ms=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("t")
+    ax.set_ylabel("mean ||x1_model - x1_kind||^2 / D")
+    ax.set_title(f"closest oracle kind (dots: held-out queries), P = {report.kind_info.get('patch_size')}", fontsize=9)
+    ax.legend(fontsize=6)
+    ax.grid(True, alpha=0.3)
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -535,6 +687,9 @@ DEFINITIONS = {
     "copy": "a sample is a copy when d1 / d2 < threshold, d1 <= d2 the distances to its two nearest training samples",
     "quality": "mean distance of the model's samples to their nearest held-out sample, beside the same for "
     "training samples (train_nearest_heldout_mean) and, to the training set, for held-out samples",
+    "kinds": "mean over the first kind_queries queries of each source of ||x1_model - x1_kind||^2 / D, kind 'global' "
+    "the exact oracle over the training set, 'local' / 'equivariant' the patch oracles (patch_size P, or a schedule "
+    "of (t_start, P)), 'linear' the Gaussian (Wiener) oracle; closest: the kind with the smallest distance per t",
 }
 
 
@@ -657,12 +812,14 @@ class ModelStudy:
             self._queries[source] = _Queries(rows, data.samples(rows).reshape(m, self.dim), x0)
         self._noise = rng.standard_normal((self.config.num_samples, self.dim))
         self._oracle: list[dict[str, dict[str, np.ndarray]]] | None = None
+        self._kind_answers: list[dict[str, dict[str, np.ndarray]]] | None = None
         self._baseline: dict[str, Any] | None = None
 
     @property
     def work_units(self) -> int:
-        """Units ``progress`` counts in the first :meth:`run`: one per t, plus sampling and baselines."""
-        return self.t.size + 2
+        """Units ``progress`` counts in the first :meth:`run`: one per t (two with reference kinds),
+        plus sampling and baselines."""
+        return self.t.size * (2 if self.config.kinds else 1) + 2
 
     def _tick(self) -> None:
         if self._progress is not None:
@@ -698,6 +855,39 @@ class ModelStudy:
             if self._oracle is None:
                 self._oracle = []
             self._oracle.append(ans)
+        return ans
+
+    def _kinds_at(self, j: int) -> dict[str, dict[str, np.ndarray]]:
+        """Reference kinds' velocities at grid point j: ``[source][kind]`` (k, D), k = kind_queries."""
+        if self._kind_answers is not None and j < len(self._kind_answers):
+            return self._kind_answers[j]
+        cfg = self.config
+        tj = float(self.t[j])
+        c = self.path.coefficients(np.full(1, tj))
+        ans: dict[str, dict[str, np.ndarray]] = {}
+        xs = []
+        for source in _SOURCES:
+            q = self._queries[source]
+            k = min(cfg.kind_queries, q.x1.shape[0])
+            xs.append(c.alpha[0] * q.x1[:k] + c.sigma[0] * q.x0[:k])
+        x = np.concatenate(xs)
+        tt = np.full(x.shape[0], tj)
+        k0 = xs[0].shape[0]
+        for kind in cfg.kinds:
+            p = patch_at(tj, cfg.patch_size) if kind in _PATCH_KINDS else None
+            u = np.empty_like(x)
+            b = cfg.batch_rows
+            for s in range(0, x.shape[0], b):
+                u[s : s + b] = self.train.velocity(
+                    x[s : s + b], tt[s : s + b], self.path, None, kind=kind, patch_size=p
+                )
+            ans.setdefault("train", {})[kind] = u[:k0]
+            ans.setdefault("heldout", {})[kind] = u[k0:]
+        self._tick()
+        if self._keep:
+            if self._kind_answers is None:
+                self._kind_answers = []
+            self._kind_answers.append(ans)
         return ans
 
     def _baselines(self) -> dict[str, Any]:
@@ -773,6 +963,20 @@ class ModelStudy:
         a2 = self.path.coefficients(t).velocity_x1 ** 2
         vel = {s: {o: v.mean(axis=1) for o, v in d.items()} for s, d in per_query.items()}
         x1 = {s: {o: v / a2 for o, v in d.items()} for s, d in vel.items()}
+        kinds: dict[str, dict[str, np.ndarray]] = {}
+        if cfg.kinds:
+            for source in _SOURCES:
+                k = min(cfg.kind_queries, m)
+                kinds[source] = {"global": per_query[source]["train"][:, :k].mean(axis=1) / a2}
+                kinds[source].update({kind: np.empty(t.size) for kind in cfg.kinds})
+            for j in range(t.size):
+                ans = self._kinds_at(j)
+                for source in _SOURCES:
+                    k = min(cfg.kind_queries, m)
+                    u_m = velocity(self._queries_at(source, j, k), np.full(k, t[j]))
+                    for kind in cfg.kinds:
+                        diff = u_m - ans[source][kind]
+                        kinds[source][kind][j] = np.einsum("bd,bd->", diff, diff) / (k * self.dim) / a2[j]
 
         if sampler is None:
             generated = integrate(velocity, self._noise.copy(), steps=cfg.steps, method=cfg.method, shift=cfg.shift)
@@ -827,6 +1031,17 @@ class ModelStudy:
             sample_noise=self._noise.copy(),
             baseline_rows=dict(base["_rows"]),
             copy_ratios={"model": ratio, "heldout": base["_heldout_ratios"]},
+            kinds=kinds,
+            kind_info=(
+                {
+                    "patch_size": cfg.patch_size
+                    if isinstance(cfg.patch_size, int)
+                    else [list(p) for p in cfg.patch_size],
+                    "queries": min(cfg.kind_queries, m),
+                }
+                if cfg.kinds
+                else {}
+            ),
         )
 
     def mixed(
@@ -895,6 +1110,12 @@ class ModelStudy:
             samples=samples,
         )
 
+    def _queries_at(self, source: str, j: int, k: int) -> np.ndarray:
+        """The first k queries x_t of ``source`` at grid point j."""
+        c = self.path.coefficients(np.full(1, self.t[j]))
+        q = self._queries[source]
+        return c.alpha[0] * q.x1[:k] + c.sigma[0] * q.x0[:k]
+
 
 def _ratio(d: np.ndarray) -> np.ndarray:
     """d1 / d2 per row (0 when both are 0: a copy of a duplicated sample)."""
@@ -953,8 +1174,9 @@ def plot_model_study(
     except ImportError as exc:
         raise ImportError("plotting the model study needs matplotlib: pip install matplotlib") from exc
 
-    fig = Figure(figsize=(15, 4.4))
-    axes = fig.subplots(1, 3)
+    panels = 4 if report.kinds else 3
+    fig = Figure(figsize=(5 * panels, 4.4))
+    axes = fig.subplots(1, panels)
     t = report.t
     styles = {
         "train": ("C0", "training-set oracle"),
@@ -1002,6 +1224,8 @@ def plot_model_study(
     ax.set_xlabel("d1 / d2 (nearest / second-nearest training sample)")
     ax.set_title("copies of training samples")
     ax.legend(fontsize=7)
+    if report.kinds:
+        _plot_kinds(axes[3], report)
     fig.tight_layout()
     FigureCanvasAgg(fig)
     fig.savefig(str(path), format="png", dpi=100)

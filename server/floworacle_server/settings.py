@@ -74,6 +74,13 @@ class Settings(BaseSettings):
         description='Labels file of a data set (repeatable), "NAME=PATH", or "PATH" when exactly one data set is given.',
         json_schema_extra={"metavar": "[NAME=]PATH"},
     )
+    image_shape: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description='Image shape C,H,W of a data set for the patch oracles (repeatable), "NAME=C,H,W", or "C,H,W" '
+        "when exactly one data set is given (several in the environment: separated by ';'); default: the digits' "
+        "1,8,8, an index's manifest, or a 3-D sample shape.",
+        json_schema_extra={"metavar": "[NAME=]C,H,W"},
+    )
     name: str | None = Field(default=None, description="Name of the data set given as a bare PATH.")
     host: str = Field(default="0.0.0.0", description="Address the gRPC server binds.")
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
@@ -245,6 +252,14 @@ class Settings(BaseSettings):
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
+    @field_validator("image_shape", mode="before")
+    @classmethod
+    def _shape_list(cls, value: Any) -> Any:
+        # a shape holds commas itself: the environment separates several with ";" or spaces
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return value.replace(";", " ").split()
+        return _split_list(value)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -327,6 +342,21 @@ class Settings(BaseSettings):
             seen.add(name)
         return self
 
+    @model_validator(mode="after")
+    def _image_shapes_match(self) -> Settings:
+        bare = [s for s in self.image_shape if "=" not in s]
+        if bare and (len(bare) > 1 or len(self.data) > 1):
+            raise ValueError(
+                'a bare image shape C,H,W needs exactly one data set; otherwise give it as "NAME=C,H,W" '
+                f"(got image shapes {self.image_shape} for data {self.data})"
+            )
+        for spec in self.image_shape:
+            shape = spec.partition("=")[2] if "=" in spec else spec
+            parts = [p.strip() for p in shape.split(",")]
+            if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"image shape {spec!r}: write C,H,W (or NAME=C,H,W) with three positive integers")
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -387,6 +417,17 @@ class Settings(BaseSettings):
                 key, _, path = spec.partition("=")
                 if key == name:
                     return path
+            else:
+                return spec
+        return None
+
+    def image_shape_for(self, name: str) -> str | None:
+        """The image shape "C,H,W" given for data set ``name`` (a bare one applies to the only data set)."""
+        for spec in self.image_shape:
+            if "=" in spec:
+                key, _, shape = spec.partition("=")
+                if key == name:
+                    return shape
             else:
                 return spec
         return None

@@ -1,6 +1,6 @@
 """Analysis tools: the navigation-to-refinement transition, sampling advice, memorisation reports,
-the in-process side of the model study (:mod:`floworacle.study`), and cheaper targets (minibatch,
-nearest-neighbour) measured against the exact one."""
+the in-process side of the model study (:mod:`floworacle.study`), cheaper targets (minibatch,
+nearest-neighbour) measured against the exact one, and the oracle kinds side by side."""
 
 from floworacle_server.analysis._advice import (
     Advice,
@@ -28,6 +28,7 @@ from floworacle_server.analysis._estimators import (
     self_normalised_mean,
     stf_rows,
 )
+from floworacle_server.analysis._kinds import KindSamples, kind_velocity, kinds_json, plot_kind_grid, sample_kinds
 from floworacle_server.analysis._memorization import (
     DEFAULT_THRESHOLD,
     MemorizationReport,
@@ -70,6 +71,7 @@ __all__ = [
     "Evaluator",
     "ExactAnswer",
     "ExactSource",
+    "KindSamples",
     "MemorizationReport",
     "QuerySet",
     "SwitchUncertainty",
@@ -84,6 +86,8 @@ __all__ = [
     "format_advice_table",
     "fresh_rows",
     "image_shape_for",
+    "kind_velocity",
+    "kinds_json",
     "load_model",
     "load_samples",
     "make_queries",
@@ -92,6 +96,8 @@ __all__ = [
     "plot_estimators",
     "posterior_draws",
     "self_normalised_mean",
+    "plot_kind_grid",
+    "sample_kinds",
     "share_before",
     "shift_for_share",
     "shifted_time",

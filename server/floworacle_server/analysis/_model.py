@@ -26,7 +26,7 @@ __all__ = ["EngineData", "load_model"]
 
 class EngineData:
     """A resident data set as the model study's :class:`~floworacle.study.StudyData`: the exact
-    engine's oracle (``exclude`` for the leave-one-out queries) and nearest samples."""
+    engine's oracle of every kind (``exclude`` for the leave-one-out queries) and nearest samples."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -52,8 +52,17 @@ class EngineData:
         rows = ds.rows_of(torch.from_numpy(np.asarray(indices, dtype=np.int64)))
         return ds.x[rows].to(torch.float64).cpu().numpy()
 
-    def velocity(self, x_t: np.ndarray, t: np.ndarray, path: Path, exclude: np.ndarray | None) -> np.ndarray:
-        from floworacle_server.engine import OracleQuery, oracle
+    def velocity(
+        self,
+        x_t: np.ndarray,
+        t: np.ndarray,
+        path: Path,
+        exclude: np.ndarray | None,
+        *,
+        kind: str = "global",
+        patch_size: int | None = None,
+    ) -> np.ndarray:
+        from floworacle_server.engine import OracleQuery, kind_oracle
 
         q = OracleQuery(
             x_t=torch.from_numpy(np.ascontiguousarray(x_t, dtype=np.float64)),
@@ -61,7 +70,7 @@ class EngineData:
             exclude=None if exclude is None else torch.from_numpy(np.asarray(exclude, dtype=np.int64)),
             outputs=("velocity",),
         )
-        u = oracle(self.dataset, q).velocity
+        u = kind_oracle(self.dataset, q, kind, patch_size=patch_size).velocity
         assert u is not None
         return u.cpu().numpy()
 

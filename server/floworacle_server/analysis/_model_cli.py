@@ -24,7 +24,8 @@ def register_model(asub: Any) -> None:
             "squared distance to the training-set oracle, the held-out oracle and the leave-one-out training oracle; "
             "the model's switch (first t where d_train < 1/2 d_heldout on training-sample queries); and the share of "
             "the model's samples (its ODE from noise) that copy a training sample (d1/d2 < 1/3) beside the same "
-            "share for held-out samples."
+            "share for held-out samples. With --kinds, also per t the model's distance to the local, equivariant "
+            "local and linear oracles over the training set and the kind it is closest to."
         ),
     )
     mo.add_argument(
@@ -85,6 +86,24 @@ def register_model(asub: Any) -> None:
         "paper's Fig. 5): per switch the share of copies and the distance to the nearest training sample "
         "(0 = the model alone, 1 = the oracle alone)",
     )
+    mo.add_argument(
+        "--kinds",
+        help="also compare the model with these oracle kinds over the training set, per t: local, equivariant, "
+        "linear, comma-separated, or 'all'; the report says which kind (global included) the model is closest to",
+    )
+    mo.add_argument(
+        "--patch-size",
+        default="3",
+        help="patch size P of the local and equivariant kinds (odd), or a schedule T:P,T:P,... from t = 0, e.g. "
+        "0:7,0.5:5,0.8:3 (default 3)",
+    )
+    mo.add_argument(
+        "--kind-queries",
+        type=int,
+        default=64,
+        help="queries per source and t for the kinds (default 64; the equivariant kind costs N (H W)^2 C P^2 "
+        "multiply-adds per query)",
+    )
     mo.add_argument("--json", help="write the report here")
     mo.add_argument("--plot", help="write the figure (PNG) here")
     mo.add_argument("--device", default="cpu", help="where to load the data (cpu, cuda, ...)")
@@ -109,7 +128,7 @@ def _model_cmd(args: argparse.Namespace) -> int:
     """Load the data and the model, run the study, print its table, write JSON and PNG."""
     from tqdm import tqdm
 
-    from floworacle.study import ModelStudy, StudyConfig, plot_model_study
+    from floworacle.study import REFERENCE_KINDS, ModelStudy, StudyConfig, parse_patch_size, plot_model_study
     from floworacle_server.analysis._model import EngineData, load_model
     from floworacle_server.analysis._transition import DEFAULT_T_GRID, parse_t_grid, transition_curve
 
@@ -118,6 +137,11 @@ def _model_cmd(args: argparse.Namespace) -> int:
 
         path = get_path(args.path, args.sigma_min)
         grid: dict[str, Any] = {} if args.t_grid is None else {"t_grid": tuple(parse_t_grid(args.t_grid, path.t_max))}
+        kinds: tuple[str, ...] = ()
+        if args.kinds:
+            kinds = (
+                REFERENCE_KINDS if args.kinds == "all" else tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+            )
         config = StudyConfig(
             queries_per_t=args.queries_per_t,
             num_samples=args.samples,
@@ -129,6 +153,9 @@ def _model_cmd(args: argparse.Namespace) -> int:
             path=args.path,
             sigma_min=args.sigma_min,
             seed=args.seed,
+            kinds=kinds,
+            patch_size=parse_patch_size(args.patch_size),
+            kind_queries=args.kind_queries,
             **grid,
         )
         config.validated()

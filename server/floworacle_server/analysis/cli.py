@@ -1,4 +1,5 @@
-"""``floworacle analyze transition | advice | memorization | model | estimators``: the analysis tools on the command line.
+"""``floworacle analyze transition | advice | memorization | model | estimators | kinds``: the analysis tools on the
+command line.
 
 Each command works in-process on a data set it loads (``--data`` / ``--dataset`` / ``--synthetic``);
 ``transition`` and ``advice`` can instead query a running server (``--server``). Results go to
@@ -18,7 +19,9 @@ __all__ = ["register"]
 
 def register(sub: Any) -> None:
     """Add the ``analyze`` command and its subcommands to the floworacle parser."""
-    analyze = sub.add_parser("analyze", help="transition curves, sampling advice, memorisation reports, model studies")
+    analyze = sub.add_parser(
+        "analyze", help="transition curves, sampling advice, memorisation reports, model studies, oracle kinds"
+    )
     asub = analyze.add_subparsers(dest="analysis", required=True)
 
     tr = asub.add_parser(
@@ -103,9 +106,11 @@ def register(sub: Any) -> None:
     me.add_argument("--device", default="cpu", help="where to load the training data (cpu, cuda, ...)")
     me.set_defaults(func=_memorization_cmd)
 
+    from floworacle_server.analysis._kinds_cli import register_kinds
     from floworacle_server.analysis._model_cli import register_model
 
     register_model(asub)
+    register_kinds(asub)
 
     from floworacle_server.analysis._estimators_cli import register_estimators
 

@@ -18,6 +18,7 @@ from floworacle.protocol import DatasetFacts, SpaceFacts
 from floworacle_server.data._facts import DataStats, ShardOf, ShardSpec, measure_stats
 from floworacle_server.data._features import FeatureSpace
 from floworacle_server.data._formats import STORAGE_DTYPES
+from floworacle_server.data._image import ImageShape, resolve_image_shape
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, BackendChoice, NearestIndex
 
 __all__ = ["Dataset", "fingerprint_arrays", "STORAGE_DTYPES"]
@@ -83,10 +84,13 @@ class Dataset:
         exact_nearest_max_samples: nearest queries that do not say ``exact`` are exact up to
             this many samples, else they use the space's index when it has one.
         shard: for a shard of a gang (:mod:`._shard`), its place; None for a whole data set.
+        image_shape: (C, H, W) each flat sample is read as by the patch oracles (declared where
+            the data set is made, :mod:`._image`), or None; ``sample_shape`` is unchanged by it.
 
     Facts computed once and read by the engine: :attr:`stats` (extremes, class counts and weights
-    of the whole data set), :attr:`class_ranges`, :attr:`sq_norms32`, :meth:`range_max_sq`; and
-    :attr:`facts`, what the request rules need.
+    of the whole data set), :attr:`class_ranges`, :attr:`sq_norms32`, :meth:`range_max_sq`, the
+    Gaussian moments of the linear oracle (:mod:`._moments`); and :attr:`facts`, what the request
+    rules need.
     """
 
     name: str
@@ -109,6 +113,9 @@ class Dataset:
     _class_ranges: list[tuple[int, int]] | None = field(default=None, repr=False, compare=False)
     _sq32: torch.Tensor | None = field(default=None, repr=False, compare=False)
     _range_max_sq: dict[tuple[int, int], float] = field(default_factory=dict, repr=False, compare=False)
+    image_shape: ImageShape | None = None
+    #: Gaussian moments by class (-1: all rows), computed once (:mod:`._gaussian`)
+    _gaussians: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_arrays(
@@ -123,6 +130,7 @@ class Dataset:
         dtype: str = "float32",
         device: str | torch.device = "cpu",
         fingerprint: str | None = None,
+        image_shape: str | tuple[int, ...] | None = None,
     ) -> Dataset:
         """Validate and place a data set on ``device``.
 
@@ -134,6 +142,8 @@ class Dataset:
             dtype: storage dtype, "float32" (default), "float16" or "bfloat16"; exactness is
                 relative to the stored values.
             fingerprint: a known fingerprint (from an index directory); computed when None.
+            image_shape: (C, H, W) or "C,H,W" for the patch oracles (default: the sample shape
+                when it is 3-D, else none).
 
         Raises:
             ValueError: with what is wrong and how to fix it.
@@ -147,6 +157,7 @@ class Dataset:
         if sample_shape is not None and int(np.prod(sample_shape)) != int(np.prod(shape)):
             raise ValueError(f"sample_shape {sample_shape} does not match samples of {shape}")
         sample_shape = tuple(sample_shape) if sample_shape is not None else shape
+        image = resolve_image_shape(image_shape, sample_shape, source=f"data set {name!r}")
         n = int(xt.shape[0])
         flat = xt.reshape(n, -1)
         if not flat.is_floating_point():
@@ -210,6 +221,7 @@ class Dataset:
             sample_shape=sample_shape,
             fingerprint=fingerprint,
             scale_factor=float(scale_factor),
+            image_shape=image,
         )
 
     @property

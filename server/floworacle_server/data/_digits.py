@@ -13,9 +13,11 @@ import torch
 
 from floworacle_server.data._dataset import Dataset
 
-__all__ = ["DIGITS_NAME", "load_digits", "digits_arrays"]
+__all__ = ["DIGITS_NAME", "DIGITS_IMAGE_SHAPE", "load_digits", "digits_arrays"]
 
 DIGITS_NAME = "digits"
+#: The digits are 8 x 8 grey images, stored flat.
+DIGITS_IMAGE_SHAPE = (1, 8, 8)
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -29,6 +31,9 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_digits(device: str | torch.device = "cpu", dtype: str = "float32") -> Dataset:
-    """The ``digits`` data set: N = 1,797, D = 64 (sample shape (64,)), labels 0-9, values in [-1, 1]."""
+    """The ``digits`` data set: N = 1,797, D = 64 (sample shape (64,), image shape (1, 8, 8) for the
+    patch oracles), labels 0-9, values in [-1, 1]."""
     x, labels = digits_arrays()
-    return Dataset.from_arrays(DIGITS_NAME, x, labels, sample_shape=(64,), dtype=dtype, device=device)
+    return Dataset.from_arrays(
+        DIGITS_NAME, x, labels, sample_shape=(64,), dtype=dtype, device=device, image_shape=DIGITS_IMAGE_SHAPE
+    )

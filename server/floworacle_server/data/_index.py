@@ -9,6 +9,8 @@ Layout of a directory::
     labels.npy      (N,) int64, only with labels
     weights.npy     (N,) float64, only with weights
     features.npy    (N, F) float32 feature embeddings, only with features (unit rows for cosine)
+    gaussian.npz    the data's Gaussian (mean, eigendecomposed covariance) overall and per class,
+                    for the linear oracle (see :mod:`floworacle_server.data._gaussian`)
     nearest-*.faiss faiss indexes (see :mod:`floworacle_server.data._nearest_index`)
 
 ``data.npy`` is a plain .npy file, so loading memory-maps it instead of parsing it. With
@@ -51,6 +53,14 @@ from floworacle_server.data._formats import (
     read_npy,
     validate_arrays,
 )
+from floworacle_server.data._gaussian import (
+    GAUSSIAN_AUTO_MAX_DIM,
+    GaussianModel,
+    gaussian_from_rows,
+    read_gaussians,
+    write_gaussians,
+)
+from floworacle_server.data._image import ImageShape, resolve_image_shape
 from floworacle_server.data._manifest import INDEX_FORMAT, INDEX_VERSION, MANIFEST, read_manifest, write_manifest
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES, load_nearest_indexes
 from floworacle_server.data._shard import ShardSpec, shard_arrays, shard_rows
@@ -70,11 +80,15 @@ _DATA_FILE = "data.npy"
 _LABELS_FILE = "labels.npy"
 _WEIGHTS_FILE = "weights.npy"
 _FEATURES_FILE = "features.npy"
+_GAUSSIAN_FILE = "gaussian.npz"
+#: ``linear=None`` writes the Gaussian when D <= GAUSSIAN_AUTO_MAX_DIM and N D^2 is at most this
+#: (the covariance's multiply-adds: a minute or two of a CPU)
+_GAUSSIAN_AUTO_WORK = 1e12
 _CHUNK_BYTES = 64 << 20  # per block when converting and hashing, whatever the row size
 
 #: What an index directory (or a build's leftover of one) may hold: ``--force`` replaces a
 #: directory of these files, and refuses one holding anything else.
-_INDEX_FILES = ("manifest.json", "manifest.json.tmp", "data.npy", "labels.npy", "weights.npy", "features.npy",
+_INDEX_FILES = ("manifest.json", "manifest.json.tmp", "data.npy", "labels.npy", "weights.npy", "features.npy", "gaussian.npz",
                 "source_rows.npy", "nearest-*.faiss", "nearest-*.faiss.tmp")  # fmt: skip
 #: Marks a build's temporary directory: ``.<target name>.partial-<pid>-<random>``.
 _PARTIAL = ".partial-"
@@ -140,6 +154,9 @@ def build_index(
     features: Any | None = None,
     features_metric: str = "l2",
     before_commit: Callable[[Path], None] | None = None,
+    image_shape: str | tuple[int, ...] | None = None,
+    linear: bool | None = None,
+    linear_rank: int | None = None,
 ) -> dict[str, Any]:
     """Write ``src`` as an index directory at ``out_dir`` and return its manifest.
 
@@ -162,6 +179,11 @@ def build_index(
         features_metric: "l2" or "cosine" (rows stored normalised).
         before_commit: called with the finished temporary directory before it is moved into
             place (e.g. to train faiss indexes into it, so that they are part of the same commit).
+        image_shape: (C, H, W) or "C,H,W" the patch oracles read each sample as (default: the
+            sample shape when it is 3-D); stored in the manifest.
+        linear: write the data's Gaussian (overall and per class) for the linear oracle; None:
+            when D <= 4096 and N D^2 <= 1e12, else it is computed when first queried.
+        linear_rank: keep only this many eigenpairs (implies ``linear``).
 
     faiss indexes are added afterwards by
     :func:`floworacle_server.engine.build_nearest_index` (``--nearest-index`` on the CLI).
@@ -199,6 +221,11 @@ def build_index(
         loaded = LoadedArrays(x, lab, w, tuple(int(s) for s in x.shape[1:]), "data")
         validate_arrays(loaded.x, loaded.labels, loaded.weights, source="data")
 
+    image = resolve_image_shape(image_shape, loaded.sample_shape, source="--image-shape")
+    if linear_rank is not None and linear_rank < 1:
+        raise ValueError(f"--linear-rank must be >= 1, got {linear_rank}")
+    if linear is False and linear_rank is not None:
+        raise ValueError("--linear-rank keeps part of the Gaussian that --no-linear skips; give one of them")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
@@ -206,7 +233,8 @@ def build_index(
     try:
         manifest = _write_index(
             loaded, tmp, name=name or out.resolve().name, scale_factor=scale_factor, dtype=dtype,
-            progress=progress, features=features, features_metric=features_metric,
+            progress=progress, features=features, features_metric=features_metric, image=image, linear=linear,
+            linear_rank=linear_rank,
         )  # fmt: skip
         if before_commit is not None:
             before_commit(tmp)
@@ -227,6 +255,9 @@ def _write_index(
     progress: bool,
     features: Any | None,
     features_metric: str,
+    image: ImageShape | None = None,
+    linear: bool | None = None,
+    linear_rank: int | None = None,
 ) -> dict[str, Any]:
     """Write the index files and, last, the manifest into the (new, empty) directory ``out``."""
     n = loaded.num_samples
@@ -264,6 +295,14 @@ def _write_index(
     features_section = None
     if features is not None:
         features_section = _write_features(out, features, features_metric, n)
+    dim = int(np.prod(loaded.sample_shape))
+    if linear is None:
+        linear = linear_rank is not None or (
+            dim <= GAUSSIAN_AUTO_MAX_DIM and n * float(dim) ** 2 <= _GAUSSIAN_AUTO_WORK
+        )
+    gaussian_section = None
+    if linear:
+        gaussian_section = _write_gaussian(out, dtype, lab64, w64, linear_rank, fingerprint, progress)
 
     manifest: dict[str, Any] = {
         "format": INDEX_FORMAT,
@@ -284,7 +323,10 @@ def _write_index(
             "weights": _WEIGHTS_FILE if w64 is not None else None,
         },
         "source": Path(loaded.source).name,
+        "image_shape": list(image) if image is not None else None,
     }
+    if gaussian_section is not None:
+        manifest["gaussian"] = gaussian_section
     if features_section is not None:
         manifest["data_fingerprint"] = fingerprint
         manifest["fingerprint"] = combined_fingerprint(fingerprint, features_section["fingerprint"])
@@ -382,6 +424,55 @@ def _commit(tmp: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+class _StoredRows:
+    """Row blocks of the stored data file as torch tensors (bfloat16 bits reinterpreted)."""
+
+    def __init__(self, data: np.ndarray, dtype: str, rows: np.ndarray | None = None) -> None:
+        self._data = data
+        self._bf16 = dtype == "bfloat16"
+        self._rows = rows
+        n = data.shape[0] if rows is None else rows.size
+        self.shape = (int(n), *data.shape[1:])
+
+    def __getitem__(self, item: slice) -> torch.Tensor:
+        block = np.asarray(self._data[item] if self._rows is None else self._data[self._rows[item]])
+        t = torch.from_numpy(np.ascontiguousarray(block))
+        return t.view(torch.bfloat16) if self._bf16 else t
+
+
+def _write_gaussian(
+    out: Path,
+    dtype: str,
+    labels: np.ndarray | None,
+    weights: np.ndarray | None,
+    rank: int | None,
+    fingerprint: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Compute the Gaussian overall and per class from the written data file; the manifest's section."""
+    data = np.load(out / _DATA_FILE, mmap_mode="r", allow_pickle=False)
+    with np.errstate(divide="ignore"):
+        logw = None if weights is None else torch.from_numpy(np.log(weights))
+    scopes: list[tuple[int, np.ndarray | None]] = [(-1, None)]
+    if labels is not None:
+        scopes += [(int(y), np.flatnonzero(labels == y)) for y in range(int(labels.max()) + 1)]
+    models: list[GaussianModel] = []
+    for label, rows in tqdm(scopes, desc="gaussian", unit="scope", disable=not progress):
+        if rows is not None and (rows.size == 0 or (weights is not None and not (weights[rows] > 0).any())):
+            continue  # an empty or weightless class has no Gaussian (queries for it are refused)
+        lw = None if logw is None else (logw if rows is None else logw[torch.from_numpy(rows)])
+        models.append(gaussian_from_rows(_StoredRows(data, dtype, rows), lw, label=label, rank=rank))
+    del data
+    digest = write_gaussians(out / _GAUSSIAN_FILE, models)
+    return {
+        "file": _GAUSSIAN_FILE,
+        "sha256": digest,
+        "rank": rank,
+        "classes": sorted(m.label for m in models if m.label >= 0),
+        "data_fingerprint": fingerprint,
+    }
+
+
 def _write_features(out: Path, features: Any, metric: str, n: int) -> dict[str, Any]:
     """Validate and write features.npy; the manifest's "features" section."""
     src = load_arrays(features, validate=False).x if isinstance(features, (str, Path)) else features
@@ -412,6 +503,7 @@ def load_index(
     exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES,
     with_indexes: bool = True,
     shard: ShardSpec | None = None,
+    image_shape: str | tuple[int, ...] | None = None,
 ) -> Dataset:
     """Load an index directory as a :class:`Dataset` on ``device``, with its features and faiss indexes.
 
@@ -428,6 +520,8 @@ def load_index(
         name: overrides the manifest's name.
         exact_nearest_max_samples: see :class:`Dataset`.
         with_indexes: load the faiss indexes the manifest lists (False: the data and features only).
+        image_shape: (C, H, W) for the patch oracles when the manifest declares none (one that
+            contradicts the manifest's is refused).
 
     Raises:
         ValueError: not an index, shapes that disagree with the manifest, or a fingerprint
@@ -457,6 +551,7 @@ def load_index(
         raise ValueError(f"{p}: the label file does not match the manifest (count or class range); rebuild the index")
     if weights is not None and weights.shape != shape[:1]:
         raise ValueError(f"{p}: the weights file does not match the manifest's sample count; rebuild the index")
+    image = _image_shape(p, manifest, image_shape, tuple(shape[1:]))
     feat_section = manifest.get("features")
     features = _read_features(p, feat_section, shape[0]) if feat_section else None
     data_fp = str(
@@ -490,7 +585,9 @@ def load_index(
             name or str(manifest["name"]), x_held, held, labels, weights, shard,
             num_samples=shape[0], num_classes=int(manifest.get("num_classes") or 0), sample_shape=tuple(shape[1:]),
             dtype=dtype, device=device, fingerprint=data_fp, scale_factor=float(manifest["scale_factor"]),
+            image_shape=image,
         )  # fmt: skip
+        _attach_gaussian(p, manifest, ds, data_fp, verify)
         ds.exact_nearest_max_samples = int(exact_nearest_max_samples)
         if feat_section:
             attach_features(
@@ -512,7 +609,9 @@ def load_index(
         dtype=dtype,
         device=device,
         fingerprint=data_fp,
+        image_shape=image,
     )
+    _attach_gaussian(p, manifest, ds, data_fp, verify)
     # the stored values are already scaled; record the factor that was applied
     ds.scale_factor = float(manifest["scale_factor"])
     ds.exact_nearest_max_samples = int(exact_nearest_max_samples)
@@ -532,6 +631,39 @@ def load_index(
             p, manifest, fingerprints, ds.num_samples, dims, device=ds.device, verify=verify
         )
     return ds
+
+
+def _image_shape(
+    p: Path, manifest: dict[str, Any], given: str | tuple[int, ...] | None, sample_shape: tuple[int, ...]
+) -> ImageShape | None:
+    """The manifest's image shape, or the one given at load time; both must agree."""
+    stored = manifest.get("image_shape")
+    if given is None:
+        return resolve_image_shape(stored, sample_shape, source=f"{p} (manifest)")
+    image = resolve_image_shape(given, sample_shape, source=f"image shape for {p}")
+    if stored is not None and tuple(stored) != image:
+        raise ValueError(
+            f"{p} declares image shape {tuple(stored)} but {image} was given; drop the image shape setting for this "
+            "data set or rebuild the index with --image-shape"
+        )
+    return image
+
+
+def _attach_gaussian(p: Path, manifest: dict[str, Any], ds: Dataset, data_fp: str, verify: bool) -> None:
+    """Put the index's Gaussian models on ``ds`` (the file's hash checked when ``verify``)."""
+    section = manifest.get("gaussian")
+    if not section:
+        return
+    if section.get("data_fingerprint") != data_fp:
+        raise ValueError(f"{p}: the Gaussian was computed for other data; rebuild the index")
+    ds._gaussians.update(
+        read_gaussians(
+            p / str(section.get("file", _GAUSSIAN_FILE)),
+            ds.dim,
+            expect_sha256=str(section["sha256"]) if verify else None,
+            device=ds.device,
+        )  # fmt: skip
+    )
 
 
 def _read_part(p: Path, name: str, what: str, *, mmap: bool = False) -> np.ndarray:

@@ -12,6 +12,7 @@ from floworacle_server.data._attach import attach_features
 from floworacle_server.data._dataset import Dataset
 from floworacle_server.data._digits import DIGITS_NAME, load_digits
 from floworacle_server.data._formats import SUPPORTED_SUFFIXES, load_arrays
+from floworacle_server.data._image import resolve_image_shape
 from floworacle_server.data._index import is_index_dir, load_index
 from floworacle_server.data._nearest_index import DEFAULT_EXACT_NEAREST_MAX_SAMPLES
 from floworacle_server.data._shard import ShardSpec, make_shard
@@ -33,6 +34,7 @@ def load_dataset(
     features_metric: str = "l2",
     exact_nearest_max_samples: int = DEFAULT_EXACT_NEAREST_MAX_SAMPLES,
     shard: ShardSpec | None = None,
+    image_shape: str | tuple[int, ...] | None = None,
 ) -> Dataset:
     """Load ``spec``: ``"digits"``, an index directory, or a data file.
 
@@ -52,6 +54,9 @@ def load_dataset(
             an index carries its own (``floworacle index build --features``).
         features_metric: "l2" or "cosine".
         exact_nearest_max_samples: see :class:`Dataset`.
+        image_shape: (C, H, W) or "C,H,W" the patch oracles read each sample as (default: the
+            digits' 1 x 8 x 8, an index's manifest, or a 3-D sample shape); must agree with a
+            shape the data already declare.
 
     Raises:
         ValueError: an unknown spec, a missing file, or invalid contents.
@@ -61,6 +66,8 @@ def load_dataset(
         if labels is not None or weights is not None or scale_factor != 1.0:
             raise ValueError("the embedded digits data set takes no labels, weights or scale_factor")
         ds = load_digits(device=device, dtype=dtype)
+        if image_shape is not None and resolve_image_shape(image_shape, ds.sample_shape) != ds.image_shape:
+            raise ValueError(f"the digits are {ds.image_shape} images; drop the image shape setting for them")
         if name:
             ds.name = name
         return _cut(_nearest_extras(ds, features, features_metric, exact_nearest_max_samples), shard)
@@ -77,7 +84,7 @@ def load_dataset(
             )
         return load_index(
             p, device=device, verify=verify, name=name, exact_nearest_max_samples=exact_nearest_max_samples,
-            shard=shard, with_indexes=shard is None,
+            shard=shard, with_indexes=shard is None, image_shape=image_shape,
         )  # fmt: skip
     if not p.exists():
         raise ValueError(
@@ -96,6 +103,7 @@ def load_dataset(
             scale_factor=scale_factor,
             dtype=dtype,
             device=device,
+            image_shape=image_shape,
         )
     return _cut(_nearest_extras(ds, features, features_metric, exact_nearest_max_samples), shard)
 

@@ -62,6 +62,7 @@ def shard_arrays(
     device: str | torch.device,
     fingerprint: str,
     scale_factor: float = 1.0,
+    image_shape: tuple[int, int, int] | None = None,
 ) -> Dataset:
     """The shard of ``spec`` from its rows: ``x_rows`` its samples in :func:`shard_rows` order
     (already scaled), ``rows`` their original indices, and the whole set's ``labels`` and
@@ -74,8 +75,9 @@ def shard_arrays(
     # from_arrays refuses weights that are all zero; a shard may hold only zero-weight rows, so it
     # is built unweighted and given the whole set's log weights afterwards
     ds = Dataset.from_arrays(
-        name, x_rows, lab_rows, None, sample_shape=sample_shape, dtype=dtype, device=device, fingerprint=fingerprint
-    )
+        name, x_rows, lab_rows, None, sample_shape=sample_shape, dtype=dtype, device=device, fingerprint=fingerprint,
+        image_shape=image_shape,
+    )  # fmt: skip
     ds.scale_factor = float(scale_factor)
     dev = ds.device
     ds.original_index = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(dev)
@@ -115,7 +117,7 @@ def make_shard(full: Dataset, spec: ShardSpec) -> Dataset:
     ds = shard_arrays(
         full.name, x_rows, rows, labels, weights, spec, num_samples=n, num_classes=full.num_classes,
         sample_shape=full.sample_shape, dtype=full.storage_dtype, device=full.device, fingerprint=full.fingerprint,
-        scale_factor=full.scale_factor,
+        scale_factor=full.scale_factor, image_shape=full.image_shape,
     )  # fmt: skip
     ds.set_stats(full.stats)
     return ds

@@ -178,6 +178,7 @@ def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset
                 sample_shape=dataset.sample_shape,
                 dtype=dataset.storage_dtype,
                 device=dataset.device,
+                image_shape=dataset.image_shape,
             )
         )
         parts[-1].scale_factor = dataset.scale_factor  # the values are already scaled

@@ -45,6 +45,22 @@ def register(sub: Any) -> None:
     build.add_argument(
         "--features-metric", choices=("l2", "cosine"), default="l2", help="metric of the feature space (default l2)"
     )
+    build.add_argument(
+        "--image-shape",
+        metavar="C,H,W",
+        help="read each sample as a C x H x W image for the patch oracles (kind local / equivariant); default: the "
+        "sample shape when it is 3-D",
+    )
+    build.add_argument(
+        "--linear",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the data's Gaussian (mean and eigendecomposed covariance, overall and per class) for the linear "
+        "oracle (default: when D <= 4096 and N D^2 <= 1e12; otherwise it is computed when first queried)",
+    )
+    build.add_argument(
+        "--linear-rank", type=int, metavar="R", help="keep only the R largest eigenpairs of the Gaussian (large D)"
+    )
     build.add_argument("--nearest-index", metavar="KIND[:PARAMS]", help=_INDEX_HELP.format(space="data"))
     build.add_argument("--features-index", metavar="KIND[:PARAMS]", help=_INDEX_HELP.format(space="feature"))
     build.add_argument(
@@ -106,6 +122,9 @@ def _build(args: argparse.Namespace) -> int:
             features_metric=args.features_metric,
             # the faiss indexes go into the same commit: OUT gets the whole index or stays as it was
             before_commit=lambda tmp: entries.extend(_train_all(args, str(tmp))),
+            image_shape=args.image_shape,
+            linear=args.linear,
+            linear_rank=args.linear_rank,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -132,6 +151,8 @@ def _report(out: str, manifest: dict[str, Any], entries: list[dict[str, Any]], a
         f"wrote {out}: {manifest['name']!r}, {manifest['num_samples']} samples of shape {shape}, "
         f"{manifest['dtype']}, {manifest['num_classes']} classes"
         + (f", {manifest['features']['dim']} {manifest['features']['metric']} features" if args.features else "")
+        + (f", image {'x'.join(map(str, manifest['image_shape']))}" if manifest.get("image_shape") else "")
+        + (", Gaussian" + (f" of rank {g['rank']}" if g.get("rank") else "") if (g := manifest.get("gaussian")) else "")
     )
     for entry in entries:
         print(describe_entry(entry))
@@ -157,6 +178,9 @@ def _build_split(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         overwrite=args.force,
         features_metric=args.features_metric,
+        image_shape=args.image_shape,
+        linear=args.linear,
+        linear_rank=args.linear_rank,
     )
     for part in SPLIT_PARTS:
         out = str(Path(args.out) / part)

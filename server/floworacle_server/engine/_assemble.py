@@ -44,7 +44,6 @@ from floworacle_server.engine._batch import Batch, Coef, Group, Queries, Slots, 
 from floworacle_server.engine._bounds import REACH_MARGIN, U32, U64, ScreenModel, variance_error, x1_error
 from floworacle_server.engine._config import EngineConfig
 from floworacle_server.engine._diagnostics import diagnostic_bounds
-from floworacle_server.engine._knn_target import knn_answer
 from floworacle_server.engine._partials import Partials
 from floworacle_server.engine._passes import (
     EmptyPosterior,
@@ -55,7 +54,7 @@ from floworacle_server.engine._passes import (
 )
 from floworacle_server.engine._types import OracleResult, as_host, as_tensor
 
-__all__ = ["oracle", "compute_partials", "SlotMerge"]
+__all__ = ["global_oracle", "compute_partials", "SlotMerge"]
 
 
 @dataclass
@@ -244,7 +243,7 @@ def _out_of_reach(p: Partials, ds: Dataset, plan: _Plan) -> None:
     p.topk_index.masked_fill_(far, -1)
 
 
-def oracle(
+def global_oracle(
     ds: Dataset,
     query: OracleQuery,
     *,
@@ -253,7 +252,9 @@ def oracle(
     config: EngineConfig | None = None,
     merge: SlotMerge | None = None,
 ) -> OracleResult:
-    """Evaluate the oracle for a batch of queries (see the module docstrings for the method).
+    """The exact (or fast) oracle over the whole data set for a batch of queries: the "global" kind
+    (see the module docstrings for the method; :func:`floworacle_server.engine.oracle` is the entry
+    point for every kind and precision).
 
     Labels < 0 mean an unconditional query; labels >= 0 a class-conditional one, or a guided one
     when ``query.guidance`` is set (guided inside [t_lo, t_hi], conditional outside).
@@ -266,10 +267,6 @@ def oracle(
         ValueError: a posterior left empty (all of a class's samples weigh 0, or the only ones
             are excluded), or queries too large for the float32 screening to stay finite.
     """
-    if query.precision == "knn":  # the sublinear estimate: one process's faiss index
-        if merge is not None:
-            raise ValueError("precision 'knn' searches one process's faiss index; a gang's shards hold none")
-        return knn_answer(ds, query)
     dev = ds.device
     x_t = as_tensor(query.x_t, dev)
     assert x_t.ndim >= 2 and x_t.shape[0] > 0, f"x_t must have shape (B, D) with B >= 1, got {tuple(x_t.shape)}"

@@ -103,14 +103,30 @@ def build_store(settings: Settings, shard: ShardSpec | None = None) -> DatasetSt
     if not settings.data:
         # The first-run experience: digits on the CPU unless a device was asked for explicitly.
         device = "cpu" if settings.device == "auto" else settings.resolved_device()
-        store.add(load_dataset(DIGITS_NAME, name=settings.name, device=device, dtype=settings.dtype, shard=shard))
+        store.add(
+            load_dataset(
+                DIGITS_NAME,
+                name=settings.name,
+                device=device,
+                dtype=settings.dtype,
+                shard=shard,
+                image_shape=settings.image_shape_for(settings.name or DIGITS_NAME),
+            )
+        )
         return store
     device = settings.resolved_device()
     for name, path in settings.data_sets():
         labels = settings.labels_for(name)
         store.add(
             load_dataset(
-                path, name=name, labels=labels, device=device, dtype=settings.dtype, verify=verify, shard=shard
+                path,
+                name=name,
+                labels=labels,
+                device=device,
+                dtype=settings.dtype,
+                verify=verify,
+                shard=shard,
+                image_shape=settings.image_shape_for(name),
             )
         )
     return store
