@@ -12,6 +12,7 @@
 Messages are plain protobuf both ways: what protobuf's own serializer writes and its parser reads.
 """
 
+from floworacle.protocol import _query
 from floworacle.protocol import _rules as rules
 from floworacle.protocol._codec import (
     DTYPES,
@@ -39,21 +40,7 @@ from floworacle.protocol._limits import (
     channel_options,
     server_options,
 )
-from floworacle.protocol._query import (
-    CUSTOM_PATH,
-    MERGED,
-    OWN,
-    ROWS,
-    SHARED,
-    DatasetFacts,
-    Guidance,
-    NearestQuery,
-    OracleQuery,
-    SpaceFacts,
-    from_parts,
-    to_parts,
-    wire_dtype_name,
-)
+from floworacle.protocol._query import *  # noqa: F403 (the query module lists its public names once, in its __all__)
 from floworacle.protocol._tables import (
     BOUND_FIELDS,
     CONVENTIONS,
@@ -93,19 +80,6 @@ __all__ = [
     "decode_torch",
     "to_like",
     "is_torch",
-    "OracleQuery",
-    "NearestQuery",
-    "Guidance",
-    "DatasetFacts",
-    "SpaceFacts",
-    "ROWS",
-    "SHARED",
-    "MERGED",
-    "OWN",
-    "CUSTOM_PATH",
-    "to_parts",
-    "from_parts",
-    "wire_dtype_name",
     "OutputSpec",
     "OUTPUTS",
     "OUTPUT_NAMES",
@@ -126,3 +100,4 @@ __all__ = [
     "channel_options",
     "server_options",
 ]
+__all__ += _query.__all__
