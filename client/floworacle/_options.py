@@ -33,6 +33,11 @@ class OracleOptions(TypedDict, total=False):
             sublinear estimate through the data set's faiss index, with indicators, never exact).
         knn_k, knn_tail: precision "knn": the neighbours and the uniformly drawn tail samples per
             query (1..1024 each; default 128).
+        kind: which closed form answers: "global" (default, the exact posterior over the data set),
+            "local" or "equivariant" (patch oracles over P x P windows of the data set's image
+            shape) or "linear" (the data's Gaussian).
+        patch_size: the patch kinds' odd P: one, (B,) of them, or a schedule over t of
+            (t_start, P) pairs, e.g. [(0.0, 7), (0.5, 5), (0.8, 3)].
         convention: "standard" (t = 0 noise) or "reversed" (SD3 / Flux: s = 1 noise; t holds s and
             the velocity comes back as the reversed target noise - data).
         wire_dtype: float dtype of x_t and of the answers on the wire (None: the client's default).
@@ -51,6 +56,8 @@ class OracleOptions(TypedDict, total=False):
     precision: str
     knn_k: int | None
     knn_tail: int | None
+    kind: str
+    patch_size: Any
     convention: str
     wire_dtype: str | None
     timeout: float | None

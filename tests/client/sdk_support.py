@@ -29,7 +29,13 @@ def make_data(seed: int = 0) -> Data:
 
 
 def make_store(data: Data, name: str = "blobs") -> DatasetStore:
-    ds = Dataset.from_arrays(name, data.x.astype(np.float32).reshape(N, *SHAPE), labels=data.labels, sample_shape=SHAPE)
+    ds = Dataset.from_arrays(
+        name,
+        data.x.astype(np.float32).reshape(N, *SHAPE),
+        labels=data.labels,
+        sample_shape=SHAPE,
+        image_shape=(1, *SHAPE),
+    )
     return DatasetStore([ds])
 
 

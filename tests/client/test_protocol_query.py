@@ -104,7 +104,7 @@ def test_concat_fills_missing_rows_and_merges_by_role() -> None:
     assert m.outputs == ("velocity", "x1_hat", "topk") and m.top_k == 4
     assert m.dataset == "" and m.request_id == ""  # a request's own fields are not the engine's
     shared = [f.name for f in fields(OracleQuery) if f.metadata["role"] == SHARED]
-    assert set(shared) == {"guidance", "precision", "knn_k", "knn_tail"}
+    assert set(shared) == {"guidance", "precision", "knn_k", "knn_tail", "kind"}
     assert OracleQuery.build(_x(2), 0.5, precision="fast").key != a.key
     assert OracleQuery.build(_x(2), 0.5, labels=[0, 1], guidance=2.0).key != a.key
     posterior = NearestQuery.build(_x(2), 1, t=0.5)
@@ -120,7 +120,7 @@ def test_a_query_in_parts_is_the_query() -> None:
     assert all(isinstance(v, np.ndarray) for v in arrays.values())
     assert set(arrays) >= {"x_t", "t", "labels", *(f"coeffs.{n}" for n in COEFFICIENT_NAMES)}
     rows = [f.name for f in fields(OracleQuery) if f.metadata["role"] == ROWS]
-    assert set(rows) == {"x_t", "coeffs", "t", "labels", "exclude"}
+    assert set(rows) == {"x_t", "coeffs", "t", "labels", "exclude", "patch_size"}
     # what travels: bytes of each array, rebuilt from the shapes and dtypes in the values
     sent = {k: np.frombuffer(a.tobytes(), np.dtype(meta["arrays"][k][1])).reshape(meta["arrays"][k][0])
             for k, a in arrays.items()}  # fmt: skip

@@ -73,6 +73,8 @@ def test_oracle_and_nearest_bytes_are_canonical(proxied, data: Data, wire: str) 
             coef = {"alpha": t, "sigma": 1 - t, "d_alpha": np.ones(b), "d_sigma": -np.ones(b)}
             c.predict(x_t, t, coefficients=coef, outputs=("velocity", "score"), precision="fast")
             c.velocity(x_t, 1 - t, convention="reversed")
+            c.predict(x_t.reshape(b, *SHAPE), t, outputs=("velocity", "x1_hat"), kind="local", patch_size=3)
+            c.velocity(x_t, t, kind="linear")
             c.nearest(x_t, k=4, exclude=exclude)
             if b:
                 c.nearest(x_t, k=2, t=t)

@@ -1,6 +1,7 @@
 """A client nobody on the team wrote: Node.js with the standard gRPC stack (@grpc/grpc-js and
 @grpc/proto-loader as npm resolves them today, no overrides), made from proto/ alone, calls a live
-server: ListDatasets, Oracle with every output, OracleStream, Nearest, health and reflection. Its
+server: ListDatasets, Oracle with every output and the local and linear kinds, OracleStream,
+Nearest, health and reflection. Its
 answers must parse and carry the same bytes as the Python SDK's for the same requests.
 
 npm installs the packages into tests/foreign/node/node_modules on first use. Without node and npm
@@ -98,6 +99,10 @@ def test_node_client_reads_every_answer_with_the_sdks_bytes(server: RunningServe
         calls.append({"method": "Oracle", "request": req})
         calls.append({"method": "Oracle", "request": {**req, "labels": _tensor(labels), "precision": "PRECISION_FAST"}})
         calls.append({"method": "Nearest", "request": {"x": _tensor(x_t.reshape(len(x_t), D)), "k": 5}})
+        kinds = {"x_t": _tensor(x_t), "t": _tensor(t), "outputs": ["OUTPUT_VELOCITY", "OUTPUT_X1_HAT"]}
+        patch = np.full(len(x_t), 3, dtype=np.int64)
+        calls.append({"method": "Oracle", "request": {**kinds, "kind": "KIND_LOCAL", "patch_size": _tensor(patch)}})
+        calls.append({"method": "Oracle", "request": {**kinds, "kind": "KIND_LINEAR"}})
     stream_reqs = [
         {"x_t": _tensor(x_t), "t": _tensor(t), "outputs": ["OUTPUT_VELOCITY"], "request_id": f"r{i}"}
         for i, (x_t, t, _) in enumerate(cases)
@@ -118,7 +123,13 @@ def test_node_client_reads_every_answer_with_the_sdks_bytes(server: RunningServe
         for x_t, t, labels in cases:
             b = len(x_t)
             plain, labelled, near = results[k]["ok"], results[k + 1]["ok"], results[k + 2]["ok"]
-            k += 3
+            local, linear = results[k + 3]["ok"], results[k + 4]["ok"]
+            k += 5
+            for answer, options in ((local, {"kind": "local", "patch_size": 3}), (linear, {"kind": "linear"})):
+                r = sdk.predict(x_t, t, outputs=("velocity", "x1_hat"), **options)  # type: ignore[arg-type]
+                assert _bytes(answer["velocity"]) == r.velocity.tobytes(), options
+                assert _bytes(answer["x1_hat"]) == r.x1_hat.tobytes(), options
+                assert _bytes(answer["x1_hat_error_bound"]) == r.x1_hat_error_bound.tobytes(), options
             p = sdk.predict(x_t, t, outputs=[o.name for o in OUTPUTS], top_k=3)
             for o in OUTPUTS:
                 for name in o.fields:

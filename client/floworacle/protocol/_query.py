@@ -48,6 +48,10 @@ from floworacle.protocol._tables import BOUND_FIELDS, KNN_FIELDS, OUTPUTS, PRECI
 from floworacle.v1 import oracle_pb2 as pb
 
 __all__ = [
+    "KINDS",
+    "PATCH_KINDS",
+    "KIND_OUTPUT_NAMES",
+    "patch_schedule",
     "ROWS",
     "SHARED",
     "MERGED",
@@ -75,6 +79,74 @@ OWN = "own"
 
 #: ``path`` of a query whose coefficients the caller gave (``PathSpec.custom``).
 CUSTOM_PATH = "custom"
+#: Oracle kinds and their ``floworacle.v1.Kind`` values (unspecified means global), the exact one first.
+KINDS: dict[str, int] = {
+    "global": pb.KIND_GLOBAL,
+    "local": pb.KIND_LOCAL,
+    "equivariant": pb.KIND_EQUIVARIANT,
+    "linear": pb.KIND_LINEAR,
+}
+#: Kinds that read each sample as an image through P x P windows, and need a patch size.
+PATCH_KINDS: tuple[str, ...] = ("local", "equivariant")
+#: The outputs the kinds other than "global" give (the diagnostics belong to the posterior over samples).
+KIND_OUTPUT_NAMES: tuple[str, ...] = ("velocity", "x1_hat", "eps_hat", "score")
+
+
+def patch_schedule(t: Any, schedule: Any) -> np.ndarray:
+    """(B,) int64 patch sizes for times ``t`` (B,) from one P, or pairs ``(t_start, P)`` with
+    increasing ``t_start``, the first at 0: a query at time t gets the P of the last pair with
+    ``t_start <= t``, e.g. ``[(0.0, 7), (0.5, 5), (0.8, 3)]`` (the ELS paper calibrates small P
+    late in the path)."""
+    tt = np.asarray(_as_numpy(t), dtype=np.float64).reshape(-1)
+    if isinstance(schedule, int | np.integer):
+        return np.full(tt.shape[0], int(schedule), dtype=np.int64)
+    try:
+        pairs = [(float(a), rules.integer(p, "patch size")) for a, p in schedule]
+    except (TypeError, ValueError):
+        pairs = []
+    starts = [a for a, _ in pairs]
+    if not pairs or starts[0] != 0.0 or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
+        raise RequestError(
+            "patch_size is one odd P, one per query, or a schedule of (t_start, P) pairs with increasing t_start, "
+            f"the first at 0.0, e.g. [(0.0, 7), (0.5, 5), (0.8, 3)]; got {schedule!r}"
+        )
+    at = np.searchsorted(np.asarray(starts), tt, side="right") - 1
+    return np.asarray([p for _, p in pairs], dtype=np.int64)[np.clip(at, 0, None)]
+
+
+def _check_kind(kind: str, patch: np.ndarray | None, outputs: tuple[str, ...], precision: str) -> None:
+    """A kind's own rules: patch kinds need odd patch sizes, the others none; the kinds other than
+    global give velocity, x1_hat, eps_hat and score, always in float64."""
+    if kind not in KINDS:
+        raise RequestError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if kind == "global":
+        if patch is not None:
+            raise RequestError("patch_size belongs to kind='local' or 'equivariant'; drop it or ask one of those")
+        return
+    if kind in PATCH_KINDS:
+        if patch is None:
+            raise RequestError(
+                f"kind {kind!r} needs patch_size: one odd P, one per query, or a schedule over t, e.g. 3 or "
+                "[(0.0, 7), (0.5, 5), (0.8, 3)]"
+            )
+        bad = (patch < 1) | (patch % 2 == 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise RequestError(
+                f"patch_size[{i}] = {int(patch[i])} must be a positive odd number (a window centred on its pixel)"
+            )
+    elif patch is not None:
+        raise RequestError(f"kind {kind!r} takes no patch_size (it is not a patch oracle); drop it")
+    other = [o for o in outputs if o not in KIND_OUTPUT_NAMES]
+    if other:
+        raise RequestError(
+            f"kind {kind!r} answers {list(KIND_OUTPUT_NAMES)}; {other} describe the posterior over samples: ask "
+            "kind='global' for them"
+        )
+    if precision != "exact":
+        raise RequestError(f"kind {kind!r} answers in float64 with its bound; drop precision={precision!r}")
+
+
 #: The dtypes float answers travel in, by their enum value.
 FLOAT_BY_ENUM = {d.enum: d for d in DTYPES if d.is_float}
 
@@ -395,6 +467,8 @@ class OracleQuery(_Query):
         outputs: names from the protocol's output table, in table order.
         top_k: number of top posterior weights for "topk".
         knn_k, knn_tail: precision "knn": neighbours and tail samples per query (0 otherwise).
+        kind: "global" (the exact posterior over the data set), "local", "equivariant" or "linear".
+        patch_size: (B,) int64 odd patch sizes of the patch kinds, or None.
         path, sigma_min: the named path the coefficients came from, or :data:`CUSTOM_PATH`.
         output_dtype: wire dtype of the float outputs (None: the queries' own).
         sample_shape: the per-sample shape of the answers (set by :meth:`check`; None: as x_t's rows).
@@ -415,6 +489,8 @@ class OracleQuery(_Query):
     top_k: int = _f(MERGED, 0, merge=max)
     knn_k: int = _f(SHARED, 0)
     knn_tail: int = _f(SHARED, 0)
+    kind: str = _f(SHARED, "global")
+    patch_size: Any = _f(ROWS, fill=0)
     path: str = _f(OWN, "linear")
     sigma_min: float = _f(OWN, 0.0)
     output_dtype: str | None = _f(OWN)
@@ -442,6 +518,8 @@ class OracleQuery(_Query):
         top_k: Any = 0,
         knn_k: Any = None,
         knn_tail: Any = None,
+        kind: str = "global",
+        patch_size: Any = None,
         convention: str = "standard",
         wire_dtype: str | None = None,
         dataset: str = "",
@@ -452,7 +530,8 @@ class OracleQuery(_Query):
         in ``wire_dtype`` (None: its own); the answers come back in that dtype too. ``t`` is a
         scalar or (B,) (None only with ``coefficients``). With ``convention="reversed"`` ``t`` and
         ``guidance_interval`` are in s (noise at s = 1) and become ``t = 1 - s``; negating the
-        velocity of the answer is the caller's part."""
+        velocity of the answer is the caller's part. ``patch_size`` (patch kinds): one P, (B,) of
+        them, or a schedule over t (:func:`patch_schedule`)."""
         x = _batch_points(x_t, "x_t", wire_dtype)
         b = x.shape[0]
         outs = rules.outputs_from_names(outputs)
@@ -493,8 +572,18 @@ class OracleQuery(_Query):
             guide = Guidance(scale, lo, hi)
         elif guidance_interval is not None:
             raise RequestError("guidance_interval needs guidance (the CFG scale)")
+        patch = None
+        if patch_size is not None:
+            if isinstance(patch_size, Sequence) and patch_size and isinstance(patch_size[0], Sequence):
+                if tv is None:
+                    raise RequestError("a patch_size schedule over t needs t; send t or one patch size")
+                patch = patch_schedule(tv, patch_size)
+            else:
+                patch = rules.int_vector(patch_size, b, "patch_size")
+        _check_kind(kind, patch, tuple(o.name for o in outs), precision)
         assert coeffs is not None
         return cls(
+            kind=kind, patch_size=patch,
             x_t=x, coeffs=coeffs, t=tv, labels=lab, exclude=exc, guidance=guide, precision=precision,
             outputs=tuple(o.name for o in outs), top_k=k, knn_k=nk, knn_tail=nt, path=path_name, sigma_min=smin,
             output_dtype=x.dtype.name, dataset=dataset, fingerprint=fingerprint,
@@ -513,11 +602,15 @@ class OracleQuery(_Query):
             knn_tail=self.knn_tail,
             request_id=self.request_id,
         )
+        if self.kind != "global":
+            req.kind = KINDS[self.kind]  # type: ignore[assignment]
         if self.output_dtype is not None:
             req.output_dtype = dtype_by_name(self.output_dtype).enum  # type: ignore[assignment]
         x.fill(req.x_t, start, stop)
         stop = self.rows if stop is None else stop
         _fill_vectors(req, {"t": self.t, "labels": self.labels, "exclude": self.exclude}, start, stop)
+        if self.patch_size is not None:
+            fill(req.patch_size, _as_numpy(self.patch_size)[start:stop], "int64")
         _fill_path(req, self.path, self.sigma_min, self.coeffs, start, stop)
         if self.guidance is not None:
             g = self.guidance
@@ -555,6 +648,13 @@ class OracleQuery(_Query):
         rules.check_top_k(top_k, any(o.name == "topk" for o in outputs))
         precision = rules.precision_from_enum(req.precision)
         knn_k, knn_tail = rules.check_knn(precision, int(req.knn_k), int(req.knn_tail), tuple(o.name for o in outputs))
+        kind = next((name for name, v in KINDS.items() if v == req.kind), "global" if req.kind == 0 else None)
+        if kind is None:
+            raise RequestError(f"unknown kind {int(req.kind)}; use one of {[pb.Kind.Name(v) for v in KINDS.values()]}")
+        patch = _int_vector(req, "patch_size", b)
+        if patch is not None and patch.shape != (b,):
+            raise RequestError(f"patch_size must have shape ({b},), one per query, got {list(patch.shape)}")
+        _check_kind(kind, patch, tuple(o.name for o in outputs), precision)
         output_dtype = None
         if req.output_dtype != pb.DTYPE_UNSPECIFIED:
             wd = FLOAT_BY_ENUM.get(int(req.output_dtype))
@@ -568,7 +668,8 @@ class OracleQuery(_Query):
         return cls(
             x_t=x, coeffs=coeffs, t=t, labels=labels, exclude=exclude, guidance=guidance,
             precision=precision, outputs=tuple(o.name for o in outputs),
-            top_k=top_k, knn_k=knn_k, knn_tail=knn_tail, path=path, sigma_min=sigma_min, output_dtype=output_dtype,
+            top_k=top_k, knn_k=knn_k, knn_tail=knn_tail, kind=kind, patch_size=patch, path=path, sigma_min=sigma_min,
+            output_dtype=output_dtype,
             request_id=req.request_id, dataset=req.dataset, fingerprint=req.fingerprint,
         )  # fmt: skip
 

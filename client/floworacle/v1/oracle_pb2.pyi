@@ -28,6 +28,14 @@ class Output(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_ESS: _ClassVar[Output]
     OUTPUT_VARIANCE: _ClassVar[Output]
 
+class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KIND_UNSPECIFIED: _ClassVar[Kind]
+    KIND_GLOBAL: _ClassVar[Kind]
+    KIND_LOCAL: _ClassVar[Kind]
+    KIND_EQUIVARIANT: _ClassVar[Kind]
+    KIND_LINEAR: _ClassVar[Kind]
+
 class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PRECISION_UNSPECIFIED: _ClassVar[Precision]
@@ -55,6 +63,11 @@ OUTPUT_TOPK: Output
 OUTPUT_ENTROPY: Output
 OUTPUT_ESS: Output
 OUTPUT_VARIANCE: Output
+KIND_UNSPECIFIED: Kind
+KIND_GLOBAL: Kind
+KIND_LOCAL: Kind
+KIND_EQUIVARIANT: Kind
+KIND_LINEAR: Kind
 PRECISION_UNSPECIFIED: Precision
 PRECISION_EXACT: Precision
 PRECISION_FAST: Precision
@@ -112,7 +125,7 @@ class Guidance(_message.Message):
     def __init__(self, scale: _Optional[float] = ..., t_lo: _Optional[float] = ..., t_hi: _Optional[float] = ...) -> None: ...
 
 class OracleRequest(_message.Message):
-    __slots__ = ("dataset", "fingerprint", "x_t", "t", "path", "outputs", "labels", "guidance", "top_k", "precision", "output_dtype", "request_id", "exclude", "knn_k", "knn_tail")
+    __slots__ = ("dataset", "fingerprint", "x_t", "t", "path", "outputs", "labels", "guidance", "top_k", "precision", "output_dtype", "request_id", "exclude", "knn_k", "knn_tail", "kind", "patch_size")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     X_T_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +141,8 @@ class OracleRequest(_message.Message):
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     KNN_K_FIELD_NUMBER: _ClassVar[int]
     KNN_TAIL_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     fingerprint: str
     x_t: Tensor
@@ -143,7 +158,9 @@ class OracleRequest(_message.Message):
     exclude: Tensor
     knn_k: int
     knn_tail: int
-    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., x_t: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., path: _Optional[_Union[PathSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., top_k: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., request_id: _Optional[str] = ..., exclude: _Optional[_Union[Tensor, _Mapping]] = ..., knn_k: _Optional[int] = ..., knn_tail: _Optional[int] = ...) -> None: ...
+    kind: Kind
+    patch_size: Tensor
+    def __init__(self, dataset: _Optional[str] = ..., fingerprint: _Optional[str] = ..., x_t: _Optional[_Union[Tensor, _Mapping]] = ..., t: _Optional[_Union[Tensor, _Mapping]] = ..., path: _Optional[_Union[PathSpec, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., labels: _Optional[_Union[Tensor, _Mapping]] = ..., guidance: _Optional[_Union[Guidance, _Mapping]] = ..., top_k: _Optional[int] = ..., precision: _Optional[_Union[Precision, str]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., request_id: _Optional[str] = ..., exclude: _Optional[_Union[Tensor, _Mapping]] = ..., knn_k: _Optional[int] = ..., knn_tail: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., patch_size: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class OracleResponse(_message.Message):
     __slots__ = ("dataset", "fingerprint", "velocity", "x1_hat", "eps_hat", "score", "topk_indices", "topk_weights", "entropy", "ess", "precision", "x1_hat_error_bound", "velocity_error_bound", "request_id", "variance", "variance_error_bound", "entropy_error_bound", "ess_error_bound", "knn_weight_share", "knn_tail_bound", "knn_variance")

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from floworacle.paths import PathCoefficients
-from floworacle.protocol import OracleQuery
+from floworacle.protocol import KIND_OUTPUT_NAMES, PATCH_KINDS, OracleQuery, patch_schedule
+from floworacle.protocol import KINDS as KIND_ENUMS
 from floworacle_server.data import Dataset
 from floworacle_server.engine._assemble import SlotMerge, global_oracle
 from floworacle_server.engine._bounds import U64
@@ -42,37 +43,8 @@ from floworacle_server.engine._types import OracleResult, as_host, as_tensor
 
 __all__ = ["KINDS", "PATCH_KINDS", "oracle", "kind_oracle", "kind_x1", "outputs_from_x1", "patch_schedule"]
 
-#: The oracle kinds, the exact global one first.
-KINDS = ("global", "local", "equivariant", "linear")
-#: Kinds that need an image shape and a patch size.
-PATCH_KINDS = ("local", "equivariant")
-_OUTPUTS = ("velocity", "x1_hat", "eps_hat", "score")
-
-
-def patch_schedule(
-    t: np.ndarray | torch.Tensor | Sequence[float], schedule: int | Sequence[tuple[float, int]]
-) -> np.ndarray:
-    """(B,) int64 patch sizes for times ``t`` from a schedule.
-
-    ``schedule``: one P for every t, or pairs ``(t_start, P)`` in increasing ``t_start`` (the
-    first at 0): a query at time t gets the P of the last pair with ``t_start <= t``, e.g.
-    ``[(0.0, 7), (0.5, 5), (0.8, 3)]``.
-
-    Raises:
-        ValueError: an empty or unordered schedule, or one that does not start at 0.
-    """
-    tt = np.asarray(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t, dtype=np.float64).reshape(-1)
-    if isinstance(schedule, (int, np.integer)):
-        return np.full(tt.shape[0], int(schedule), dtype=np.int64)
-    pairs = [(float(s), int(p)) for s, p in schedule]
-    starts = [s for s, _ in pairs]
-    if not pairs or starts[0] != 0.0 or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
-        raise ValueError(
-            f"a patch schedule is (t_start, P) pairs with increasing t_start, the first at 0.0, e.g. "
-            f"[(0.0, 7), (0.5, 5), (0.8, 3)]; got {schedule!r}"
-        )
-    idx = np.searchsorted(np.asarray(starts), tt, side="right") - 1
-    return np.asarray([p for _, p in pairs], dtype=np.int64)[np.clip(idx, 0, None)]
+#: The oracle kinds' names, the exact global one first (the protocol's table).
+KINDS: tuple[str, ...] = tuple(KIND_ENUMS)
 
 
 def kind_x1(
@@ -134,11 +106,11 @@ def outputs_from_x1(
     coefs = torch.from_numpy(np.stack([c.alpha, c.sigma, c.velocity_x1, c.velocity_xt]).astype(np.float64)).to(dev)
     alpha, sigma, a_t, b_t = coefs.unbind(0)
     xf = x.reshape(x1.shape).to(device=dev, dtype=torch.float64)
-    unknown = set(outputs) - set(_OUTPUTS)
+    unknown = set(outputs) - set(KIND_OUTPUT_NAMES)
     if unknown:
         raise ValueError(
             f"outputs {sorted(unknown)} are diagnostics of the global posterior over samples; ask kind='global' for "
-            f"them, or ask only {', '.join(_OUTPUTS)}"
+            f"them, or ask only {', '.join(KIND_OUTPUT_NAMES)}"
         )
     velocity = eps_hat = score = None
     if "velocity" in outputs:
@@ -185,11 +157,11 @@ def kind_oracle(
         return global_oracle(ds, query)
     if kind not in KINDS:
         raise ValueError(f"unknown oracle kind {kind!r}; use one of {', '.join(KINDS)}")
-    unknown = set(query.outputs) - set(_OUTPUTS)
+    unknown = set(query.outputs) - set(KIND_OUTPUT_NAMES)
     if unknown:
         raise ValueError(
             f"outputs {sorted(unknown)} are diagnostics of the global posterior over samples; ask kind='global' for "
-            f"them, or ask only {', '.join(_OUTPUTS)} of kind {kind!r}"
+            f"them, or ask only {', '.join(KIND_OUTPUT_NAMES)} of kind {kind!r}"
         )
     x_t = as_tensor(query.x_t, ds.device)
     b = int(x_t.shape[0])
@@ -249,9 +221,11 @@ def oracle(
 ) -> OracleResult:
     """The oracle for a batch of queries, whatever their kind and precision: the engine's entry.
 
-    Precision "exact" / "fast": :func:`._assemble.global_oracle` (``chunk_rows``, ``screen``,
-    ``config`` and ``merge``, a gang's hook, are its). Precision "knn": the sublinear estimate
-    (:func:`._knn_target.knn_answer`, through the data set's faiss index; one process only).
+    Kind "global", precision "exact" / "fast": :func:`._assemble.global_oracle` (``chunk_rows``,
+    ``screen``, ``config`` and ``merge``, a gang's hook, are its); precision "knn": the sublinear
+    estimate (:func:`._knn_target.knn_answer`, through the data set's faiss index). Kinds
+    "local", "equivariant", "linear": :func:`kind_oracle` with the query's patch sizes. The last
+    two are one process's only.
     Returns float64 tensors on the data's device.
 
     Raises:
@@ -261,4 +235,11 @@ def oracle(
         if merge is not None:
             raise ValueError("precision 'knn' searches one process's faiss index; a gang's shards hold none")
         return knn_answer(ds, query)
+    if query.kind != "global":
+        if merge is not None:
+            raise ValueError(
+                f"kind {query.kind!r} is not merged over a gang's shards yet; ask a single-process server for it"
+            )
+        sizes = None if query.patch_size is None else as_host(query.patch_size).astype(np.int64)
+        return kind_oracle(ds, query, query.kind, patch_size=sizes)
     return global_oracle(ds, query, chunk_rows=chunk_rows, screen=screen, config=config, merge=merge)
