@@ -41,6 +41,12 @@ class _Revoked:
         self.message = message
 
 
+#: Copies of a request the server holds while it is in flight (the received bytes, the parsed
+#: message, the decoded points): what the byte budget counts per request byte.
+HELD_COPIES = 3
+#: What a stream reserves before it reads its first message (then: the size of its last one).
+FIRST_RESERVATION = 64 << 10
+
 #: Suggested wait before retrying a request refused because the queue was full.
 RETRY_PUSHBACK_MS = 50
 #: Longest a stream message waits out a full queue when the call has no deadline.
@@ -273,9 +279,11 @@ class FlowOracleServicer:
         return resp, work.query.answer_bytes()
 
     @contextlib.contextmanager
-    def _admitted(self, n: int) -> Iterator[None]:
-        """Hold a request's ``n`` bytes against the server's budget while it is in flight; refuse it
-        (RESOURCE_EXHAUSTED with a retry hint) when they do not fit."""
+    def _admitted(self, size: int) -> Iterator[None]:
+        """Hold what a request of ``size`` bytes costs (:data:`HELD_COPIES` of it) against the
+        server's budget while it is in flight; refuse it (RESOURCE_EXHAUSTED with a retry hint)
+        when that does not fit."""
+        n = HELD_COPIES * size
         if not self.budget.try_take(n):
             raise RpcFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -349,15 +357,33 @@ class FlowOracleServicer:
         loop = asyncio.get_running_loop()
 
         async def read() -> None:
+            # Room is taken *before* the next message is asked of gRPC, which until then keeps it in
+            # the stream's flow-control window (the sender waits): a reservation of what the last
+            # message cost, corrected to the actual cost once the message is read.
+            reserve = HELD_COPIES * FIRST_RESERVATION
+            messages: AsyncIterator[bytes] | None = None
             try:
-                async for raw in request_iterator:
+                while True:
+                    await slots.acquire()
+                    await held.take(reserve)
+                    if messages is None:  # made at the first read (gRPC's iterator is a coroutine)
+                        messages = request_iterator.__aiter__()
+                    try:
+                        raw = await messages.__anext__()
+                    except StopAsyncIteration:
+                        held.give(reserve)
+                        slots.release()
+                        return
                     problem = self.auth.check(context.invocation_metadata()) if self.auth is not None else None
                     if problem is not None:
                         answers.put_nowait(_Revoked(problem))
                         return
-                    n = len(raw)
-                    await slots.acquire()
-                    await held.take(n)
+                    n = HELD_COPIES * len(raw)
+                    if n > reserve:
+                        held.force(n - reserve)
+                    else:
+                        held.give(reserve - n)
+                    reserve = max(n, HELD_COPIES * FIRST_RESERVATION)
                     answers.put_nowait((loop.create_task(self._stream_one(raw, context)), n))
             finally:
                 answers.put_nowait(None)
