@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import statistics
 import subprocess
@@ -113,9 +114,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _process(argv: list[str], port: int, timeout: float = 120.0) -> Iterator[None]:
-    """A server process listening on 127.0.0.1:port (waited for), stopped at the end."""
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _process(argv: list[str], port: int, timeout: float = 120.0, pythonpath: str | None = None) -> Iterator[None]:
+    """A server process listening on 127.0.0.1:port (waited for), stopped at the end; ``pythonpath``
+    runs another checkout's code in it (an A/B against an earlier build)."""
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -184,7 +187,7 @@ def single_client_processes(args: argparse.Namespace, data: np.ndarray, ds: Data
         serve = [sys.executable, "-m", "floworacle_server.cli", "serve", "--data", f"bench={tmp}/bench.npy",
                  "--data", f"tiny={tmp}/tiny.npy", "--device", "cpu", "--port", str(port), "--metrics-port", "-1",
                  "--host", "127.0.0.1"]  # fmt: skip
-        with _process(serve, port):
+        with _process(serve, port, pythonpath=args.server_pythonpath):
             for wire in ("float32", "bfloat16"):
                 with OracleClient(f"127.0.0.1:{port}", wire_dtype=wire, timeout=120) as client:
                     plan = client._plan_oracle(x_t, t, {"dataset": "bench"}, outputs=("velocity",))
@@ -405,6 +408,10 @@ def main() -> None:
     p.add_argument("--client-batch", type=int, default=4)
     p.add_argument("--calls", type=int, default=15, help="calls per client in part 2")
     p.add_argument("--in-process", action="store_true", help="part 1 with the servers on threads of this process")
+    p.add_argument(
+        "--server-pythonpath",
+        help="part 1: run the server from another checkout (e.g. OLD/client:OLD/server) for an A/B against it",
+    )
     p.add_argument("--echo-server", nargs=2, type=int, metavar=("PORT", "SIZE"), help=argparse.SUPPRESS)
     p.add_argument(
         "--no-tune-allocator",

@@ -19,8 +19,16 @@ __all__ = ["OracleResult", "NearestResult", "as_tensor", "as_host"]
 
 def as_tensor(a: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A query field as a torch tensor on ``device``: the engine's one conversion at its entry. A
-    :class:`WireArray` or numpy array is viewed (no copy) before it moves; torch tensors as they are."""
+    :class:`WireArray` or numpy array is viewed (no copy) before it moves; torch tensors as they are.
+
+    Queries in a 2-byte float wire dtype become float32 for a CPU (exactly: bfloat16 by a bit shift,
+    in numpy): the engine's passes convert the queries several times (to the screening dtype, to
+    float64), and torch's elementwise ops from those dtypes were measured 10-100x slower than
+    numpy's one widening on a loaded 2-core CPU. A GPU gets the 2-byte tensor (half the bytes to
+    move, conversions are cheap there)."""
     if isinstance(a, WireArray):
+        if a.dtype.is_float and a.dtype.itemsize == 2 and torch.device(device).type == "cpu":
+            return torch.from_numpy(a.numpy().astype(np.float32, copy=False))
         t = a.torch()
     elif isinstance(a, np.ndarray):
         t = torch.from_numpy(a)
