@@ -281,6 +281,31 @@ def test_nearest_on_huge_finite_points_stays_finite_on_both_screens(digits, scre
             assert c.nearest(x[:2], k=1).indices[:, 0].tolist() == [0, 1]
 
 
+def test_data_with_a_huge_finite_sample_serves_on_both_screens():
+    """A data set holding a sample of 1e19 (``index build`` accepts it) used to stop ``serve``
+    with an IndexError in the start-up calibration of the faiss screen: the calibration now
+    (which runs both screens) finishes, both answer exactly, and the oracle gives the huge sample no weight."""
+    from floworacle import OracleClient
+    from floworacle_server.data import BackendChoice, Dataset, DatasetStore
+    from floworacle_server.engine import calibrate_nearest_backends
+    from floworacle_server.service.testing import serve_in_thread
+    from floworacle_server.settings import Settings
+
+    x = np.random.default_rng(3).standard_normal((300, 8)).astype(np.float32)
+    x[5] = 1e19  # its squared norm, 8e38, overflows float32
+    assert set(calibrate_nearest_backends(Dataset.from_arrays("huge", x), force=True)) == {"data"}
+    xt = x[:3] * 0.5
+    ref = ref_oracle(x, xt, *linear_coeffs(np.full(3, 0.5)))
+    for screen in ("torch", "faiss"):
+        ds = Dataset.from_arrays("huge", x)
+        ds.nearest_backends["data"] = BackendChoice(screen, "set by the test")
+        with serve_in_thread(Settings(device="cpu", metrics_port=-1), DatasetStore([ds])) as srv:
+            with OracleClient(srv.address, timeout=60) as c:
+                nn = c.nearest(x[[0, 5, 7]], k=1)
+                assert nn.indices[:, 0].tolist() == [0, 5, 7] and (nn.distances == 0).all()
+                assert max_rel(np.asarray(c.velocity(xt, 0.5)), ref["velocity"]) < 1e-6
+
+
 def test_huge_queries_are_refused_for_what_they_are(stub):
     """x_t of 1e19..3e38 (finite float32) or alpha = 1e20 used to be told to "drop the exclusion"
     they never sent: the message now names the query, its magnitude and what to change."""
