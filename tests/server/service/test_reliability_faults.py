@@ -90,6 +90,38 @@ def test_out_of_memory_splits_the_merged_batch_until_it_fits(digits):
     assert max_rel(protocol.decode(after.velocity), _velocity_ref(x, noisy_queries(x, big_t), big_t)) < 1e-6
 
 
+def test_an_answer_over_the_message_limit_is_refused_before_it_is_computed(digits):
+    """A small float16 request asking for four float64 outputs would be answered with a message
+    the server cannot send: RESOURCE_EXHAUSTED naming the size and the limit, with no engine call
+    (it was computed in full before, then lost), and a request that fits is answered after it."""
+    x, _ = digits
+    limit = 64 * 1024
+    outs = (pb.OUTPUT_VELOCITY, pb.OUTPUT_X1_HAT, pb.OUTPUT_EPS_HAT, pb.OUTPUT_SCORE)
+    t = np.full(100, 0.5)
+    calls: list[int] = []
+
+    def counting(runner, payloads):
+        calls.append(sum(p.rows for p in payloads))
+        return runner(payloads)
+
+    with serve_in_thread(Settings(device="cpu", metrics_port=-1, max_message_bytes=limit)) as srv:
+        srv.server.batcher.compute_hook = counting
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.FlowOracleStub(ch)
+            big = oracle_request(noisy_queries(x, t), t, dtype="float16", outputs=outs, output_dtype=pb.DTYPE_FLOAT64)
+            assert big.ByteSize() < limit // 4  # the request itself is small
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Oracle(big, timeout=30)
+            assert calls == []
+            small_t = t[:8]
+            fits = stub.Oracle(oracle_request(noisy_queries(x, small_t), small_t, dtype="float64"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert re.search(r"the answer to these 100 queries would take \d+ bytes, over this server's message limit "
+                     rf"of {limit}", err.value.details())
+    assert calls == [8]
+    assert max_rel(protocol.decode(fits.velocity), _velocity_ref(x, noisy_queries(x, small_t), small_t)) < 1e-6
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a real device out-of-memory error")
 def test_real_cuda_out_of_memory_splits_the_batch(digits):
     x, _ = digits
