@@ -191,6 +191,8 @@ class DatasetFacts:
         spaces: the nearest-search spaces it has ("data" always, "features" when it has embeddings).
         has_weights: whether its samples carry weights (they enter a posterior ranking, which an
             index cannot search).
+        sharded: whether a gang's ranks hold it in shards (the kinds other than "global" and the
+            kNN target are one process's).
     """
 
     name: str
@@ -200,6 +202,7 @@ class DatasetFacts:
     num_classes: int = 0
     spaces: Mapping[str, SpaceFacts] = field(default_factory=dict)
     has_weights: bool = False
+    sharded: bool = False
 
 
 def wire_dtype_name(x: Any) -> str:
@@ -686,6 +689,7 @@ class OracleQuery(_Query):
         rules.check_top_k(self.top_k, "topk" in self.outputs, facts.num_samples)
         if self.precision == "knn":
             rules.check_knn_index(facts.name, facts.spaces)
+        rules.check_kind_served(self.kind, facts.name, facts.sharded)
         return replace(self, x_t=x, sample_shape=shape)
 
     def answer_bytes(self) -> int:

@@ -388,6 +388,16 @@ def check_knn_index(dataset: str, spaces: Any) -> None:
         )
 
 
+def check_kind_served(kind: str, dataset: str, sharded: bool) -> None:
+    """The local, equivariant and linear oracles run in one process: a gang's shards refuse them."""
+    if sharded and kind != "global":
+        raise RequestError(
+            f"kind={kind!r} is computed by one process, and data set {dataset!r} is held in shards by a gang; "
+            "ask a single-process server for it, or kind='global'",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+
 def precision_from_name(name: str) -> int:
     if name not in PRECISIONS:
         raise RequestError(f"precision must be one of {list(PRECISIONS)}, got {name!r}")

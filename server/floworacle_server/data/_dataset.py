@@ -295,6 +295,7 @@ class Dataset:
             num_classes=self.num_classes,
             spaces=spaces,
             has_weights=self.log_weights is not None,
+            sharded=self.shard is not None,
         )
 
     def _nlist(self, space: str) -> int:

@@ -180,6 +180,15 @@ def test_a_gang_answers_like_one_process(index: Path, world: int) -> None:
         with OracleClient(g.address, wire_dtype="float64") as c:
             got = _calls(c)
             ginfo = c.describe()
+            x, t, _, _ = _queries(4, seed=9)
+            for one_process, says in (
+                ({"kind": "linear"}, "held in shards by a gang"),
+                ({"precision": "knn"}, "shard"),
+            ):
+                with pytest.raises(OracleError) as err:  # refused before any rank computes
+                    c.velocity(x, t, **one_process)  # type: ignore[arg-type]
+                assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and says in err.value.details
+            assert _calls(c)["plain"] is not None  # the gang goes on
     assert (ginfo.fingerprint, ginfo.num_samples, ginfo.num_classes) == (info.fingerprint, N, C)
     assert ginfo.has_weights and ginfo.resident_bytes >= info.resident_bytes * 0.99
     for what in want:

@@ -116,8 +116,11 @@ def test_an_answer_over_the_message_limit_is_refused_before_it_is_computed(digit
             small_t = t[:8]
             fits = stub.Oracle(oracle_request(noisy_queries(x, small_t), small_t, dtype="float64"), timeout=30)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert re.search(r"the answer to these 100 queries would take \d+ bytes, over this server's message limit "
-                     rf"of {limit}", err.value.details())
+    assert re.search(
+        r"the answer to these 100 queries would take \d+ bytes, over this server's message limit "
+        rf"of {limit}",
+        err.value.details(),
+    )
     assert calls == [8]
     assert max_rel(protocol.decode(fits.velocity), _velocity_ref(x, noisy_queries(x, small_t), small_t)) < 1e-6
 
