@@ -17,6 +17,10 @@ passes them).
     python benchmarks/bench_engine.py                 # N=20,000, D=1,024 and the CIFAR-size case
     python benchmarks/bench_engine.py --case small --repeat 5
     python benchmarks/bench_engine.py --device cuda   # on a GPU (adds bf16 / TF32 GEMM pairs)
+    python benchmarks/bench_engine.py --kinds --case none   # the local / equivariant oracles only
+
+``--kinds`` adds the patch oracles' table (``bench_patch.py``): each against the bare float32 and
+float64 GEMMs of its own shapes, alternated in the same run.
 
 Peak extra memory (CPU) is the rise of the process's resident high-water mark during the call
 (reset through /proc/self/clear_refs), measured in a child process whose glibc mmap threshold is
@@ -267,7 +271,8 @@ def _fmt_mem(mem: int | None, data_bytes: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=[*CASES, "all"], default="all", help="all = small and cifar")
+    ap.add_argument("--case", choices=[*CASES, "all", "none"], default="all", help="all = small and cifar")
+    ap.add_argument("--kinds", action="store_true", help="also time the local and equivariant oracles")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
@@ -298,7 +303,12 @@ def main() -> None:
         if args.case == name or (args.case == "all" and name != "imagenet"):
             run_case(n, d, args.batch, device, args.repeat, rng, args.dtype, args.screen)
     flush_denormals()
-    fixed_cost(device, args.repeat)
+    if args.case != "none":
+        fixed_cost(device, args.repeat)
+    if args.kinds:
+        from bench_patch import report  # this folder is on sys.path when the script runs
+
+        report(device, args.repeat)
 
 
 if __name__ == "__main__":

@@ -128,6 +128,41 @@ def run_case(case: tuple, device: torch.device, repeat: int) -> dict:  # type: i
     }
 
 
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.machine())
+    except OSError:
+        return platform.machine()
+
+
+def report(device: torch.device, repeat: int, only: str | None = None) -> list[dict]:
+    """Time every case (or one kind's) and print the table; returns its rows (``bench_engine.py
+    --kinds`` prints the same table beside the global oracle's)."""
+    flush_denormals()  # as the server's engine thread runs
+    print(f"{_cpu()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    head = f"{'case':12s} {'kind':11s} {'N':>5s} {'image':>8s} {'B':>3s} {'P':>2s} {'t':>5s} {'madds':>9s} "
+    head += f"{'oracle ms':>10s} {'f32 GEMM':>9s} {'f64 GEMM':>9s} {'/f32':>6s} {'/f64':>6s} {'Gmadd/s':>8s} {'refined':>8s} {'bound':>8s}"
+    print(head)
+    rows = []
+    for case in CASES:
+        if only and case[1] != only:
+            continue
+        r = run_case(case, device, repeat)
+        rows.append(r)
+        print(
+            f"{r['case']:12s} {r['kind']:11s} {r['N']:5d} {'x'.join(map(str, r['image'])):>8s} {r['B']:3d} {r['P']:2d} "
+            f"{r['t']:5.3f} {r['multiply_adds']:9.2e} {r['oracle_s'] * 1e3:10.2f} {r['gemm32_s'] * 1e3:9.2f} "
+            f"{r['gemm64_s'] * 1e3:9.2f} {r['ratio_f32']:6.2f} {r['ratio_f64']:6.2f} {r['oracle_gmadds']:8.2f} "
+            f"{r['refined']:8d} {r['max_bound']:8.1e}"
+        )
+    print(
+        "madds: B N H W C P^2 (local), B N (H W)^2 C P^2 (equivariant); /f32, /f64: oracle time over the bare GEMM of "
+        "the same shapes, alternating, best of each; refined: pairs recomputed from float64 differences"
+    )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -143,28 +178,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    flush_denormals()  # as the server's engine thread runs
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    head = f"{'case':12s} {'kind':11s} {'N':>5s} {'image':>8s} {'B':>3s} {'P':>2s} {'t':>5s} {'madds':>9s} "
-    head += f"{'oracle ms':>10s} {'f32 GEMM':>9s} {'f64 GEMM':>9s} {'/f32':>6s} {'/f64':>6s} {'Gmadd/s':>8s} {'refined':>8s} {'bound':>8s}"
-    print(head)
-    rows = []
-    for case in CASES:
-        if args.only and case[1] != args.only:
-            continue
-        r = run_case(case, device, args.repeat)
-        rows.append(r)
-        print(
-            f"{r['case']:12s} {r['kind']:11s} {r['N']:5d} {'x'.join(map(str, r['image'])):>8s} {r['B']:3d} {r['P']:2d} "
-            f"{r['t']:5.3f} {r['multiply_adds']:9.2e} {r['oracle_s'] * 1e3:10.2f} {r['gemm32_s'] * 1e3:9.2f} "
-            f"{r['gemm64_s'] * 1e3:9.2f} {r['ratio_f32']:6.2f} {r['ratio_f64']:6.2f} {r['oracle_gmadds']:8.2f} "
-            f"{r['refined']:8d} {r['max_bound']:8.1e}"
-        )
-    print(
-        "madds: B N H W C P^2 (local), B N (H W)^2 C P^2 (equivariant); /f32, /f64: oracle time over the bare GEMM of "
-        "the same shapes, alternating, best of each; refined: pairs recomputed from float64 differences"
-    )
+    rows = report(torch.device(args.device), args.repeat, args.only)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
