@@ -44,13 +44,20 @@ from floworacle.protocol._codec import (
 )
 from floworacle.protocol._errors import RequestError
 from floworacle.protocol._limits import MAX_TOP_K, MESSAGE_OVERHEAD
-from floworacle.protocol._tables import BOUND_FIELDS, KNN_FIELDS, OUTPUTS, PRECISIONS, SPACES, output_by_name
+from floworacle.protocol._tables import (
+    BOUND_FIELDS,
+    KNN_FIELDS,
+    OUTPUTS,
+    PRECISIONS,
+    SAMPLE_OUTPUT_NAMES,
+    SPACES,
+    output_by_name,
+)
 from floworacle.v1 import oracle_pb2 as pb
 
 __all__ = [
     "KINDS",
     "PATCH_KINDS",
-    "KIND_OUTPUT_NAMES",
     "patch_schedule",
     "ROWS",
     "SHARED",
@@ -88,8 +95,6 @@ KINDS: dict[str, int] = {
 }
 #: Kinds that read each sample as an image through P x P windows, and need a patch size.
 PATCH_KINDS: tuple[str, ...] = ("local", "equivariant")
-#: The outputs the kinds other than "global" give (the diagnostics belong to the posterior over samples).
-KIND_OUTPUT_NAMES: tuple[str, ...] = ("velocity", "x1_hat", "eps_hat", "score")
 
 
 def patch_schedule(t: Any, schedule: Any) -> np.ndarray:
@@ -137,10 +142,10 @@ def _check_kind(kind: str, patch: np.ndarray | None, outputs: tuple[str, ...], p
             )
     elif patch is not None:
         raise RequestError(f"kind {kind!r} takes no patch_size (it is not a patch oracle); drop it")
-    other = [o for o in outputs if o not in KIND_OUTPUT_NAMES]
+    other = [o for o in outputs if o not in SAMPLE_OUTPUT_NAMES]
     if other:
         raise RequestError(
-            f"kind {kind!r} answers {list(KIND_OUTPUT_NAMES)}; {other} describe the posterior over samples: ask "
+            f"kind {kind!r} answers {list(SAMPLE_OUTPUT_NAMES)}; {other} describe the posterior over samples: ask "
             "kind='global' for them"
         )
     if precision != "exact":
@@ -228,14 +233,21 @@ def _rows(x: Any) -> int:
 # -- decoding a message's fields ------------------------------------------------------------
 
 
-def _decode(t: pb.Tensor, name: str, kind: str) -> np.ndarray:
-    """A wire tensor whose dtype must be of ``kind`` ("float" or "int64"), as numbers."""
+def _wire_of(t: pb.Tensor, name: str, kind: str) -> WireArray:
+    """A wire tensor whose dtype must be of ``kind`` ("float" or "int64"), validated, as a view."""
     wd = dtype_by_enum(t.dtype, name)
     if kind == "float" and not wd.is_float:
-        raise CodecError(f"{name} must be float32, float16, bfloat16 or float64, got {wd.name}")
+        raise CodecError(
+            f"{name} must be {', '.join(list(FLOAT_DTYPES)[:-1])} or {list(FLOAT_DTYPES)[-1]}, got {wd.name}"
+        )
     if kind == "int64" and wd.name != "int64":
         raise CodecError(f"{name} must be int64, got {wd.name}")
-    return WireArray.decode(t, name).numpy()
+    return WireArray.decode(t, name)
+
+
+def _decode(t: pb.Tensor, name: str, kind: str) -> np.ndarray:
+    """A wire tensor whose dtype must be of ``kind`` ("float" or "int64"), as numbers."""
+    return _wire_of(t, name, kind).numpy()
 
 
 def _points(req: Any, name: str, max_rows: int, what: str) -> WireArray:
@@ -247,10 +259,7 @@ def _points(req: Any, name: str, max_rows: int, what: str) -> WireArray:
     declared = tuple(int(s) for s in t.shape)
     if declared:
         rules.check_rows(declared[0], name, max_rows)
-    wd = dtype_by_enum(t.dtype, name)
-    if not wd.is_float:
-        raise CodecError(f"{name} must be float32, float16, bfloat16 or float64, got {wd.name}")
-    x = WireArray.decode(t, name)
+    x = _wire_of(t, name, "float")
     rules.check_batch_shape(x.shape, name)
     return x
 
@@ -277,7 +286,7 @@ def _path_of(req: Any, t: np.ndarray | None, b: int, *, required: bool) -> tuple
     return name, sigma_min, rules.named_coefficients(name, sigma_min, t)
 
 
-def _int_vector(req: Any, name: str, b: int) -> np.ndarray | None:
+def _int_vector(req: Any, name: str) -> np.ndarray | None:
     return _decode(getattr(req, name), name, "int64") if req.HasField(name) else None
 
 
@@ -629,10 +638,10 @@ class OracleQuery(_Query):
         b = x.shape[0]
         t = rules.check_times(_decode(req.t, "t", "float"), b) if req.HasField("t") else None
         path, sigma_min, coeffs = _path_of(req, t, b, required=True)
-        labels = _int_vector(req, "labels", b)
+        labels = _int_vector(req, "labels")
         if labels is not None:
             rules.check_labels(labels, b)
-        exclude = _int_vector(req, "exclude", b)
+        exclude = _int_vector(req, "exclude")
         if exclude is not None:
             rules.check_exclude(exclude, b)
         guidance = None
@@ -654,7 +663,7 @@ class OracleQuery(_Query):
         kind = next((name for name, v in KINDS.items() if v == req.kind), "global" if req.kind == 0 else None)
         if kind is None:
             raise RequestError(f"unknown kind {int(req.kind)}; use one of {[pb.Kind.Name(v) for v in KINDS.values()]}")
-        patch = _int_vector(req, "patch_size", b)
+        patch = _int_vector(req, "patch_size")
         if patch is not None and patch.shape != (b,):
             raise RequestError(f"patch_size must have shape ({b},), one per query, got {list(patch.shape)}")
         _check_kind(kind, patch, tuple(o.name for o in outputs), precision)
@@ -858,7 +867,7 @@ class NearestQuery(_Query):
         rules.check_k(k)
         t = rules.check_times(_decode(req.t, "t", "float"), b) if req.HasField("t") else None
         path, sigma_min, coeffs = _path_of(req, t, b, required=False)
-        exclude = _int_vector(req, "exclude", b)
+        exclude = _int_vector(req, "exclude")
         if exclude is not None:
             rules.check_exclude(exclude, b)
         return cls(

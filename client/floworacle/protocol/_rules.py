@@ -22,10 +22,10 @@ from floworacle.protocol._errors import RequestError
 from floworacle.protocol._limits import MAX_TOP_K
 from floworacle.protocol._tables import (
     CONVENTIONS,
-    KNN_OUTPUT_NAMES,
     OUTPUT_NAMES,
     OUTPUTS,
     PRECISIONS,
+    SAMPLE_OUTPUT_NAMES,
     SPACES,
     OutputSpec,
     output_by_enum,
@@ -368,10 +368,10 @@ def check_knn(precision: str, knn_k: int, knn_tail: int, outputs: tuple[str, ...
     for name, value in (("knn_k", knn_k), ("knn_tail", knn_tail)):
         if not 0 <= value <= MAX_TOP_K:
             raise RequestError(f"{name} must lie in 1..{MAX_TOP_K} (0: {KNN_DEFAULT}), got {plain(value)}")
-    other = [o for o in outputs if o not in KNN_OUTPUT_NAMES]
+    other = [o for o in outputs if o not in SAMPLE_OUTPUT_NAMES]
     if other:
         raise RequestError(
-            f"precision='knn' answers {list(KNN_OUTPUT_NAMES)}; {other} need the whole posterior: ask "
+            f"precision='knn' answers {list(SAMPLE_OUTPUT_NAMES)}; {other} need the whole posterior: ask "
             "precision='exact' for them"
         )
     return knn_k or KNN_DEFAULT, knn_tail or KNN_DEFAULT

@@ -20,7 +20,7 @@ __all__ = [
     "output_by_enum",
     "BOUND_FIELDS",
     "KNN_FIELDS",
-    "KNN_OUTPUT_NAMES",
+    "SAMPLE_OUTPUT_NAMES",
     "PRECISIONS",
     "SPACES",
     "CONVENTIONS",
@@ -64,8 +64,10 @@ _BY_ENUM = {o.enum: o for o in OUTPUTS}
 BOUND_FIELDS: tuple[str, ...] = ("x1_hat_error_bound", "velocity_error_bound")
 #: (B,) float64 indicators a kNN answer carries instead (it claims no bound).
 KNN_FIELDS: tuple[str, ...] = ("knn_weight_share", "knn_tail_bound", "knn_variance")
-#: The outputs a kNN answer can give (the diagnostics need the whole posterior).
-KNN_OUTPUT_NAMES: tuple[str, ...] = ("velocity", "x1_hat", "eps_hat", "score")
+#: The per-sample outputs (velocity, x1_hat, eps_hat, score): everything that follows from a
+#: posterior mean, so all that the kNN estimate and the kinds other than "global" can give (the
+#: diagnostics describe the whole posterior over samples).
+SAMPLE_OUTPUT_NAMES: tuple[str, ...] = tuple(o.name for o in OUTPUTS if o.kind == "sample")
 
 #: Precision names and their ``floworacle.v1.Precision`` values (unspecified means exact).
 PRECISIONS: dict[str, int] = {"exact": pb.PRECISION_EXACT, "fast": pb.PRECISION_FAST, "knn": pb.PRECISION_KNN}

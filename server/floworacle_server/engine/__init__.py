@@ -29,30 +29,21 @@ from floworacle_server.engine._config import CPU, CUDA, EngineConfig
 from floworacle_server.engine._equivariant import equivariant_oracle
 from floworacle_server.engine._flush import FlushState, flush_denormals
 from floworacle_server.engine._index_build import IndexSpec, build_nearest_index, parse_index_spec
-from floworacle_server.engine._kinds import (
-    KINDS,
-    PATCH_KINDS,
-    kind_oracle,
-    kind_x1,
-    oracle,
-    outputs_from_x1,
-    patch_schedule,
-)
-from floworacle_server.engine._knn_target import KNN_OUTPUTS, KnnOracleResult, KnnTarget, knn_oracle, knn_target
+from floworacle_server.engine._kinds import KINDS, PATCH_KINDS, kind_oracle, kind_x1, oracle, patch_schedule
+from floworacle_server.engine._knn_target import KnnOracleResult, KnnTarget, knn_oracle, knn_target
 from floworacle_server.engine._linear import linear_oracle
 from floworacle_server.engine._local import local_oracle
 from floworacle_server.engine._merge import Collective, CollectiveMerge
 from floworacle_server.engine._nearest import merge_nearest, nearest, posterior_nearest, ranking_keys, search
 from floworacle_server.engine._partials import Partials, Posterior
 from floworacle_server.engine._patches import PatchConfig, PatchResult, check_patch_size, max_patch_size
-from floworacle_server.engine._types import NearestResult, OracleResult
+from floworacle_server.engine._types import NearestResult, OracleResult, outputs_from_x1
 
 __all__ = [
     "CPU",
     "CUDA",
     "DENSE_LOGIT_TOL",
     "KINDS",
-    "KNN_OUTPUTS",
     "NEAREST_BACKENDS",
     "PATCH_KINDS",
     "REACH_MARGIN",

@@ -27,9 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from floworacle.paths import PathCoefficients
-from floworacle.protocol import KIND_OUTPUT_NAMES, PATCH_KINDS, OracleQuery, patch_schedule
 from floworacle.protocol import KINDS as KIND_ENUMS
+from floworacle.protocol import PATCH_KINDS, OracleQuery, patch_schedule
 from floworacle_server.data import Dataset
 from floworacle_server.engine._assemble import SlotMerge, global_oracle
 from floworacle_server.engine._bounds import U64
@@ -39,9 +38,9 @@ from floworacle_server.engine._knn_target import knn_answer
 from floworacle_server.engine._linear import linear_oracle
 from floworacle_server.engine._local import local_oracle
 from floworacle_server.engine._patches import PatchConfig, PatchResult
-from floworacle_server.engine._types import OracleResult, as_host, as_tensor
+from floworacle_server.engine._types import OracleResult, as_host, as_tensor, check_sample_outputs, outputs_from_x1
 
-__all__ = ["KINDS", "PATCH_KINDS", "oracle", "kind_oracle", "kind_x1", "outputs_from_x1", "patch_schedule"]
+__all__ = ["KINDS", "PATCH_KINDS", "oracle", "kind_oracle", "kind_x1", "patch_schedule"]
 
 #: The oracle kinds' names, the exact global one first (the protocol's table).
 KINDS: tuple[str, ...] = tuple(KIND_ENUMS)
@@ -80,54 +79,6 @@ def kind_x1(
     raise ValueError(f"unknown oracle kind {kind!r}; use one of {', '.join(KINDS)}")
 
 
-def outputs_from_x1(
-    x: torch.Tensor,
-    x1: torch.Tensor,
-    x1_err: torch.Tensor,
-    coeffs: PathCoefficients,
-    outputs: Sequence[str] = ("velocity",),
-    *,
-    x1_max: torch.Tensor | float | None = None,
-) -> OracleResult:
-    """The outputs of B queries from their posterior mean (module docstring).
-
-    Args:
-        x: (B, D) queries (any float dtype), x1: (B, D) float64, x1_err: (B,) its bound, all on
-            one device.
-        coeffs: the queries' path coefficients (B each).
-        outputs: names among "velocity", "x1_hat", "eps_hat", "score".
-        x1_max: a bound on ``max |x1_hat|`` per query (default: measured).
-
-    Returns:
-        an :class:`OracleResult` with x1_hat, the outputs asked for, and the x1 and velocity bounds.
-    """
-    dev = x1.device
-    c = coeffs
-    coefs = torch.from_numpy(np.stack([c.alpha, c.sigma, c.velocity_x1, c.velocity_xt]).astype(np.float64)).to(dev)
-    alpha, sigma, a_t, b_t = coefs.unbind(0)
-    xf = x.reshape(x1.shape).to(device=dev, dtype=torch.float64)
-    unknown = set(outputs) - set(KIND_OUTPUT_NAMES)
-    if unknown:
-        raise ValueError(
-            f"outputs {sorted(unknown)} are diagnostics of the global posterior over samples; ask kind='global' for "
-            f"them, or ask only {', '.join(KIND_OUTPUT_NAMES)}"
-        )
-    velocity = eps_hat = score = None
-    if "velocity" in outputs:
-        velocity = torch.addcmul(xf * b_t[:, None], x1, a_t[:, None])
-    if "eps_hat" in outputs:
-        eps_hat = torch.addcmul(xf, x1, alpha[:, None], value=-1).div_(sigma[:, None])
-    if "score" in outputs:
-        score = torch.addcmul(-xf, x1, alpha[:, None]).div_((sigma * sigma)[:, None])
-    xm = x1.abs().amax(dim=1) if x1_max is None else x1_max
-    qn = torch.linalg.vector_norm(xf, dim=1)
-    v_err = a_t.abs() * x1_err + 4 * U64 * (a_t.abs() * xm + b_t.abs() * qn)
-    return OracleResult(
-        x1_hat=x1, velocity=velocity, eps_hat=eps_hat, score=score, x1_hat_error_bound=x1_err,
-        velocity_error_bound=v_err,
-    )  # fmt: skip
-
-
 def kind_oracle(
     ds: Dataset,
     query: OracleQuery,
@@ -157,12 +108,7 @@ def kind_oracle(
         return global_oracle(ds, query)
     if kind not in KINDS:
         raise ValueError(f"unknown oracle kind {kind!r}; use one of {', '.join(KINDS)}")
-    unknown = set(query.outputs) - set(KIND_OUTPUT_NAMES)
-    if unknown:
-        raise ValueError(
-            f"outputs {sorted(unknown)} are diagnostics of the global posterior over samples; ask kind='global' for "
-            f"them, or ask only {', '.join(KIND_OUTPUT_NAMES)} of kind {kind!r}"
-        )
+    check_sample_outputs(query.outputs, f"kind {kind!r}")
     x_t = as_tensor(query.x_t, ds.device)
     b = int(x_t.shape[0])
     x = x_t.reshape(b, -1)

@@ -49,15 +49,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from floworacle.protocol import KNN_OUTPUT_NAMES, OracleQuery
+from floworacle.protocol import OracleQuery
 from floworacle_server.data import Dataset
 from floworacle_server.engine._nearest import posterior_nearest
-from floworacle_server.engine._types import NearestResult, OracleResult, as_tensor
+from floworacle_server.engine._types import (
+    NearestResult,
+    OracleResult,
+    as_tensor,
+    check_sample_outputs,
+    outputs_from_x1,
+    per_query,
+)
 
-__all__ = ["KNN_OUTPUTS", "KnnOracleResult", "KnnTarget", "knn_answer", "knn_oracle", "knn_target"]
-
-#: Outputs :func:`knn_oracle` can give (the diagnostics need the whole posterior): the protocol's table.
-KNN_OUTPUTS = KNN_OUTPUT_NAMES
+__all__ = ["KnnOracleResult", "KnnTarget", "knn_answer", "knn_oracle", "knn_target"]
 
 _BLOCK_BYTES = 64 << 20  # float64 rows gathered per step (queries x (k + m) x D x 8 bytes)
 _KEYS_MAX = 1 << 24  # below this many (query, rest) pairs a tail is drawn by random keys, above by rejection
@@ -110,17 +114,6 @@ class KnnOracleResult:
     result: OracleResult
     estimate: KnnTarget
     velocity_variance: torch.Tensor
-
-
-def _per_query(v: Any, b: int, device: torch.device, what: str) -> torch.Tensor:
-    t = torch.as_tensor(v, dtype=torch.float64).to(device)
-    if t.ndim == 0:
-        t = t.expand(b)
-    if t.shape != (b,):
-        raise ValueError(f"{what} must be a scalar or have shape ({b},), got {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} must be finite")
-    return t
 
 
 def _queries(ds: Dataset, x_t: Any) -> torch.Tensor:
@@ -305,8 +298,8 @@ def knn_target(
     xt = _queries(ds, x_t)
     b, n = xt.shape[0], ds.num_samples
     dev = ds.device
-    a = _per_query(alpha, b, dev, "alpha")
-    s = _per_query(sigma, b, dev, "sigma")
+    a = torch.from_numpy(per_query(alpha, b, "alpha")).to(dev)
+    s = torch.from_numpy(per_query(sigma, b, "sigma")).to(dev)
     if bool((a < 0).any()) or not bool((s > 0).all()):
         raise ValueError("alpha must be >= 0 and sigma > 0 (the kNN target needs a finite sigma_t > 0)")
     lo, hi = _support(ds, labels, b)
@@ -462,20 +455,17 @@ def knn_oracle(
     estimate, ``x1_w = x1(x) + w (x1(x | y) - x1(x))``. ``query.precision`` is not read.
 
     Raises:
-        ValueError: an output outside :data:`KNN_OUTPUTS`, or what :func:`knn_target` raises.
+        ValueError: an output other than the per-sample ones (diagnostics), or what
+            :func:`knn_target` raises.
     """
-    bad = [o for o in query.outputs if o not in KNN_OUTPUTS]
-    if bad:
-        raise ValueError(
-            f"the kNN target gives {KNN_OUTPUTS}; {bad} need the whole posterior: ask the exact oracle for them"
-        )
+    check_sample_outputs(query.outputs, "the kNN target")
     ds = dataset
     xt = _queries(ds, as_tensor(query.x_t, ds.device))
     labels = None if query.labels is None else as_tensor(query.labels, ds.device, torch.int64)
     exclude = None if query.exclude is None else as_tensor(query.exclude, ds.device, torch.int64)
     c = query.coeffs
     coef = torch.from_numpy(np.stack([c.alpha, c.sigma, c.velocity_x1, c.velocity_xt]).astype(np.float64)).to(ds.device)
-    alpha, sigma, a_t, b_t = coef[0], coef[1], coef[2], coef[3]
+    alpha, sigma, a_t = coef[0], coef[1], coef[2]
     est = knn_target(
         ds, xt, alpha, sigma, k=k, tail=tail, labels=labels, exclude=exclude, exact=exact,
         nprobe=nprobe, generator=generator,
@@ -497,15 +487,7 @@ def knn_oracle(
             w = g.scale
             est.x1_hat[sel] = unc.x1_hat + w * (est.x1_hat[sel] - unc.x1_hat)
             est.variance[sel] = (1.0 - w) ** 2 * unc.variance + w**2 * est.variance[sel]
-    x1 = est.x1_hat
-    res = OracleResult(x1_hat=x1)
-    want = set(query.outputs)
-    if "velocity" in want:
-        res.velocity = a_t[:, None] * x1 + b_t[:, None] * xt
-    if "eps_hat" in want:
-        res.eps_hat = (xt - alpha[:, None] * x1) / sigma[:, None]
-    if "score" in want:
-        res.score = (alpha[:, None] * x1 - xt) / sigma[:, None] ** 2
+    res = outputs_from_x1(xt, est.x1_hat, None, c, query.outputs)  # no bounds: the estimate claims none
     return KnnOracleResult(result=res, estimate=est, velocity_variance=a_t**2 * est.variance)
 
 

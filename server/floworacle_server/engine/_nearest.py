@@ -41,7 +41,7 @@ from floworacle_server.engine._ann import search_index
 from floworacle_server.engine._backend import choose_backend
 from floworacle_server.engine._knn import FLOAT32_NORM, exact_knn
 from floworacle_server.engine._space import SearchSpace, exclusion_rows, merge_topk, search_space
-from floworacle_server.engine._types import NearestResult, as_tensor
+from floworacle_server.engine._types import NearestResult, as_tensor, per_query
 
 __all__ = ["search", "nearest", "posterior_nearest", "ranking_keys", "merge_nearest"]
 
@@ -164,7 +164,7 @@ def posterior_nearest(
     """
     points = x_t if isinstance(x_t, torch.Tensor) else np.asarray(x_t)
     b = int(points.shape[0]) if points.ndim else 0
-    a = _per_query(alpha, b, "alpha")
+    a = per_query(alpha, b, "alpha")
     if sigma is None:
         if dataset.log_weights is not None:
             raise ValueError(
@@ -172,7 +172,7 @@ def posterior_nearest(
             )
         s = np.ones(b)
     else:
-        s = _per_query(sigma, b, "sigma")
+        s = per_query(sigma, b, "sigma")
         if (s < 0).any():
             raise ValueError("sigma must be >= 0")
     coeffs = PathCoefficients(a, s, np.zeros(b), np.zeros(b))  # the search needs alpha and sigma only
@@ -196,17 +196,6 @@ def _probes(nprobe: int | None) -> int:
     if isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1:
         raise ValueError(f"nprobe must be an integer >= 1 (None: the index's default), got {nprobe!r}")
     return nprobe
-
-
-def _per_query(v: Any, b: int, what: str) -> np.ndarray:
-    a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
-    if a.ndim == 0:
-        a = np.full(b, float(a))
-    if a.shape != (b,):
-        raise ValueError(f"{what} must be a scalar or have shape ({b},), got {tuple(a.shape)}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{what} must be finite")
-    return a
 
 
 def ranking_keys(dataset: Dataset, query: NearestQuery, result: NearestResult) -> torch.Tensor:

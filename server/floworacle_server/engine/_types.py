@@ -1,4 +1,5 @@
-"""What the engine answers: the oracle's outputs and the nearest samples of a batch.
+"""What the engine answers: the oracle's outputs and the nearest samples of a batch, and the
+outputs that follow from a posterior mean (:func:`outputs_from_x1`, shared by every estimate of it).
 
 Its inputs are the protocol's queries (:class:`floworacle.protocol.OracleQuery`,
 :class:`~floworacle.protocol.NearestQuery`), taken as they are.
@@ -6,15 +7,26 @@ Its inputs are the protocol's queries (:class:`floworacle.protocol.OracleQuery`,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from floworacle.protocol import WireArray
+from floworacle.paths import PathCoefficients
+from floworacle.protocol import SAMPLE_OUTPUT_NAMES, WireArray
+from floworacle_server.engine._bounds import U64
 
-__all__ = ["OracleResult", "NearestResult", "as_tensor", "as_host"]
+__all__ = [
+    "OracleResult",
+    "NearestResult",
+    "as_tensor",
+    "as_host",
+    "per_query",
+    "check_sample_outputs",
+    "outputs_from_x1",
+]
 
 
 def as_tensor(a: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -44,6 +56,29 @@ def as_host(a: Any) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().numpy()
     return np.asarray(a)
+
+
+def per_query(v: Any, b: int, what: str) -> np.ndarray:
+    """A scalar or (B,) per-query value (numpy, torch, Python) as a finite (B,) float64 array."""
+    a = np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+    if a.ndim == 0:
+        a = np.full(b, float(a))
+    if a.shape != (b,):
+        raise ValueError(f"{what} must be a scalar or have shape ({b},), got {tuple(a.shape)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what} must be finite")
+    return a
+
+
+def check_sample_outputs(outputs: Sequence[str], who: str) -> None:
+    """``who`` answers from a posterior mean: it gives the per-sample outputs only (the protocol's
+    ``SAMPLE_OUTPUT_NAMES``); ValueError for the diagnostics."""
+    unknown = sorted(set(outputs) - set(SAMPLE_OUTPUT_NAMES))
+    if unknown:
+        raise ValueError(
+            f"{who} gives {', '.join(SAMPLE_OUTPUT_NAMES)}; {unknown} are diagnostics of the global posterior over "
+            "samples (they need the whole posterior): ask the exact oracle (kind 'global') for them"
+        )
 
 
 @dataclass
@@ -100,3 +135,49 @@ class NearestResult:
     labels: torch.Tensor | None = None
     approximate: bool = False
     similarities: torch.Tensor | None = None
+
+
+def outputs_from_x1(
+    x: torch.Tensor,
+    x1: torch.Tensor,
+    x1_err: torch.Tensor | None,
+    coeffs: PathCoefficients,
+    outputs: Sequence[str] = ("velocity",),
+    *,
+    x1_max: torch.Tensor | float | None = None,
+) -> OracleResult:
+    """The outputs of B queries from their posterior mean (module docstring).
+
+    Args:
+        x: (B, D) queries (any float dtype), x1: (B, D) float64, x1_err: (B,) its bound (None: an
+            estimate that claims none, such as the kNN target's), all on one device.
+        coeffs: the queries' path coefficients (B each).
+        outputs: names among "velocity", "x1_hat", "eps_hat", "score".
+        x1_max: a bound on ``max |x1_hat|`` per query (default: measured).
+
+    Returns:
+        an :class:`OracleResult` with x1_hat, the outputs asked for, and the x1 and velocity bounds
+        (when ``x1_err`` is given).
+    """
+    dev = x1.device
+    c = coeffs
+    coefs = torch.from_numpy(np.stack([c.alpha, c.sigma, c.velocity_x1, c.velocity_xt]).astype(np.float64)).to(dev)
+    alpha, sigma, a_t, b_t = coefs.unbind(0)
+    xf = x.reshape(x1.shape).to(device=dev, dtype=torch.float64)
+    check_sample_outputs(outputs, "an oracle from its posterior mean")
+    velocity = eps_hat = score = None
+    if "velocity" in outputs:
+        velocity = torch.addcmul(xf * b_t[:, None], x1, a_t[:, None])
+    if "eps_hat" in outputs:
+        eps_hat = torch.addcmul(xf, x1, alpha[:, None], value=-1).div_(sigma[:, None])
+    if "score" in outputs:
+        score = torch.addcmul(-xf, x1, alpha[:, None]).div_((sigma * sigma)[:, None])
+    if x1_err is None:
+        return OracleResult(x1_hat=x1, velocity=velocity, eps_hat=eps_hat, score=score)
+    xm = x1.abs().amax(dim=1) if x1_max is None else x1_max
+    qn = torch.linalg.vector_norm(xf, dim=1)
+    v_err = a_t.abs() * x1_err + 4 * U64 * (a_t.abs() * xm + b_t.abs() * qn)
+    return OracleResult(
+        x1_hat=x1, velocity=velocity, eps_hat=eps_hat, score=score, x1_hat_error_bound=x1_err,
+        velocity_error_bound=v_err,
+    )  # fmt: skip
