@@ -133,7 +133,8 @@ class OracleClient(ClientBase):
             options: :class:`~floworacle.OracleOptions`: dataset, fingerprint, path, sigma_min,
                 coefficients, labels (class-conditional; with ``guidance`` the guided
                 ``u + w (u(x | y) - u)`` inside ``guidance_interval``), exclude, precision
-                ("exact" or "fast"), convention, wire_dtype, timeout.
+                ("exact", "fast" or "knn" with knn_k / knn_tail), kind and patch_size (the
+                oracles that generalise), convention, wire_dtype, timeout.
 
         Returns:
             (B, *sample_shape) in the caller's array type, dtype and device.
@@ -209,12 +210,11 @@ class OracleClient(ClientBase):
         if max_in_flight < 1:
             raise RequestError(f"max_in_flight must be >= 1, got {max_in_flight}")
         top = top_k if "topk" in outputs else 0
-        shared = {k: v for k, v in options.items() if k != "timeout"}
 
         def plan_of(item: Any) -> Plan[Prediction]:
             fields = stream_item(item)
             x_t, t = fields.pop("x_t"), fields.pop("t")
-            return self._plan_oracle(x_t, t, {**shared, **fields}, outputs=outputs, top_k=top)
+            return self._plan_oracle(x_t, t, {**options, **fields}, outputs=outputs, top_k=top)
 
         yield from self._stream(items, plan_of, max_in_flight, return_errors, options.get("timeout"))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
-__all__ = ["OracleOptions", "NearestOptions", "check_options", "CLIENT_KEYS"]
+__all__ = ["OracleOptions", "NearestOptions", "check_options"]
 
 
 class OracleOptions(TypedDict, total=False):
@@ -89,10 +89,6 @@ class NearestOptions(TypedDict, total=False):
     nprobe: int
     space: str
     timeout: float | None
-
-
-#: Options the client resolves itself (the rest go to the query builders).
-CLIENT_KEYS = ("dataset", "fingerprint", "wire_dtype", "timeout")
 
 
 def check_options(method: str, options: Mapping[str, Any], allowed: type) -> None:

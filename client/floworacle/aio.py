@@ -152,7 +152,6 @@ class AsyncOracleClient(ClientBase):
         self._check_open()
         oracle_options("predict_stream", options)
         timeout = options.get("timeout")
-        shared = {k: v for k, v in options.items() if k != "timeout"}
         if max_in_flight < 1:
             raise RequestError(f"max_in_flight must be >= 1, got {max_in_flight}")
         top = top_k if "topk" in outputs else 0
@@ -175,7 +174,7 @@ class AsyncOracleClient(ClientBase):
                 async for item in source():
                     fields = stream_item(item)
                     x_t, t = fields.pop("x_t"), fields.pop("t")
-                    plan = self._plan_oracle(x_t, t, {**shared, **fields}, outputs=outputs, top_k=top)
+                    plan = self._plan_oracle(x_t, t, {**options, **fields}, outputs=outputs, top_k=top)
                     plans[n] = plan
                     order.append(n)
                     for j, req in enumerate(plan.requests):
