@@ -60,6 +60,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from floworacle import paths
+from floworacle.protocol import KINDS, PATCH_KINDS, patch_schedule
 from floworacle.sampling import METHODS, integrate, integrate_mixed
 
 __all__ = [
@@ -76,6 +77,8 @@ __all__ = [
     "MixedSamplingReport",
     "as_velocity",
     "first_below",
+    "parse_patch_size",
+    "text_table",
     "model_study",
     "plot_model_study",
 ]
@@ -89,21 +92,23 @@ SWITCH_RATIO = 0.5
 
 _SOURCES = ("train", "heldout")
 #: Oracle kinds a model can be compared with besides the exact ("global") one.
-REFERENCE_KINDS = ("local", "equivariant", "linear")
-_PATCH_KINDS = ("local", "equivariant")
+REFERENCE_KINDS = tuple(k for k in KINDS if k != "global")
 
 PatchSize = int | Sequence[tuple[float, int]]
 
 
-def patch_at(t: float, patch_size: PatchSize) -> int:
-    """The patch size at time t: one size, or the last ``(t_start, P)`` pair with ``t_start <= t``."""
-    if isinstance(patch_size, (int, np.integer)):
-        return int(patch_size)
-    size = int(patch_size[0][1])
-    for start, p in patch_size:
-        if t >= float(start):
-            size = int(p)
-    return size
+def text_table(rows: Sequence[Sequence[str]], *, left: bool = False, rules_before: Sequence[int] = (1,)) -> str:
+    """Rows of cells as columns two spaces apart, right-aligned (``left``: left-aligned, lines
+    right-stripped), with a rule of dashes before each row index of ``rules_before`` (default: under
+    the header; a negative index counts from the end)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if left else c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if left:
+        lines = [line.rstrip() for line in lines]
+    rule = "  ".join("-" * w for w in widths)
+    for i in sorted({i % len(rows) for i in rules_before}, reverse=True):
+        lines.insert(i, rule)
+    return "\n".join(lines)
 
 
 def parse_patch_size(text: str) -> PatchSize:
@@ -115,9 +120,10 @@ def parse_patch_size(text: str) -> PatchSize:
         pairs = [(float(a), int(b)) for a, b in (part.split(":") for part in text.split(","))]
     except ValueError:
         raise ValueError(f"patch size {text!r}: write P (odd) or a schedule T:P,T:P,... starting at 0") from None
-    starts = [a for a, _ in pairs]
-    if starts[0] != 0.0 or any(b <= a for a, b in zip(starts, starts[1:], strict=False)):
-        raise ValueError(f"patch schedule {text!r}: times must increase from 0, e.g. 0:7,0.5:5,0.8:3")
+    try:
+        patch_schedule(0.0, pairs)  # the protocol's rule for a schedule
+    except ValueError:
+        raise ValueError(f"patch schedule {text!r}: times must increase from 0, e.g. 0:7,0.5:5,0.8:3") from None
     return pairs
 
 
@@ -605,9 +611,7 @@ class ModelStudyReport:
                     f"{fit[j]:.3f}",
                 )
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table(rows).split("\n")
         s = self.samples
         sw = {k: "never" if v is None else f"{v:.3f}" for k, v in self.switch.items()}
         lines += [
@@ -637,9 +641,7 @@ class ModelStudyReport:
                 + [f"{self.kinds[src][k][j]:.4g}" for src in _SOURCES for k in names]
                 + [close["train"][j], close["heldout"][j]]
             )
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table(rows).split("\n")
         info = self.kind_info
         lines.append(
             f"(model against the oracle kinds over the training set: mean ||x1_model - x1_kind||^2 / D on the first "
@@ -746,9 +748,7 @@ class MixedSamplingReport:
                 f"{self.nearest_train_mean[j]:.4g}", f"{self.nearest_train_median[j]:.4g}",
                 f"{self.nearest_heldout_mean[j]:.4g}",
             ))  # fmt: skip
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = text_table(rows).split("\n")
         b = self.info["baseline"]
         lines.insert(0, "mixed sampling: the training-set oracle up to the switch time, the model after it "
                      f"({self.info['sampler']['method']}, {self.info['sampler']['steps']} steps)")  # fmt: skip
@@ -863,18 +863,13 @@ class ModelStudy:
             return self._kind_answers[j]
         cfg = self.config
         tj = float(self.t[j])
-        c = self.path.coefficients(np.full(1, tj))
         ans: dict[str, dict[str, np.ndarray]] = {}
-        xs = []
-        for source in _SOURCES:
-            q = self._queries[source]
-            k = min(cfg.kind_queries, q.x1.shape[0])
-            xs.append(c.alpha[0] * q.x1[:k] + c.sigma[0] * q.x0[:k])
+        xs = [self._queries_at(s, j, min(cfg.kind_queries, self._queries[s].x1.shape[0])) for s in _SOURCES]
         x = np.concatenate(xs)
         tt = np.full(x.shape[0], tj)
         k0 = xs[0].shape[0]
         for kind in cfg.kinds:
-            p = patch_at(tj, cfg.patch_size) if kind in _PATCH_KINDS else None
+            p = int(patch_schedule(tj, cfg.patch_size)[0]) if kind in PATCH_KINDS else None
             u = np.empty_like(x)
             b = cfg.batch_rows
             for s in range(0, x.shape[0], b):

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from floworacle.study import text_table
 from floworacle_server.analysis._transition import SwitchUncertainty, TransitionCurve
 
 __all__ = [
@@ -237,10 +238,7 @@ def format_advice_table(advice: list[Advice]) -> str:
                 f"[{a.guidance_interval[0]:.3f}, {a.guidance_interval[1]:.3f}]{start_range}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows, left=True)
 
 
 def _fmt(v: float | None) -> str:

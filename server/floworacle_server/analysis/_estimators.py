@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from floworacle.paths import Path, PathCoefficients, get_path
+from floworacle.study import text_table
 from floworacle_server.analysis._transition import make_queries
 from floworacle_server.data import Dataset
 from floworacle_server.engine import NearestResult
@@ -442,11 +443,7 @@ class EstimatorReport:
         for j, tj in enumerate(self.t):
             rows.append([f"{tj:.4f}", *(self._cell(c, key, j) for c in self.curves)])
         rows.append(["cost", *(f"{c.cost:.3g}" for c in self.curves)])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-        lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return text_table(rows, rules_before=(1, -1))
 
     def _cell(self, c: EstimatorCurve, key: str, j: int) -> str:
         v = float(getattr(c, key)[j])

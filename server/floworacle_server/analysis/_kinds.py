@@ -23,10 +23,10 @@ import torch
 from floworacle.paths import Path as ProbPath
 from floworacle.paths import get_path
 from floworacle.sampling import integrate
-from floworacle.study import PatchSize, patch_at
+from floworacle.study import PatchSize, text_table
 from floworacle_server.analysis._memorization import DEFAULT_THRESHOLD, MemorizationReport, memorization_report
 from floworacle_server.data import Dataset
-from floworacle_server.engine import KINDS, PATCH_KINDS, OracleQuery, kind_oracle
+from floworacle_server.engine import KINDS, PATCH_KINDS, OracleQuery, kind_oracle, patch_schedule
 
 __all__ = ["KindSamples", "kind_velocity", "sample_kinds", "kinds_json", "plot_kind_grid"]
 
@@ -79,7 +79,7 @@ def kind_velocity(
         sizes = None
         if kind in PATCH_KINDS:
             assert patch_size is not None
-            sizes = np.array([patch_at(float(v), patch_size) for v in tt], dtype=np.int64)
+            sizes = patch_schedule(tt, patch_size)
         u = kind_oracle(ds, q, kind, patch_size=sizes).velocity
         assert u is not None
         return u.cpu().numpy().reshape(x.shape)
@@ -166,10 +166,7 @@ def kinds_table(results: dict[str, KindSamples]) -> str:
                 f"{r.seconds:.1f}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)
 
 
 def plot_kind_grid(

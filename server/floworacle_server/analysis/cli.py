@@ -316,11 +316,9 @@ def _print_switch_table(curves: list[Any]) -> None:
                 interval,
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for i, r in enumerate(rows):
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    from floworacle.study import text_table
+
+    print(text_table(rows, left=True))
 
 
 def _fmt(v: float | None) -> str:
@@ -510,8 +508,6 @@ def _print_feature_table(rep: Any) -> None:
     print(
         f"feature space ({rep.metric}{', approximate' if rep.approximate else ''}): {rep.score_name}; share = {rep.rule}"
     )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    for i, r in enumerate(rows):
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    from floworacle.study import text_table
+
+    print(text_table(rows, left=True))

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from floworacle.paths import get_path
-from floworacle.study import ClientData, ModelStudy, StudyConfig, parse_patch_size, patch_at
+from floworacle.protocol import patch_schedule
+from floworacle.study import ClientData, ModelStudy, StudyConfig, parse_patch_size
 from floworacle_server.analysis import EngineData
 from floworacle_server.cli import main
 from floworacle_server.data import Dataset
@@ -40,7 +41,7 @@ def _kind_model(ds: Dataset, kind: str, patch: Any) -> Any:
 
     def velocity(x: np.ndarray, t: np.ndarray) -> np.ndarray:
         q = OracleQuery(torch.from_numpy(x.reshape(x.shape[0], -1)), path.coefficients(t), outputs=("velocity",))
-        p = None if kind in ("global", "linear") else patch_at(float(t[0]), patch)
+        p = None if kind in ("global", "linear") else int(patch_schedule(float(t[0]), patch)[0])
         return kind_oracle(ds, q, kind, patch_size=p).velocity.numpy()
 
     return velocity
@@ -97,7 +98,7 @@ def test_distances_equal_a_numpy_computation(sets: tuple[Dataset, Dataset]) -> N
 def test_patch_size_text_and_checks() -> None:
     assert parse_patch_size("5") == 5
     assert parse_patch_size("0:7,0.5:5,0.8:3") == [(0.0, 7), (0.5, 5), (0.8, 3)]
-    assert [patch_at(t, [(0.0, 7), (0.5, 5), (0.8, 3)]) for t in (0.1, 0.5, 0.79, 0.9)] == [7, 5, 5, 3]
+    assert patch_schedule([0.1, 0.5, 0.79, 0.9], [(0.0, 7), (0.5, 5), (0.8, 3)]).tolist() == [7, 5, 5, 3]
     with pytest.raises(ValueError, match="increase from 0"):
         parse_patch_size("0.2:5")
     with pytest.raises(ValueError, match="odd"):
