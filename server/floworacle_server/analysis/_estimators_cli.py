@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from floworacle_server.analysis._cli_data import add_data_source, data_spec
+
 __all__ = ["register_estimators"]
 
 
@@ -37,9 +39,7 @@ def register_estimators(asub: Any) -> None:
             "uniform tail of m samples (Niedoba et al. 2024). Cost: rows read per query / N."
         ),
     )
-    g = es.add_mutually_exclusive_group(required=True)
-    g.add_argument("--data", help="data file (.npy/.npz/.safetensors/.pt) or index directory")
-    g.add_argument("--dataset", help="a data set name ('digits' is embedded) or path")
+    add_data_source(es)
     es.add_argument("--path", choices=("linear", "cosine"), default="linear", help="probability path (default linear)")
     es.add_argument("--sigma-min", type=float, default=0.0, help="sigma_min of the linear path")
     es.add_argument("--t-grid", default=DEFAULT_ESTIMATOR_GRID,
@@ -89,9 +89,7 @@ def _estimators_cmd(args: argparse.Namespace) -> int:
         if t_grid[0] <= 0.0:
             raise ValueError("the t grid must start above 0: at t = 0 every estimator is the data mean")
         specs = default_specs(_ints(args.batch_sizes, "--batch-sizes"), _ints(args.knn, "--knn"), args.knn_tail)
-        if args.data is not None and not Path(args.data).exists():
-            raise ValueError(f"--data {args.data} does not exist")
-        ds = load_dataset(args.data if args.data is not None else args.dataset, device=args.device)
+        ds = load_dataset(data_spec(args), device=args.device)
         source: ExactSource | None = None
         if args.address:
             from floworacle import OracleClient

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from floworacle_server.analysis._cli_data import add_data_source, data_spec
+
 __all__ = ["register_kinds"]
 
 
@@ -24,9 +26,7 @@ def register_kinds(asub: Any) -> None:
             "samples themselves (--save-samples DIR, one .npy per kind, for `analyze memorization`)."
         ),
     )
-    g = ki.add_mutually_exclusive_group(required=True)
-    g.add_argument("--data", help="data file (.npy/.npz/.safetensors/.pt) or index directory")
-    g.add_argument("--dataset", help="a data set name ('digits' is embedded) or path")
+    add_data_source(ki)
     ki.add_argument("--image-shape", help="C,H,W of the samples for the patch kinds when the data declare none")
     ki.add_argument(
         "--kinds", default="global,local,equivariant,linear", help="comma-separated kinds (default all four)"
@@ -63,11 +63,9 @@ def _kinds_cmd(args: argparse.Namespace) -> int:
         unknown = sorted(set(kinds) - set(KINDS))
         if unknown or not kinds:
             raise ValueError(f"--kinds {args.kinds!r}: use some of {', '.join(KINDS)}")
-        if args.data is not None and not Path(args.data).exists():
-            raise ValueError(f"--data {args.data} does not exist")
+        spec = data_spec(args)
         patch = parse_patch_size(args.patch_size)
-        ds = load_dataset(args.data if args.data is not None else args.dataset, device=args.device,
-                          image_shape=args.image_shape)  # fmt: skip
+        ds = load_dataset(spec, device=args.device, image_shape=args.image_shape)
         print(
             f"{ds.name}: N = {ds.num_samples}, D = {ds.dim}, image {ds.image_shape}; {args.samples} samples per kind, "
             f"{args.method} {args.steps} steps, patch size {args.patch_size}"

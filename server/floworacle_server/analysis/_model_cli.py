@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from floworacle_server.analysis._cli_data import add_data_source, data_spec
+
 __all__ = ["register_model"]
 
 
@@ -35,9 +37,11 @@ def register_model(asub: Any) -> None:
         help="the velocity model (x_t, t) -> u, t = 0 noise: a torch module or a function, e.g. mypkg.nets:model "
         "or model.py:net (importing the module builds the model and loads its weights)",
     )
-    g = mo.add_mutually_exclusive_group(required=True)
-    g.add_argument("--data", help="training data: a file (.npy/.npz/.safetensors/.pt) or an index directory")
-    g.add_argument("--dataset", help="training data set name ('digits' is embedded) or path")
+    add_data_source(
+        mo,
+        file_help="training data: a file (.npy/.npz/.safetensors/.pt) or an index directory",
+        name_help="training data set name ('digits' is embedded) or path",
+    )
     h = mo.add_mutually_exclusive_group(required=True)
     h.add_argument("--heldout", help="held-out data set name or path")
     h.add_argument("--heldout-data", help="held-out data: a file or an index directory")
@@ -114,13 +118,11 @@ def register_model(asub: Any) -> None:
 def _load_pair(args: argparse.Namespace) -> tuple[Any, Any]:
     from floworacle_server.data import load_dataset, split_dataset
 
-    for flag, value in (("--data", args.data), ("--heldout-data", args.heldout_data)):
-        if value is not None and not Path(value).exists():
-            raise ValueError(f"{flag} {value} does not exist")
-    train = load_dataset(args.data if args.data is not None else args.dataset, device=args.device)
+    train_spec, held_spec = data_spec(args), data_spec(args, "heldout_data", "heldout")
+    train = load_dataset(train_spec, device=args.device)
     if args.holdout is not None:
         return split_dataset(train, args.holdout, args.holdout_seed)
-    held = load_dataset(args.heldout if args.heldout is not None else args.heldout_data, device=args.device)
+    held = load_dataset(held_spec, device=args.device)
     return train, held
 
 

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from floworacle_server.analysis._cli_data import add_data_source, data_spec
+
 __all__ = ["register"]
 
 
@@ -94,9 +96,7 @@ def register(sub: Any) -> None:
     me.add_argument("--seed", type=int, default=0, help="seed of the baseline's training samples")
     me.add_argument("--nprobe", type=int, help="feature test through the features index at this nprobe (approximate)")
     me.add_argument("--features-plot", help="write the feature-space histogram (PNG) here, baseline beside it")
-    g = me.add_mutually_exclusive_group(required=True)
-    g.add_argument("--data", help="training data file or index directory")
-    g.add_argument("--dataset", help="a data set name ('digits' is embedded) or path")
+    add_data_source(me, file_help="training data file or index directory")
     me.add_argument("--threshold", type=float, default=1.0 / 3.0, help="copy threshold on d1/d2 (default 1/3)")
     me.add_argument("--json", help="write the report here")
     me.add_argument("--plot", help="write a histogram of d1/d2 (PNG) here")
@@ -118,11 +118,9 @@ def register(sub: Any) -> None:
 
 
 def _data_options(p: argparse.ArgumentParser, *, with_from: bool) -> None:
-    g = p.add_mutually_exclusive_group(required=True)
+    g = add_data_source(p)
     if with_from:
         g.add_argument("--from", dest="from_json", help="a JSON written by `floworacle analyze transition --json`")
-    g.add_argument("--data", help="data file (.npy/.npz/.safetensors/.pt) or index directory")
-    g.add_argument("--dataset", help="a data set name ('digits' is embedded) or path")
     g.add_argument(
         "--synthetic",
         action="append",
@@ -216,10 +214,7 @@ def _measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[Any]]:
             raise ValueError("--synthetic data have no classes; drop --per-class")
         datasets = [synthetic_dataset(n, d, args.seed, args.device) for n, d in parse_synthetic(args.synthetic)]
     else:
-        spec = args.data if args.data is not None else args.dataset
-        if args.data is not None and not Path(args.data).exists():
-            raise ValueError(f"--data {args.data} does not exist")
-        datasets = [load_dataset(spec, device="cpu" if args.server else args.device)]
+        datasets = [load_dataset(data_spec(args), device="cpu" if args.server else args.device)]
 
     plan: list[tuple[Dataset, int | None]] = []
     for ds in datasets:
@@ -403,9 +398,7 @@ def _memorization_cmd(args: argparse.Namespace) -> int:
     from floworacle_server.data import load_dataset
 
     try:
-        spec = args.data if args.data is not None else args.dataset
-        if args.data is not None and not Path(args.data).exists():
-            raise ValueError(f"--data {args.data} does not exist")
+        spec = data_spec(args)
         if args.samples is None and args.features is None:
             raise ValueError("give --samples (pixel test), --features (feature-space test) or both")
         if args.samples is None and (args.plot or args.grid):
