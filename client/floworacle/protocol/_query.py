@@ -177,10 +177,12 @@ class Guidance:
 
 @dataclass(frozen=True)
 class SpaceFacts:
-    """A searchable space of a data set: its dimension and its faiss index's inverted lists (0: no index)."""
+    """A searchable space of a data set: its dimension, its faiss index's inverted lists (0: no
+    index) and whether it is a cosine space (its answers carry similarities)."""
 
     dim: int
     index_nlist: int = 0
+    cosine: bool = False
 
 
 @dataclass(frozen=True)
@@ -489,6 +491,8 @@ class OracleQuery(_Query):
     """
 
     points_field: ClassVar[str] = "x_t"
+    #: how a caller makes its answer smaller (the message of a refused answer)
+    shrink_hint: ClassVar[str] = "ask for fewer outputs or a smaller top_k, or a 2-byte wire dtype"
 
     x_t: Any = _f(ROWS)
     coeffs: PathCoefficients = _f(ROWS)
@@ -701,10 +705,11 @@ class OracleQuery(_Query):
         rules.check_kind_served(self.kind, facts.name, facts.sharded)
         return replace(self, x_t=x, sample_shape=shape)
 
-    def answer_bytes(self) -> int:
+    def answer_bytes(self, facts: DatasetFacts | None = None) -> int:
         """The size of this query's answer message (its tensors' bytes, exactly, plus at most
         :data:`MESSAGE_OVERHEAD` for names, shapes and framing): what the server checks against its
-        message limit before computing anything."""
+        message limit before computing anything. (An oracle answer's size does not depend on the
+        data set's ``facts``.)"""
         b = self.rows
         dim = int(math.prod(self.x_t.shape[1:]))
         itemsize = dtype_by_name(self.output_dtype or wire_dtype_name(self.x_t)).itemsize
@@ -783,6 +788,7 @@ class NearestQuery(_Query):
     """
 
     points_field: ClassVar[str] = "x"
+    shrink_hint: ClassVar[str] = "ask for a smaller k"
 
     x: Any = _f(ROWS)
     coeffs: PathCoefficients | None = _f(ROWS)
@@ -893,6 +899,13 @@ class NearestQuery(_Query):
             rules.check_exclude(exclude, x.shape[0], facts.num_samples)
             rules.check_k_with_exclusion(self.k, exclude, facts.num_samples)
         return replace(self, x=x, exclude=exclude)
+
+    def answer_bytes(self, facts: DatasetFacts) -> int:
+        """The size of this query's answer message from a data set with ``facts`` (its tensors'
+        bytes, exactly, plus at most :data:`MESSAGE_OVERHEAD`): k indices and distances per point,
+        labels when the data set has classes, similarities in a cosine space."""
+        columns = 2 + (facts.num_classes > 0) + bool(facts.spaces[self.space].cosine)
+        return self.rows * self.k * 8 * columns + MESSAGE_OVERHEAD
 
     def response(self, result: Any, start: int = 0) -> pb.NearestResponse:
         """The answer from rows [start, start + B) of an engine result (indices, distances, labels,

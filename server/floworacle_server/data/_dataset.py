@@ -286,7 +286,9 @@ class Dataset:
         """What the request rules need to know of this data set (the whole set's, on a shard)."""
         spaces = {"data": SpaceFacts(self.dim, self._nlist("data"))}
         if self.features is not None:
-            spaces["features"] = SpaceFacts(self.features.dim, self._nlist("features"))
+            spaces["features"] = SpaceFacts(
+                self.features.dim, self._nlist("features"), cosine=self.features.metric == "cosine"
+            )
         return DatasetFacts(
             name=self.name,
             num_samples=self.total_samples,

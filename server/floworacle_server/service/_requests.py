@@ -64,6 +64,8 @@ class Work(Generic[Q]):
     query: Q
     #: where the runner writes the answer (a stream's answer message), or None for a new message
     into: Any = None
+    #: the answer's size (:meth:`OracleQuery.answer_bytes`), known before it is computed
+    answer_bytes: int = 0
 
     @property
     def rows(self) -> int:
@@ -92,25 +94,30 @@ def resolve_dataset(store: DatasetStore, name: str, fingerprint: str = "") -> Da
     return ds
 
 
-def read_oracle(req: pb.OracleRequest, store: DatasetStore, limits: Limits) -> Work[OracleQuery]:
-    """The checked query of an :class:`OracleRequest` with its data set (raises :class:`RpcFailure`
-    or :class:`~floworacle.protocol.RequestError`)."""
+def _read(cls: type[Q], req: Any, store: DatasetStore, limits: Limits) -> Work[Q]:
+    """The checked query of a request with its data set; an answer too large to send is refused
+    here, before anything is computed (raises :class:`RpcFailure` or
+    :class:`~floworacle.protocol.RequestError`)."""
     ds = resolve_dataset(store, req.dataset, req.fingerprint)
-    q = OracleQuery.from_request(req, limits.max_request_rows).check(ds.facts)
-    size = q.answer_bytes()
-    if size > limits.max_message_bytes:  # refused before anything is computed
+    facts = ds.facts
+    q = cls.from_request(req, limits.max_request_rows).check(facts)
+    size = q.answer_bytes(facts)
+    if size > limits.max_message_bytes:
         raise RequestError(
             f"the answer to these {q.rows} queries would take {size} bytes, over this server's message limit of "
-            f"{limits.max_message_bytes} (max_message_bytes): send fewer rows per request, ask for fewer outputs or "
-            "a smaller top_k, or a 2-byte wire dtype (the SDK splits batches to fit by itself)",
+            f"{limits.max_message_bytes} (max_message_bytes): send fewer rows per request, {q.shrink_hint} (the SDK "
+            "splits batches to fit by itself)",
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
-    return Work(ds, replace(q, dataset=ds.name, fingerprint=ds.fingerprint))
+    return Work(ds, replace(q, dataset=ds.name, fingerprint=ds.fingerprint), answer_bytes=size)
+
+
+def read_oracle(req: pb.OracleRequest, store: DatasetStore, limits: Limits) -> Work[OracleQuery]:
+    """The checked query of an :class:`OracleRequest` with its data set (see :func:`_read`)."""
+    return _read(OracleQuery, req, store, limits)
 
 
 def read_nearest(req: pb.NearestRequest, store: DatasetStore, limits: Limits) -> Work[NearestQuery]:
-    """The checked query of a :class:`NearestRequest` with its data set. With t (or custom
-    coefficients) the points are x_t and the search ranks samples by posterior weight."""
-    ds = resolve_dataset(store, req.dataset, req.fingerprint)
-    q = NearestQuery.from_request(req, limits.max_request_rows).check(ds.facts)
-    return Work(ds, replace(q, dataset=ds.name, fingerprint=ds.fingerprint))
+    """The checked query of a :class:`NearestRequest` with its data set (see :func:`_read`). With t
+    (or custom coefficients) the points are x_t and the search ranks samples by posterior weight."""
+    return _read(NearestQuery, req, store, limits)

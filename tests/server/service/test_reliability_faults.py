@@ -125,6 +125,34 @@ def test_an_answer_over_the_message_limit_is_refused_before_it_is_computed(digit
     assert max_rel(protocol.decode(fits.velocity), _velocity_ref(x, noisy_queries(x, small_t), small_t)) < 1e-6
 
 
+def test_a_nearest_answer_over_the_message_limit_is_refused_before_it_is_computed(digits):
+    """8 points asking for k = 512 on the labelled digits: indices, distances and labels of
+    8 x 512 neighbours (98 KB) over a 64 KiB limit: RESOURCE_EXHAUSTED naming the size, no search
+    run; a smaller k is answered after it, exactly."""
+    x, _ = digits
+    calls: list[int] = []
+
+    def counting(runner, payloads):
+        calls.append(sum(p.rows for p in payloads))
+        return runner(payloads)
+
+    with serve_in_thread(Settings(device="cpu", metrics_port=-1, max_message_bytes=64 * 1024)) as srv:
+        srv.server.batcher.compute_hook = counting
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = pb_grpc.FlowOracleStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Nearest(pb.NearestRequest(x=protocol.encode(x[:8].astype(np.float64)), k=512), timeout=30)
+            assert calls == []
+            fits = stub.Nearest(pb.NearestRequest(x=protocol.encode(x[:8].astype(np.float64)), k=3), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    tensors = 8 * 512 * 24  # indices, distances, labels: 8 bytes each
+    assert f"would take {tensors + protocol.MESSAGE_OVERHEAD} bytes" in err.value.details()
+    assert "a smaller k" in err.value.details()
+    assert calls == [8]
+    assert 8 * 3 * 24 <= fits.ByteSize() <= 8 * 3 * 24 + protocol.MESSAGE_OVERHEAD  # the size the check used
+    assert protocol.decode(fits.indices)[:, 0].tolist() == list(range(8))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a real device out-of-memory error")
 def test_real_cuda_out_of_memory_splits_the_batch(digits):
     x, _ = digits
