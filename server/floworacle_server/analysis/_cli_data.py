@@ -21,9 +21,14 @@ def add_data_source(p: argparse.ArgumentParser, *, file_help: str = _FILE_HELP, 
     return g
 
 
-def data_spec(args: argparse.Namespace, file: str = "data", name: str = "dataset") -> str | None:
+def data_spec(args: argparse.Namespace, file: str = "data", name: str = "dataset") -> str:
     """What to load: the file of ``--<file>`` (which must exist) or the name of ``--<name>``."""
-    path = getattr(args, file)
-    if path is not None and not Path(path).exists():
-        raise ValueError(f"--{file.replace('_', '-')} {path} does not exist")
-    return path if path is not None else getattr(args, name)
+    path, given = getattr(args, file), getattr(args, name)
+    flag = f"--{file.replace('_', '-')}"
+    if path is not None:
+        if not Path(path).exists():
+            raise ValueError(f"{flag} {path} does not exist")
+        return str(path)
+    if given is None:
+        raise ValueError(f"give {flag} or --{name.replace('_', '-')}")
+    return str(given)

@@ -118,10 +118,11 @@ def register_model(asub: Any) -> None:
 def _load_pair(args: argparse.Namespace) -> tuple[Any, Any]:
     from floworacle_server.data import load_dataset, split_dataset
 
-    train_spec, held_spec = data_spec(args), data_spec(args, "heldout_data", "heldout")
-    train = load_dataset(train_spec, device=args.device)
+    train_spec = data_spec(args)
     if args.holdout is not None:
-        return split_dataset(train, args.holdout, args.holdout_seed)
+        return split_dataset(load_dataset(train_spec, device=args.device), args.holdout, args.holdout_seed)
+    held_spec = data_spec(args, "heldout_data", "heldout")  # checked before anything loads
+    train = load_dataset(train_spec, device=args.device)
     held = load_dataset(held_spec, device=args.device)
     return train, held
 
