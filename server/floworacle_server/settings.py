@@ -412,25 +412,22 @@ class Settings(BaseSettings):
 
     def labels_for(self, name: str) -> str | None:
         """The labels file given for data set ``name`` (a bare PATH applies to the only data set)."""
-        for spec in self.labels:
-            if "=" in spec:
-                key, _, path = spec.partition("=")
-                if key == name:
-                    return path
-            else:
-                return spec
-        return None
+        return _given_for(self.labels, name)
 
     def image_shape_for(self, name: str) -> str | None:
         """The image shape "C,H,W" given for data set ``name`` (a bare one applies to the only data set)."""
-        for spec in self.image_shape:
-            if "=" in spec:
-                key, _, shape = spec.partition("=")
-                if key == name:
-                    return shape
-            else:
-                return spec
-        return None
+        return _given_for(self.image_shape, name)
+
+
+def _given_for(specs: list[str], name: str) -> str | None:
+    """The value of the "NAME=VALUE" spec for data set ``name``, or of a bare "VALUE" (the only data set's)."""
+    for spec in specs:
+        if "=" not in spec:
+            return spec
+        key, _, value = spec.partition("=")
+        if key == name:
+            return value
+    return None
 
 
 def _env_name(name: str) -> str:

@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from floworacle.protocol import SERVICE_NAME, STREAM_WINDOW_BYTES, server_options
-from floworacle_server.data import DIGITS_NAME, DatasetStore, ShardSpec, load_dataset
+from floworacle.protocol import SERVICE_NAME, STREAM_WINDOW_BYTES, rules, server_options
+from floworacle_server.data import DatasetStore, ShardSpec, load_dataset
 from floworacle_server.engine import calibrate_nearest_backends, flush_denormals
 from floworacle_server.metrics import ServiceMetrics
 from floworacle_server.service._auth import TokenAuthInterceptor, read_tokens, server_credentials_from_files
@@ -53,8 +53,6 @@ HEALTH_MAX_MESSAGE_BYTES = 4096
 HEALTH_MAX_RPCS = 1024
 #: The fewest concurrent calls a server accepts, whatever its byte budget.
 MIN_CONCURRENT_RPCS = 64
-#: Longest name echoed back in a health message.
-_SHOWN_NAME = 80
 
 
 def concurrent_rpc_cap(max_inflight_bytes: int) -> int:
@@ -64,15 +62,6 @@ def concurrent_rpc_cap(max_inflight_bytes: int) -> int:
     default 128 MiB). Calls beyond it are refused by gRPC with RESOURCE_EXHAUSTED before their
     message is read."""
     return max(MIN_CONCURRENT_RPCS, max_inflight_bytes // STREAM_WINDOW_BYTES)
-
-
-def _shown(name: str) -> str:
-    """A caller's name as quoted in a message: at most _SHOWN_NAME characters (a status message
-    travels in metadata, whose size gRPC limits; echoing a 100 kB name would turn the answer into
-    RESOURCE_EXHAUSTED)."""
-    if len(name) <= _SHOWN_NAME:
-        return repr(name)
-    return f"{name[:_SHOWN_NAME]!r}... ({len(name)} characters)"
 
 
 def dataset_health_name(dataset: str) -> str:
@@ -100,21 +89,8 @@ def build_store(settings: Settings, shard: ShardSpec | None = None) -> DatasetSt
     """
     store = DatasetStore()
     verify = shard is None or shard.rank == 0
-    if not settings.data:
-        # The first-run experience: digits on the CPU unless a device was asked for explicitly.
-        device = "cpu" if settings.device == "auto" else settings.resolved_device()
-        store.add(
-            load_dataset(
-                DIGITS_NAME,
-                name=settings.name,
-                device=device,
-                dtype=settings.dtype,
-                shard=shard,
-                image_shape=settings.image_shape_for(settings.name or DIGITS_NAME),
-            )
-        )
-        return store
-    device = settings.resolved_device()
+    # The first-run experience (no data: the embedded digits) is on the CPU unless a device was asked for.
+    device = "cpu" if not settings.data and settings.device == "auto" else settings.resolved_device()
     for name, path in settings.data_sets():
         labels = settings.labels_for(name)
         store.add(
@@ -156,7 +132,7 @@ class _Health(health.aio.HealthServicer):
                 hint = f"this server answers {listed} (one per data set: '{SERVICE_NAME}/<data set>')"
             else:
                 hint = f"ask for '' (the server), '{SERVICE_NAME}' or '{SERVICE_NAME}/<data set>'"
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown health name {_shown(request.service)}; {hint}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown health name {rules.echo(request.service)}; {hint}")
         return await super().Check(request, context)
 
 

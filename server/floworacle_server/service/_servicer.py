@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from floworacle.protocol import SERVICE_NAME, SPACES, RequestError, dtype_by_name, pb
+from floworacle.protocol import SERVICE_NAME, SPACES, STREAM_WINDOW_BYTES, RequestError, dtype_by_name, pb
 from floworacle_server.data import Dataset, DatasetStore
 from floworacle_server.engine import nearest_info
 from floworacle_server.metrics import ServiceMetrics
@@ -44,8 +44,9 @@ class _Revoked:
 #: Copies of a request the server holds while it is in flight (the received bytes, the parsed
 #: message, the decoded points): what the byte budget counts per request byte.
 HELD_COPIES = 3
-#: What a stream reserves before it reads its first message (then: the size of its last one).
-FIRST_RESERVATION = 64 << 10
+#: What a stream reserves before it reads its first message (then: the size of its last one): what
+#: gRPC holds of a stream's unread bytes, its flow-control window.
+FIRST_RESERVATION = STREAM_WINDOW_BYTES
 
 #: Suggested wait before retrying a request refused because the queue was full.
 RETRY_PUSHBACK_MS = 50
@@ -129,13 +130,13 @@ def _as_failure(exc: BaseException) -> RpcFailure:
     return RpcFailure(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}: {exc})", reason="other")
 
 
-#: The request message of each method (the servicer parses the raw bytes itself).
-REQUESTS: dict[str, Any] = {
-    "Oracle": pb.OracleRequest,
-    "OracleStream": pb.OracleRequest,
-    "Nearest": pb.NearestRequest,
-    "ListDatasets": pb.ListDatasetsRequest,
-    "DescribeDataset": pb.DescribeDatasetRequest,
+#: The (request, response) messages of each method (the servicer parses the raw bytes itself).
+MESSAGES: dict[str, tuple[Any, Any]] = {
+    "Oracle": (pb.OracleRequest, pb.OracleResponse),
+    "OracleStream": (pb.OracleRequest, pb.OracleStreamResponse),
+    "Nearest": (pb.NearestRequest, pb.NearestResponse),
+    "ListDatasets": (pb.ListDatasetsRequest, pb.ListDatasetsResponse),
+    "DescribeDataset": (pb.DescribeDatasetRequest, pb.DatasetInfo),
 }
 
 
@@ -143,7 +144,7 @@ def parse_request(method: str, raw: bytes) -> Any:
     """The request message of ``method`` from its bytes; INVALID_ARGUMENT when they do not parse
     (gRPC's own answer to a message its deserializer refuses would be UNKNOWN)."""
     try:
-        return REQUESTS[method].FromString(raw)
+        return MESSAGES[method][0].FromString(raw)
     except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
         raise RpcFailure(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -156,15 +157,8 @@ def parse_request(method: str, raw: bytes) -> Any:
 def add_servicer(servicer: FlowOracleServicer, server: grpc.aio.Server) -> None:
     """Register the servicer's methods on ``server``: requests reach them as raw bytes, answers are
     messages that protobuf serializes."""
-    responses: dict[str, Any] = {
-        "Oracle": pb.OracleResponse,
-        "OracleStream": pb.OracleStreamResponse,
-        "Nearest": pb.NearestResponse,
-        "ListDatasets": pb.ListDatasetsResponse,
-        "DescribeDataset": pb.DatasetInfo,
-    }
     handlers = {}
-    for method, response in responses.items():
+    for method, (_, response) in MESSAGES.items():
         make = (
             grpc.stream_stream_rpc_method_handler if method == "OracleStream" else grpc.unary_unary_rpc_method_handler
         )
@@ -276,7 +270,7 @@ class FlowOracleServicer:
             return work.query.empty_response(into), 0
         resp: pb.OracleResponse = await self.batcher.submit(work.key, work.rows, work, self._oracle_runner, deadline)
         self.metrics.add_rows(method, work.rows)
-        return resp, work.query.answer_bytes()
+        return resp, work.answer_bytes
 
     @contextlib.contextmanager
     def _admitted(self, size: int) -> Iterator[None]:

@@ -177,6 +177,10 @@ def test_build_store_from_files(tmp_path: Path):
     assert store.get("d").num_samples == 1797
     digits_only = build_store(Settings())
     assert digits_only.names() == ["digits"] and str(digits_only.get("").device) == "cpu"
+    # the embedded set's settings are read like any other's: its labels file is refused, not ignored
+    with pytest.raises(ValueError, match="the embedded digits data set takes no labels"):
+        build_store(Settings(labels=[f"digits={tmp_path / 'lab.npy'}"]))
+    assert build_store(Settings(name="mine")).names() == ["mine"]
     with pytest.raises(ValueError, match="not found"):
         build_store(Settings(data=[str(tmp_path / "missing.npy")], device="cpu"))
 
