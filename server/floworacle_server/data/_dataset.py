@@ -252,10 +252,7 @@ class Dataset:
     @property
     def class_counts(self) -> tuple[int, ...]:
         """Rows per class held here (empty without labels); the whole set's are in :attr:`stats`."""
-        if self.class_offsets is None:
-            return ()
-        off = self.class_offsets.tolist()
-        return tuple(b - a for a, b in zip(off[:-1], off[1:], strict=True))
+        return tuple(b - a for a, b in self.class_ranges)
 
     @property
     def class_ranges(self) -> list[tuple[int, int]]:

@@ -52,7 +52,7 @@ from floworacle_server.engine._passes import (
     exact_partials,
     fast_partials,
 )
-from floworacle_server.engine._types import OracleResult, as_host, as_tensor
+from floworacle_server.engine._types import OracleResult, as_host, as_host_pair, as_tensor
 
 __all__ = ["global_oracle", "compute_partials", "SlotMerge"]
 
@@ -192,12 +192,12 @@ def _refusal(
     otherwise every weight underflowed because the logits could not be compared in float64:
     the query's values (or its path coefficients) are too large, and the message says so."""
     b = exc.slot if plan.slot_query is None else int(plan.slot_query[exc.slot])
-    if not bool(torch.isfinite(batch.x[b]).all()):
+    if not bool(torch.isfinite(batch.q.x[b]).all()):
         return ValueError(f"x_t[{b}] has a NaN or Inf; send finite values")
     too_large = (
         f"x_t[{b}] is too large for the oracle's logits to stay finite and comparable (|x_t| up to "
-        f"{float(batch.x[b].abs().max()):.3g} at alpha = {float(batch.coef.alpha[exc.slot]):.3g}, sigma = "
-        f"{float(batch.coef.sigma[exc.slot]):.3g}); send queries scaled to the data's magnitudes (|values| below "
+        f"{float(batch.q.x[b].abs().max()):.3g} at alpha = {float(batch.s.coef.alpha[exc.slot]):.3g}, sigma = "
+        f"{float(batch.s.coef.sigma[exc.slot]):.3g}); send queries scaled to the data's magnitudes (|values| below "
         "~1e15) and ordinary path coefficients"
     )
     if isinstance(exc, NonFiniteScreening):
@@ -284,10 +284,9 @@ def global_oracle(
     c = query.coeffs
     coefs = torch.from_numpy(np.stack([c.alpha, c.sigma, c.velocity_x1, c.velocity_xt]).astype(np.float64)).to(dev)
     alpha, sigma, a_t, b_t = coefs.unbind(0)
-    labels = as_host(query.labels) if query.labels is not None else None
     guided = query.guidance is not None and query.guidance.scale != 1.0
-    t = as_host(query.t).astype(np.float64, copy=False) if guided and query.t is not None else None
-    plan = _plan(ds, labels, t, query.guidance, b)
+    labels, t = as_host_pair(query.labels, query.t if guided else None)  # one device read for both
+    plan = _plan(ds, labels, None if t is None else t.astype(np.float64, copy=False), query.guidance, b)
     want = Want(
         entropy="entropy" in outputs,
         ess="ess" in outputs,
@@ -359,7 +358,7 @@ def global_oracle(
         eps_hat = _float64_copy(x).addcmul_(x1, alpha[:, None], value=-1).div_(sigma[:, None])
     if "score" in outputs:  # (alpha x1_hat - x_t) / sigma^2
         score = _float64_copy(x).neg_().addcmul_(x1, alpha[:, None]).div_((sigma * sigma)[:, None])
-    v_err = a_t.abs() * x1_err + 4 * U64 * (a_t.abs() * x1max + b_t.abs() * batch.qnorm)
+    v_err = a_t.abs() * x1_err + 4 * U64 * (a_t.abs() * x1max + b_t.abs() * batch.q.norm)
     return OracleResult(
         x1_hat=x1,
         velocity=velocity,

@@ -161,39 +161,6 @@ class Batch:
     s: Slots
     share_lower: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    # the names the passes use
-    @property
-    def x(self) -> torch.Tensor:
-        return self.q.x
-
-    @property
-    def xs(self) -> torch.Tensor:
-        return self.q.xs
-
-    @property
-    def qnorm(self) -> torch.Tensor:
-        return self.q.norm
-
-    @property
-    def coef(self) -> Coef:
-        return self.s.coef
-
-    @property
-    def qnorm_s(self) -> torch.Tensor:
-        return self.s.qnorm
-
-    @property
-    def groups(self) -> tuple[Group, ...]:
-        return self.s.groups
-
-    @property
-    def slot_query(self) -> torch.Tensor | None:
-        return self.s.query
-
-    @property
-    def slot_start(self) -> torch.Tensor:
-        return self.s.start
-
     @property
     def slot_max_sq(self) -> torch.Tensor:
         return self.s.consts[0]
@@ -220,7 +187,7 @@ class Batch:
 
     def queries(self, rows: torch.Tensor | slice, *, screen: bool = False) -> torch.Tensor:
         """Query vectors of the slots ``rows`` (exact values, or screening dtype)."""
-        src = self.xs if screen else self.x
+        src = self.q.xs if screen else self.q.x
         if self.s.query is None:
             return src[rows] if isinstance(rows, slice) else src.index_select(0, rows)
         q = self.s.query[rows] if isinstance(rows, slice) else self.s.query.index_select(0, rows)

@@ -216,8 +216,8 @@ def _dense_bucket(batch: Batch, bucket: list[tuple[Group, list[int]]]) -> tuple[
     pad_slots = [s[i] if i < len(s) else s[0] for _, s in bucket for i in range(per)]
     real = [gi * per + i for gi, (_, s) in enumerate(bucket) for i in range(len(s))]
     idx = torch.tensor(pad_slots, dtype=torch.int64, device=dev)
-    co = batch.coef.take(idx)
-    qn = batch.qnorm_s.index_select(0, idx)
+    co = batch.s.coef.take(idx)
+    qn = batch.s.qnorm.index_select(0, idx)
     # rows carry [x_i, 1, (||x_i - r||^2,) ||x_i||^2]; queries [c x_t, 0, (0,) -h]: one GEMM
     # gives the logits, the accumulation GEMM over the first D + e columns v, s (and A)
     extra = 2 if want.variance else 1
@@ -322,7 +322,7 @@ def screened_pass(
     cuda = ds.device.type == "cuda"
     acc_dtype = batch.model.dtype if cuda else f32
     u_acc = {dt: u for dt, u in SCREEN_DTYPES.values()}.get(acc_dtype, U32)
-    co = batch.coef.take(slots)
+    co = batch.s.coef.take(slots)
     excl = batch.excluded(slots)
     if leave_out is not None:
         excl = leave_out if excl is None else torch.cat([leave_out, excl[:, None]], dim=1)

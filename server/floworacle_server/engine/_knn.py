@@ -69,7 +69,13 @@ def _merge_topk(
     The chunk is reduced on its own first, so only (B, 2 pool) values are ever concatenated.
     """
     cv, ci = torch.topk(scores, min(pool, scores.shape[1]), dim=1, largest=False, sorted=False)
-    ci = ci + start
+    return _keep_best(best_v, best_i, cv, ci + start, pool)
+
+
+def _keep_best(
+    best_v: torch.Tensor, best_i: torch.Tensor, cv: torch.Tensor, ci: torch.Tensor, pool: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``pool`` smallest of the running best and a chunk's own best (values, rows)."""
     if best_v.shape[1] == 0:
         return cv, ci
     vals = torch.cat([best_v, cv.to(best_v.dtype)], dim=1)
@@ -92,12 +98,7 @@ def _screen_faiss(sp: SearchSpace, q32: torch.Tensor, pool: int, chunk_rows: int
             xc_np = (xc if xc.dtype == torch.float32 else xc.to(torch.float32)).contiguous().numpy()
             d, i = FAISS.knn(qn, xc_np, min(pool, stop - start))
             cv, ci = torch.from_numpy(d).to(torch.float64), torch.from_numpy(i).to(torch.int64) + start
-            if best_v.shape[1] == 0:
-                best_v, best_i = cv, ci
-                continue
-            vals, idx = torch.cat([best_v, cv], dim=1), torch.cat([best_i, ci], dim=1)
-            best_v, pos = torch.topk(vals, min(pool, vals.shape[1]), dim=1, largest=False, sorted=False)
-            best_i = torch.gather(idx, 1, pos)
+            best_v, best_i = _keep_best(best_v, best_i, cv, ci, pool)
     return best_v, best_i
 
 

@@ -154,7 +154,7 @@ def _route(batch: Batch, scr: Screened, thr: torch.Tensor, tight_of: Callable[[]
             (cm.to(f64) >= thr[g.slots, None]).sum(dim=1) <= int(cfg.rescreen_chunks * cm.shape[1])
             if cm is not None
             else torch.zeros(g.size, dtype=torch.bool, device=thr.device)
-            for g, cm in zip(batch.groups, scr.chunk_max, strict=True)
+            for g, cm in zip(batch.s.groups, scr.chunk_max, strict=True)
         ]
         cheap = torch.cat(relevant) if len(relevant) > 1 else relevant[0]
     lower = scr.lower
@@ -246,7 +246,7 @@ def _rescreen(
     """Candidates of the slots ``slots`` (all in group ``gi``) found by screening again every
     chunk where they can be, then refined; returns (partials in the order of ``slots``, logit
     errors, pairs)."""
-    g = batch.groups[gi]
+    g = batch.s.groups[gi]
     dev = batch.ds.device
     gslots = torch.tensor(slots, dtype=torch.int64, device=dev)
     thr = thr_all.index_select(0, gslots)
@@ -256,7 +256,7 @@ def _rescreen(
         need = [[True] for _ in slots]
     else:
         need = (chunk_max.index_select(0, gslots - g.s0).to(torch.float64) >= thr[:, None]).tolist()
-    co = batch.coef.take(gslots)
+    co = batch.s.coef.take(gslots)
     h32 = co.half.to(torch.float32)
     thr32 = float32_floor(thr)
     pair_slot: list[torch.Tensor] = []
@@ -309,17 +309,17 @@ def _empty(batch: Batch, n: int) -> Partials:
 
 def _screen_errors(batch: Batch) -> torch.Tensor:
     """(S,) screening logit error bound of every slot."""
-    co, stats = batch.coef, batch.stats
+    co, stats = batch.s.coef, batch.stats
     return screen_logit_error(
-        batch.model, co.c, co.half, batch.qnorm_s, batch.slot_max_sq, stats.max_abs_logw, batch.dim
+        batch.model, co.c, co.half, batch.s.qnorm, batch.slot_max_sq, stats.max_abs_logw, batch.dim
     )
 
 
 def _dense_errors(batch: Batch) -> torch.Tensor:
     """(S,) logit error bound of the dense float64 pass for every slot."""
-    co, stats = batch.coef, batch.stats
+    co, stats = batch.s.coef, batch.stats
     return dense_logit_error(
-        batch.qnorm_s, co.alpha, batch.slot_max_sq.sqrt(), co.inv2s2, stats.max_abs_logw, batch.dim
+        batch.s.qnorm, co.alpha, batch.slot_max_sq.sqrt(), co.inv2s2, stats.max_abs_logw, batch.dim
     )
 
 
@@ -380,7 +380,7 @@ def exact_partials(batch: Batch) -> SlotPartials:
         pieces.append((multi, part, err))
         refined += sum(widths)
     work = []
-    for g in batch.groups:
+    for g in batch.s.groups:
         dense = [i for i in range(g.s0, g.s1) if code[i] == Route.DENSE]
         if dense:
             work.append((g, dense))
@@ -388,14 +388,14 @@ def exact_partials(batch: Batch) -> SlotPartials:
     if work:
         pieces += dense_passes(batch, work)
     split_tail: list[tuple[list[int], torch.Tensor]] = []
-    for g in batch.groups:
+    for g in batch.s.groups:
         split = [i for i in range(g.s0, g.s1) if code[i] == Route.SPLIT]
         if split:
             part, err, extra = _split(batch, g, split, cands, serr)
             pieces.append((split, part, err))
             split_tail.append((split, extra))
             refined += sum(width[i] for i in split)
-    for gi, g in enumerate(batch.groups):
+    for gi, g in enumerate(batch.s.groups):
         again = [i for i in range(g.s0, g.s1) if code[i] == Route.RESCREEN]
         if again:
             part, err, pairs = _rescreen(batch, gi, scr, thr, again)
@@ -432,7 +432,7 @@ def fast_partials(batch: Batch) -> SlotPartials:
     serr = _screen_errors(batch)
     parts: list[Partials] = []
     errs: list[torch.Tensor] = []
-    for g in batch.groups:
+    for g in batch.s.groups:
         part, err = fast_pass(batch, g, serr[g.slots])
         parts.append(part)
         errs.append(err)

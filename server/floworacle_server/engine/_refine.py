@@ -54,7 +54,7 @@ def exact_single(batch: Batch, slots: torch.Tensor | slice, rows: torch.Tensor) 
     v = ds.x.index_select(0, rows).to(f64)
     zeros = torch.zeros(b, dtype=f64, device=dev)
     if want.logits:
-        co = batch.coef.take(slots)
+        co = batch.s.coef.take(slots)
         diff = torch.addcmul(batch.queries(slots), co.alpha[:, None], v, value=-1)
         d2 = blocked_sum(diff.square_())
         del diff
@@ -100,7 +100,7 @@ def exact_rows(batch: Batch, slots: torch.Tensor, rows: torch.Tensor) -> tuple[P
     r = rows.clamp(min=0)
     flat = r.flatten()
     xr = ds.x.index_select(0, flat).to(f64).view(b, w, d)
-    co = batch.coef.take(slots)
+    co = batch.s.coef.take(slots)
     diff = torch.addcmul(batch.queries(slots)[:, None, :], co.alpha[:, None, None], xr, value=-1)
     d2 = blocked_sum(diff.square_())
     inv = co.inv2s2[:, None]

@@ -99,7 +99,7 @@ def scaled_queries(
     slots' c in float32 when the caller has it."""
     xs = batch.queries(slots, screen=True)
     if c32 is None:
-        c = batch.coef.c[slots] if isinstance(slots, slice) else batch.coef.c.index_select(0, slots)
+        c = batch.s.coef.c[slots] if isinstance(slots, slice) else batch.s.coef.c.index_select(0, slots)
         c32 = c.to(torch.float32)
     if rows <= batch.dim:
         return ScreenQueries(xs, c32, False)
@@ -193,13 +193,13 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: Callable[[], torch.Tens
     kept_i = torch.full((s_total, keep), -1, dtype=torch.int64, device=dev)
     leave = cfg.early_dense and dense_tight is not None
     early_all: torch.Tensor | None = None  # set when some slot leaves early (the host knows)
-    h32_all = batch.coef.half.to(f32)
-    c32_all = batch.coef.c.to(f32)
+    h32_all = batch.s.coef.half.to(f32)
+    c32_all = batch.s.coef.c.to(f32)
     # CPU: the best screened logit of the chunks skipped for lack of candidates (the tail bound)
     rest = torch.full((s_total,), -math.inf, dtype=f32, device=dev) if cfg.host_shortcuts else None
     chunk_maxes: list[torch.Tensor | None] = []
     all_starts: list[list[int]] = []
-    for g in batch.groups:
+    for g in batch.s.groups:
         sl = g.slots
         starts = list(range(g.start, g.stop, rows_c))
         all_starts.append(starts)
@@ -258,6 +258,6 @@ def screen(batch: Batch, err: torch.Tensor, dense_tight: Callable[[], torch.Tens
         chunk_maxes.append(chunk_max)
     # the best kept logit is the best over all chunks: the proven lower bound of the maximum
     lower = kept_v[:, 0].to(f64) - err
-    if any(g.start for g in batch.groups):
-        kept_i = torch.where(kept_i >= 0, kept_i + batch.slot_start[:, None], kept_i)
+    if any(g.start for g in batch.s.groups):
+        kept_i = torch.where(kept_i >= 0, kept_i + batch.s.start[:, None], kept_i)
     return Screened(lower, err, early_all, all_starts, rows_c, kept_v, kept_i, chunk_maxes, rest)

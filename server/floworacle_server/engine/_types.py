@@ -23,6 +23,7 @@ __all__ = [
     "NearestResult",
     "as_tensor",
     "as_host",
+    "as_host_pair",
     "per_query",
     "check_sample_outputs",
     "outputs_from_x1",
@@ -47,6 +48,15 @@ def as_tensor(a: Any, device: torch.device, dtype: torch.dtype | None = None) ->
     else:
         t = torch.as_tensor(a)
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+
+def as_host_pair(a: Any, b: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Two small query fields (or None) on the host; two (B,) tensors in one device read (labels
+    and t of a guided batch: an int64 label is exact through float64)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+        both = torch.stack([a.detach().to(torch.float64), b.detach().to(a.device, torch.float64)]).cpu().numpy()
+        return both[0].astype(np.dtype(str(a.dtype).removeprefix("torch."))), both[1]
+    return (None if a is None else as_host(a)), (None if b is None else as_host(b))
 
 
 def as_host(a: Any) -> np.ndarray:
