@@ -228,12 +228,12 @@ def run_case(
             q = OracleQuery(x_t=xt, coeffs=coeffs, precision=prec)
             res = oracle(ds, q, screen=screen)
             te, ratio = paired_ratio(lambda q=q: oracle(ds, q, screen=screen), roof_fn, device, repeat)
-            mem = memory_in_child(n, d, b, label, prec.value, dtype, screen) if device.type == "cpu" else None
+            mem = memory_in_child(n, d, b, label, prec, dtype, screen) if device.type == "cpu" else None
             frac = res.refined / (b * n)
             if prec == "exact":
                 ratios[label] = ratio
             print(
-                f"{label:>14} {prec.value:>12} {te * 1e3:9.1f} {ratio:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}"
+                f"{label:>14} {prec:>12} {te * 1e3:9.1f} {ratio:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}"
             )
     print(
         "   exact / roofline: "

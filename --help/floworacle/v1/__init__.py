@@ -1,0 +1,1 @@
+"""Generated from proto/floworacle/v1 (do not edit)."""
