@@ -1,1 +1,0 @@
-"""Generated from proto/floworacle/v1 (do not edit)."""
