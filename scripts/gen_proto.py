@@ -6,7 +6,7 @@ The test tests/client/test_proto_generated.py runs this into a temporary folder 
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from grpc_tools import protoc
@@ -31,4 +31,6 @@ def generate(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "client")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", nargs="?", type=Path, default=ROOT / "client", help="output root (default: client/)")
+    generate(ap.parse_args().out)
