@@ -232,9 +232,7 @@ def run_case(
             frac = res.refined / (b * n)
             if prec == "exact":
                 ratios[label] = ratio
-            print(
-                f"{label:>14} {prec:>12} {te * 1e3:9.1f} {ratio:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}"
-            )
+            print(f"{label:>14} {prec:>12} {te * 1e3:9.1f} {ratio:7.2f} {frac:13.4f} {_fmt_mem(mem, data_bytes):>10}")
     print(
         "   exact / roofline: "
         + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
